@@ -1,0 +1,121 @@
+"""Backend names, the user's choice of backend, and which backend serves a call.
+
+A backend is "eager" (the reference in cct_kernels.reference, always available) or a kernel backend whose
+per-op module lives in a package: "triton" -> cct_kernels.triton.<op>, "cpu"/"cuda" -> cct_kernels.extension.<op>.
+A kernel module defines
+    unsupported(*inputs, backend) -> str | None   why it cannot serve these inputs (None: it can)
+    forward(*inputs)  and  backward(*grads_and_saved)   with the signatures of the op's registered custom ops.
+
+The backend for a call is the first of: the explicit argument (per call, or per model via its `backend=`),
+the innermost `use_backend(...)` context, the environment variable CCT_KERNELS_BACKEND, "auto".
+"auto" takes the first kernel backend that can serve the call (triton then cuda for CUDA tensors, cpu for CPU
+tensors) and falls back to eager; an explicitly named backend that cannot serve raises BackendUnavailable.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+
+import torch
+
+KERNEL_BACKENDS = ("triton", "cuda", "cpu")
+BACKENDS = ("auto", "eager") + KERNEL_BACKENDS
+ENV_VAR = "CCT_KERNELS_BACKEND"
+
+_KERNEL_PACKAGES = {"triton": "cct_kernels.triton", "cuda": "cct_kernels.extension", "cpu": "cct_kernels.extension"}
+_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+# A plain list rather than a contextvar: torch.compile guards on module globals without a graph break.
+_context_stack: list[str] = []
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot serve a call; the message says why."""
+
+
+def check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed calls with backend `name` unless a call or model names one explicitly."""
+    _context_stack.append(check_name(name))
+    try:
+        yield
+    finally:
+        _context_stack.pop()
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    """The backend the user asked for, before checking that it can serve the call."""
+    if explicit is not None:
+        return check_name(explicit)
+    if _context_stack:
+        return _context_stack[-1]
+    return check_name(os.environ.get(ENV_VAR, "auto"))
+
+
+def _triton_device_reason(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a {device.type} tensor"
+
+
+def _device_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        return _triton_device_reason(device)
+    from cct_kernels import extension
+
+    return extension.unavailable_reason(backend, device)
+
+
+def kernel_module(backend: str, op: str):
+    """The module implementing `op` for kernel backend `backend`, or None when there is none."""
+    name = f"{_KERNEL_PACKAGES[backend]}.{op}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
+
+
+def unsupported_reason(backend: str, op: str, device: torch.device, *inputs) -> str | None:
+    """Why kernel backend `backend` cannot run `op` on these inputs, or None when it can."""
+    reason = _device_reason(backend, device)
+    if reason is not None:
+        return reason
+    module = kernel_module(backend, op)
+    if module is None:
+        return f"the {backend} backend has no {op} kernel"
+    return module.unsupported(*inputs, backend=backend)
+
+
+def select(op: str, explicit: str | None, device: torch.device, *inputs) -> str:
+    """The concrete backend ("eager" or a kernel backend) that runs `op` for these inputs."""
+    name = requested_backend(explicit)
+    if name == "eager":
+        return name
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ()):
+            if unsupported_reason(candidate, op, device, *inputs) is None:
+                return candidate
+        return "eager"
+    reason = unsupported_reason(name, op, device, *inputs)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot run {op}: {reason}")
+    return name
+
+
+def availability(device: torch.device) -> dict[str, str | None]:
+    """For each kernel backend, None if it can run on `device`, else the reason it cannot."""
+    return {b: _device_reason(b, device) for b in KERNEL_BACKENDS}

@@ -1,0 +1,88 @@
+"""The transformer classifier: positional embedding, encoder blocks, final norm, SeqPool or class token, fc."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cct_kernels.nn.encoder import TransformerEncoderLayer
+from cct_kernels.nn.positional import sinusoidal_embedding
+from cct_kernels.nn.seqpool import SeqPool
+
+POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
+
+
+class TransformerClassifier(nn.Module):
+    """(B, N, D) tokens -> (B, num_classes) logits, with the official parameter names and init.
+
+    seq_pool=True pools with SeqPool (CCT, CVT); False prepends a class token and reads it out (ViT-Lite).
+    `sequence_length` is the token count the positional embedding is built for (tokens only, no class token).
+    """
+
+    def __init__(
+        self, seq_pool=True, embedding_dim=768, num_layers=12, num_heads=12, mlp_ratio=4.0, num_classes=1000,
+        dropout=0.1, attention_dropout=0.1, stochastic_depth=0.1, positional_embedding="learnable",
+        sequence_length=None,
+    ):
+        super().__init__()
+        if positional_embedding not in POSITIONAL_EMBEDDINGS:
+            raise ValueError(
+                f"positional_embedding must be one of {POSITIONAL_EMBEDDINGS}, got {positional_embedding!r}"
+            )
+        if positional_embedding != "none" and sequence_length is None:
+            raise ValueError(f"a {positional_embedding!r} positional embedding needs sequence_length")
+        self.embedding_dim = embedding_dim
+        self.seq_pool = seq_pool
+        self.sequence_length = sequence_length
+        num_positions = None if sequence_length is None else sequence_length + (0 if seq_pool else 1)
+
+        if seq_pool:
+            self.attention_pool = SeqPool(embedding_dim)
+        else:
+            self.class_emb = nn.Parameter(torch.zeros(1, 1, embedding_dim))
+        if positional_embedding == "learnable":
+            self.positional_emb = nn.Parameter(torch.zeros(1, num_positions, embedding_dim))
+            nn.init.trunc_normal_(self.positional_emb, std=0.2)
+        elif positional_embedding == "sine":
+            self.positional_emb = nn.Parameter(sinusoidal_embedding(num_positions, embedding_dim), requires_grad=False)
+        else:
+            self.positional_emb = None
+        self.dropout = nn.Dropout(dropout)
+        rates = torch.linspace(0, stochastic_depth, num_layers).tolist()
+        self.blocks = nn.ModuleList([
+            TransformerEncoderLayer(
+                embedding_dim, num_heads, int(embedding_dim * mlp_ratio), dropout, attention_dropout, rate
+            )
+            for rate in rates
+        ])
+        self.norm = nn.LayerNorm(embedding_dim)
+        self.fc = nn.Linear(embedding_dim, num_classes)
+        self.apply(_init_weight)
+
+    def forward(self, x):
+        if not self.seq_pool:
+            x = torch.cat((self.class_emb.expand(x.shape[0], -1, -1), x), dim=1)
+        if self.positional_emb is not None:
+            if x.shape[1] != self.positional_emb.shape[1]:
+                extra = "" if self.seq_pool else " (class token included)"
+                raise ValueError(
+                    f"the input gives {x.shape[1]} tokens{extra} but the positional embedding has "
+                    f"{self.positional_emb.shape[1]}: build the model for this image size, or resize the "
+                    f"embedding with cct_kernels.load_checkpoint"
+                )
+            x = x + self.positional_emb
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        x = self.attention_pool(x) if self.seq_pool else x[:, 0]
+        return self.fc(x)
+
+
+def _init_weight(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,17 @@
+"""SeqPool as a module: an nn.Linear(D, 1) (the official `attention_pool`) whose forward pools the sequence."""
+from __future__ import annotations
+
+from torch import nn
+
+from cct_kernels import ops
+from cct_kernels.nn._backend import UsesBackend
+
+
+class SeqPool(UsesBackend, nn.Linear):
+    """(B, N, D) -> (B, D): softmax over N of the Linear(D, 1) scores, then the weighted sum of the tokens."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, 1)
+
+    def forward(self, x):
+        return ops.seqpool(x, self.weight, self.bias, backend=self.backend)

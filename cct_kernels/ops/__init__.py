@@ -1,0 +1,6 @@
+"""The functional ops: input checks, backend choice, and the torch.library registration of kernel backends."""
+from cct_kernels.ops.attention import attention
+from cct_kernels.ops.seqpool import seqpool
+from cct_kernels.ops.tokenize import tokenize
+
+__all__ = ["attention", "seqpool", "tokenize"]

@@ -1,0 +1,24 @@
+"""Input checks shared by the ops: each failure names the argument, what was expected and what was given."""
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, like: torch.Tensor | None = None, like_name: str = "x"):
+    """`t` is a floating-point tensor of rank `ndim`, with the dtype and device of `like` when given."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16 or bfloat16), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}; they must match")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; they must match")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]):
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")

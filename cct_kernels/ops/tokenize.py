@@ -1,0 +1,146 @@
+"""One convolutional tokenizer stage: conv2d -> ReLU -> max pool -> token layout, as one op.
+
+    tokenize(x, weight) = flatten(maxpool(relu(conv2d(x, weight, bias, stride, padding)))).transpose(1, 2)
+
+Shapes: x (B, C_in, H, W), weight (C_out, C_in, kh, kw), bias (C_out,) or None. The conv output is
+Ho = (H + 2*padding - kh) // stride + 1 (likewise Wo); with pool=(k, s, p) the pooled size is (Ho + 2p - k) // s + 1.
+Returns (B, Hp*Wp, C_out) in row-major token order if to_tokens, else (B, C_out, Hp, Wp).
+Dtypes: float32, float16, bfloat16, all tensors the same dtype. relu=False / pool=None drop those steps (the
+ViT-Lite/CVT patch embedding is tokenize(x, w, b, stride=4, padding=0, relu=False, pool=None)).
+
+Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends):
+    forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens)
+        -> (out, pool_index)   pool_index: int8, out's shape, the argmax's row-major offset kh*k+kw inside its
+                                pool window (empty when pool_kernel == 0, which means no pooling)
+    backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride,
+             pool_padding, to_tokens) -> (grad_x, grad_weight, grad_bias (empty when bias is None))
+"""
+from __future__ import annotations
+
+import torch
+
+from cct_kernels import backends, reference
+from cct_kernels.ops._checks import check_shape, check_tensor
+
+OP = "tokenize"
+
+
+def _kernel(backend: str):
+    return backends.kernel_module(backend, OP)
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a convolution or pooling window along one axis."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def output_shape(x_shape, weight_shape, stride, padding, pool_kernel, pool_stride, pool_padding, to_tokens):
+    B, _, H, W = x_shape
+    C_out, _, kh, kw = weight_shape
+    H, W = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
+    if pool_kernel:
+        H = output_size(H, pool_kernel, pool_stride, pool_padding)
+        W = output_size(W, pool_kernel, pool_stride, pool_padding)
+    return (B, H * W, C_out) if to_tokens else (B, C_out, H, W)
+
+
+@torch.library.custom_op("cct_kernels::tokenize_forward", mutates_args=())
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int, relu: bool,
+    pool_kernel: int, pool_stride: int, pool_padding: int, to_tokens: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernel(backend).forward(
+        x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens
+    )
+
+
+@_forward.register_fake
+def _(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, backend):
+    shape = output_shape(x.shape, weight.shape, stride, padding, pool_kernel, pool_stride, pool_padding, to_tokens)
+    index_shape = shape if pool_kernel else (0,)
+    return x.new_empty(shape), x.new_empty(index_shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("cct_kernels::tokenize_backward", mutates_args=())
+def _backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+    pool_index: torch.Tensor, stride: int, padding: int, relu: bool, pool_kernel: int, pool_stride: int,
+    pool_padding: int, to_tokens: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernel(backend).backward(
+        grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride, pool_padding,
+        to_tokens,
+    )
+
+
+@_backward.register_fake
+def _(grad_out, x, weight, bias, out, pool_index, *args):
+    grad_bias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weight), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, *params, backend = inputs
+    ctx.save_for_backward(x, weight, bias, *output)
+    ctx.params, ctx.backend = params, backend
+
+
+def _autograd_backward(ctx, grad_out, _grad_index):
+    x, weight, bias, out, pool_index = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _backward(
+        grad_out.contiguous(), x, weight, bias, out, pool_index, *ctx.params, ctx.backend
+    )
+    return (grad_x, grad_weight, grad_bias if bias is not None else None) + (None,) * (len(ctx.params) + 1)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _check_int(name: str, value, minimum: int):
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def tokenize(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, stride: int = 1, padding: int = 0,
+    relu: bool = True, pool: tuple[int, int, int] | None = (3, 2, 1), to_tokens: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One tokenizer stage; see the module docstring for shapes, dtypes and limits."""
+    check_tensor("x", x, ndim=4)
+    check_tensor("weight", weight, ndim=4, like=x)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, like=x)
+        check_shape("bias", bias, (weight.shape[0],))
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight expects {weight.shape[1]} input channels (shape {tuple(weight.shape)}), "
+            f"x has {x.shape[1]} (shape {tuple(x.shape)})"
+        )
+    _check_int("stride", stride, 1)
+    _check_int("padding", padding, 0)
+    pool_kernel, pool_stride, pool_padding = pool if pool is not None else (0, 1, 0)
+    if pool is not None:
+        _check_int("pool kernel", pool_kernel, 1)
+        _check_int("pool stride", pool_stride, 1)
+        _check_int("pool padding", pool_padding, 0)
+        if 2 * pool_padding > pool_kernel:
+            raise ValueError(f"pool padding must be at most half the pool kernel, got pool={pool}")
+    shape = output_shape(x.shape, weight.shape, stride, padding, pool_kernel, pool_stride, pool_padding, False)
+    if shape[2] < 1 or shape[3] < 1:
+        raise ValueError(
+            f"input of size {tuple(x.shape[2:])} is too small for a {tuple(weight.shape[2:])} convolution "
+            f"(stride {stride}, padding {padding}) and pool {pool}"
+        )
+    name = backends.select(
+        OP, backend, x.device, x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding,
+        to_tokens,
+    )
+    if name == "eager":
+        return reference.tokenize(
+            x, weight, bias, stride=stride, padding=padding, relu=relu, pool=pool, to_tokens=to_tokens
+        )
+    x, weight = x.contiguous(), weight.contiguous()
+    return _forward(
+        x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, name
+    )[0]

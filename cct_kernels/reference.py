@@ -1,0 +1,54 @@
+"""Eager reference implementations of every op: the oracle for tests and benchmarks, and the "eager" backend.
+
+Plain PyTorch with autograd, written to be the same function as the official CCT code
+(SHI-Labs/Compact-Transformers); see the op modules in cct_kernels/ops/ for shapes, dtypes and limits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def tokenize(x, weight, bias=None, *, stride=1, padding=0, relu=True, pool=(3, 2, 1), to_tokens=True):
+    """One tokenizer stage: conv2d -> ReLU (if relu) -> max pool (kernel, stride, padding) (if pool) -> tokens.
+
+    x (B, C_in, H, W); weight (C_out, C_in, k, k); returns (B, H'*W', C_out) if to_tokens else (B, C_out, H', W').
+    """
+    y = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    if relu:
+        y = F.relu(y)
+    if pool is not None:
+        kernel, pool_stride, pool_padding = pool
+        y = F.max_pool2d(y, kernel, pool_stride, pool_padding)
+    if to_tokens:
+        y = y.flatten(2).transpose(1, 2)
+    return y
+
+
+def attention(qkv, num_heads, *, scale=None, dropout_p=0.0, dropout_mask=None):
+    """Multi-head self-attention on the packed output of the qkv projection.
+
+    qkv (B, N, 3*D) laid out as (3, num_heads, D // num_heads) along the last dim, as the official
+    `qkv(x).reshape(B, N, 3, H, d)`; returns (B, N, D) with heads merged, ready for the output projection.
+    Dropout on the attention probabilities: with `dropout_mask` (B, H, N, N) of 0/1 values it is applied as
+    given (scaled by 1/(1-p)), else drawn by F.dropout when dropout_p > 0.
+    """
+    B, N, three_d = qkv.shape
+    head_dim = three_d // (3 * num_heads)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    scale = head_dim**-0.5 if scale is None else scale
+    attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    if dropout_mask is not None:
+        attn = attn * dropout_mask.to(attn.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p)
+    return (attn @ v).transpose(1, 2).reshape(B, N, num_heads * head_dim)
+
+
+def seqpool(x, weight, bias):
+    """Sequence pooling: softmax over the sequence of x @ weight.T + bias, then the weighted sum of x.
+
+    x (B, N, D); weight (1, D); bias (1,); returns (B, D).
+    """
+    w = F.linear(x, weight, bias).softmax(dim=1)
+    return (w.transpose(-1, -2) @ x).squeeze(-2)
