@@ -14,3 +14,7 @@ from cct_kernels.nn import set_backend
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendUnavailable", "ops", "set_backend", "use_backend", *_model_names]
+
+from cct_kernels.backends import load_kernel_backends as _load_kernel_backends  # noqa: E402
+
+_load_kernel_backends()

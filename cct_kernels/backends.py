@@ -60,26 +60,36 @@ def requested_backend(explicit: str | None = None) -> str:
     return check_name(os.environ.get(ENV_VAR, "auto"))
 
 
-def _triton_device_reason(device: torch.device) -> str | None:
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a {device.type} tensor"
+# Filled once, outside any torch.compile trace (by cct_kernels' import or the first select), so that tracing
+# select() runs only dict lookups and the kernel modules' shape checks.
+_kernel_modules: dict[tuple[str, str], object] = {}
+_backend_errors: dict[str, str | None] = {}
+_OPS = ("tokenize", "attention", "seqpool")
 
 
-def _device_reason(backend: str, device: torch.device) -> str | None:
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        return _triton_device_reason(device)
-    from cct_kernels import extension
+def load_kernel_backends() -> None:
+    """Import every kernel module and record, per backend, why it cannot run at all (None when it can)."""
+    if _backend_errors:
+        return
+    for backend in KERNEL_BACKENDS:
+        if backend == "triton" and importlib.util.find_spec("triton") is None:
+            _backend_errors[backend] = "triton is not installed"
+        elif backend != "triton":
+            from cct_kernels import extension
 
-    return extension.unavailable_reason(backend, device)
+            _backend_errors[backend] = extension.unavailable_reason(backend, torch.device(backend))
+        else:
+            _backend_errors[backend] = None
+        for op in _OPS:
+            _kernel_modules[backend, op] = None if _backend_errors[backend] else _import_kernel(backend, op)
+    # Read once: TRITON_INTERPRET only matters if set before triton is imported.
+    _backend_errors["triton-on-cpu"] = (
+        None if os.environ.get("TRITON_INTERPRET") == "1" else
+        "triton runs on CUDA tensors (or CPU tensors when TRITON_INTERPRET=1 is set before triton is imported)"
+    )
 
 
-def kernel_module(backend: str, op: str):
-    """The module implementing `op` for kernel backend `backend`, or None when there is none."""
+def _import_kernel(backend: str, op: str):
     name = f"{_KERNEL_PACKAGES[backend]}.{op}"
     try:
         return importlib.import_module(name)
@@ -87,6 +97,25 @@ def kernel_module(backend: str, op: str):
         if e.name == name:
             return None
         raise
+
+
+def _device_reason(backend: str, device: torch.device) -> str | None:
+    load_kernel_backends()
+    if _backend_errors[backend] is not None:
+        return _backend_errors[backend]
+    if backend == "triton":
+        if device.type == "cuda":
+            return None
+        return _backend_errors["triton-on-cpu"] if device.type == "cpu" else f"triton cannot run on {device.type}"
+    if device.type != backend:
+        return f"the {backend} backend runs on {backend.upper()} tensors, got a {device.type} tensor"
+    return None
+
+
+def kernel_module(backend: str, op: str):
+    """The module implementing `op` for kernel backend `backend`, or None when there is none."""
+    load_kernel_backends()
+    return _kernel_modules[backend, op]
 
 
 def unsupported_reason(backend: str, op: str, device: torch.device, *inputs) -> str | None:

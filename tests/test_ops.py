@@ -1,0 +1,99 @@
+"""The op layer: input checks with clear messages, torch.library registration (opcheck) of every kernel backend
+that runs here, and torch.compile(fullgraph=True) over whole models."""
+import pytest
+import torch
+
+import cct_kernels
+from cct_kernels import backends, ops
+
+HERE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sample(op):
+    """Registered forward op and a small random input for it (the backend name is appended per case)."""
+    g = dict(device=HERE, dtype=torch.float32)
+    if op == "seqpool":
+        return torch.ops.cct_kernels.seqpool_forward, (torch.randn(2, 7, 24, **g, requires_grad=True),
+                                                       torch.randn(1, 24, **g, requires_grad=True),
+                                                       torch.randn(1, **g, requires_grad=True))
+    if op == "attention":
+        return torch.ops.cct_kernels.attention_forward, (torch.randn(2, 9, 3 * 2 * 16, **g, requires_grad=True),
+                                                         2, 0.25, 0.0, torch.empty(0, dtype=torch.int64, device=HERE))
+    return torch.ops.cct_kernels.tokenize_forward, (torch.randn(1, 3, 9, 9, **g, requires_grad=True),
+                                                    torch.randn(8, 3, 3, 3, **g, requires_grad=True),
+                                                    None, 1, 1, True, 3, 2, 1, True)
+
+
+def _runnable():
+    cases = []
+    for op in ("tokenize", "attention", "seqpool"):
+        _, args = _sample(op)
+        for backend in backends.KERNEL_BACKENDS:
+            if backends.unsupported_reason(backend, op, HERE, *args[:-1] if op == "attention" else args) is None:
+                cases.append((op, backend))
+    return cases
+
+
+RUNNABLE = _runnable()
+
+
+@pytest.mark.parametrize("op", ["tokenize", "attention", "seqpool"])
+def test_every_op_has_a_kernel_backend_here(op):
+    assert any(o == op for o, _ in RUNNABLE), f"no kernel backend can run {op} on {HERE}"
+
+
+@pytest.mark.parametrize("op,backend", RUNNABLE)
+def test_opcheck(op, backend):
+    fn, args = _sample(op)
+    torch.library.opcheck(fn, (*args, backend))
+
+
+def test_input_errors_name_the_argument():
+    x, w, b = torch.randn(2, 5, 8), torch.randn(1, 8), torch.randn(1)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        ops.seqpool(x[0], w, b)
+    with pytest.raises(ValueError, match=r"weight must have shape \(1, 8\), got \(1, 7\)"):
+        ops.seqpool(x, torch.randn(1, 7), b)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has dtype torch.float32"):
+        ops.seqpool(x, w.double(), b)
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.seqpool(x.long(), w, b)
+    with pytest.raises(ValueError, match="at least one token"):
+        ops.seqpool(x[:, :0], w, b)
+    with pytest.raises(ValueError, match="num_heads"):
+        ops.attention(torch.randn(2, 5, 30), 4)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.attention(torch.randn(2, 5, 24), 2, dropout_p=1.0)
+    with pytest.raises(ValueError, match="too small"):
+        ops.tokenize(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 7, 7), stride=2, padding=0)
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        ops.tokenize(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), stride=0)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        ops.tokenize(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5))
+
+
+def test_empty_batch_works():
+    model = cct_kernels.cct_2_3x2_32().to(HERE).eval()
+    assert model(torch.randn(0, 3, 32, 32, device=HERE)).shape == (0, 10)
+    assert ops.seqpool(torch.randn(0, 5, 8), torch.randn(1, 8), torch.randn(1)).shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"] + sorted({b for _, b in RUNNABLE}))
+def test_model_compiles_fullgraph_with_backward(backend):
+    torch._dynamo.reset()
+    model = cct_kernels.cct_2_3x2_32(backend=backend).to(HERE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32, device=HERE)
+    model.eval()
+    expected = model(x)
+    torch.testing.assert_close(compiled(x), expected, rtol=2e-4, atol=2e-5)
+    model.train()
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_model_compiles_with_inductor():
+    torch._dynamo.reset()
+    model = cct_kernels.cct_2_3x2_32(backend="eager").to(HERE).eval()
+    x = torch.randn(2, 3, 32, 32, device=HERE)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=2e-4, atol=2e-5)
