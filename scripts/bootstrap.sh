@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Makes .venv/ with everything cct_kernels needs and installs the package into it (editable, extension built).
+# Idempotent and quiet when nothing is missing. On a machine whose python3 already has torch (a GPU machine with
+# a CUDA build, no network) the venv sees those packages and installs nothing that is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+PY=$VENV/bin/python
+
+if [ ! -x "$PY" ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+# torch: the CPU build that lies on our machines' disk (an unpinned torch would pull a 5 GB CUDA build).
+"$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
+missing=()
+"$PY" -c "import triton" 2>/dev/null || missing+=("triton==3.6.0")
+# The Triton interpreter needs numpy < 2.4.
+"$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null \
+  || missing+=("numpy<2.4")
+for spec in pytest pytest-benchmark hypothesis ninja pybind11 tqdm matplotlib einops; do
+  "$PY" -c "import $module" 2>/dev/null || missing+=("$spec")
+done
+if [ ${#missing[@]} -gt 0 ]; then pip_install "${missing[@]}"; fi
+# vit-pytorch: an independent official-style CCT the tests compare against (its __init__ needs torchvision,
+# so it is installed without dependencies and its cct.py is loaded by path).
+"$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('vit_pytorch') is None)" \
+  || pip_install --no-deps vit-pytorch
+
+# The package itself; the C++ extension is built against the installed torch (no build isolation).
+if ! "$PY" -c "import cct_kernels" 2>/dev/null || [ "${CCT_KERNELS_REBUILD:-0}" = 1 ] \
+   || [ -n "$(find csrc setup.py -newer "$VENV/.cct_kernels_built" 2>/dev/null | head -1)" ] \
+   || [ ! -e "$VENV/.cct_kernels_built" ]; then
+  MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
+    2>&1 | grep -v "^WARNING: Location" || true
+  touch "$VENV/.cct_kernels_built"
+fi
+"$PY" -c "import cct_kernels" >/dev/null
