@@ -26,6 +26,7 @@ missing=()
 "$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null \
   || missing+=("numpy<2.4")
 for spec in pytest pytest-benchmark hypothesis ninja pybind11 tqdm matplotlib einops; do
+  module=${spec//-/_}
   "$PY" -c "import $module" 2>/dev/null || missing+=("$spec")
 done
 if [ ${#missing[@]} -gt 0 ]; then pip_install "${missing[@]}"; fi
