@@ -1,0 +1,79 @@
+"""convert(): an official-style CCT / CVT / ViT-Lite module in, ours out, with the same weights and outputs.
+
+"Official-style" means the official module names (SHI-Labs/Compact-Transformers, or vit-pytorch's CCT):
+tokenizer.conv_layers.{i} = Sequential(Conv2d, act, pool), classifier.{class_emb | attention_pool,
+positional_emb, blocks.{i}.{pre_norm, self_attn.{qkv, attn_drop, proj, proj_drop}, linear1, dropout1, norm1,
+linear2, dropout2, drop_path}, norm, fc}. The configuration is read off the module tree, the state_dict is
+loaded strictly, and dropout / drop-path rates are carried over so training behaves the same.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from cct_kernels.models.cct import CCT, CVT, ViTLite
+
+
+def _stage_config(stage: nn.Module) -> dict:
+    conv = stage[0]
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected tokenizer.conv_layers[i][0] to be nn.Conv2d, got {type(conv).__name__}")
+    pool = next((m for m in stage if isinstance(m, nn.MaxPool2d)), None)
+    return {"conv": conv, "pool": pool}
+
+
+def _image_size(model_cls, config: dict, num_tokens: int | None) -> int:
+    """A square image size for the model: the largest whose token grid has num_tokens tokens (the factories'
+    natural size), or with no positional embedding (any size works) the smallest that gives a token."""
+    tokenizer = model_cls(img_size=4096, positional_embedding="none", num_layers=0, **config).tokenizer
+    step = config["kernel_size"] if model_cls is not CCT else 1  # patch models need a multiple of the patch
+    if num_tokens is None:
+        candidates, accept = range(step, 4097, step), lambda rows: rows >= 1
+    else:
+        candidates, accept = range(4096 // step * step, 0, -step), lambda rows: rows * rows == num_tokens
+    side = next((s for s in candidates if accept(tokenizer.output_grid(s, s)[0])), None)
+    if side is None:
+        raise ValueError(f"no square image size gives {num_tokens} tokens with this tokenizer")
+    return side
+
+
+def convert(official: nn.Module, backend: str | None = None) -> nn.Module:
+    """Return our CCT / CVT / ViTLite equal to `official` (weights copied, same outputs, same train/eval mode)."""
+    tokenizer, classifier = official.tokenizer, official.classifier
+    stages = [_stage_config(s) for s in tokenizer.conv_layers]
+    first, last = stages[0], stages[-1]
+    blocks = classifier.blocks
+    dim = last["conv"].out_channels
+    attn = blocks[0].self_attn if len(blocks) else None
+    num_heads = getattr(attn, "num_heads", getattr(attn, "heads", 1)) if attn is not None else 1
+    common = dict(
+        embedding_dim=dim, n_input_channels=first["conv"].in_channels, num_heads=num_heads,
+        mlp_ratio=blocks[0].linear1.out_features / dim if len(blocks) else 1.0,
+        num_classes=classifier.fc.out_features, dropout=classifier.dropout.p,
+        attention_dropout=attn.attn_drop.p if attn is not None else 0.0,
+    )
+    if first["pool"] is not None:  # CCT
+        pool = first["pool"]
+        cls = CCT
+        config = dict(
+            common, n_conv_layers=len(stages), kernel_size=first["conv"].kernel_size[0],
+            stride=first["conv"].stride[0], padding=first["conv"].padding[0],
+            pooling_kernel_size=pool.kernel_size, pooling_stride=pool.stride, pooling_padding=pool.padding,
+        )
+    else:
+        cls = CVT if hasattr(classifier, "attention_pool") else ViTLite
+        config = dict(common, kernel_size=first["conv"].kernel_size[0])
+    pe = classifier.positional_emb
+    if pe is None:
+        positional_embedding, num_tokens = "none", None
+    else:
+        positional_embedding = "learnable" if pe.requires_grad else "sine"
+        num_tokens = pe.shape[1] - (1 if cls is ViTLite else 0)
+    # The official schedule is linspace(0, stochastic_depth, num_layers): its last rate is stochastic_depth.
+    last_drop_path = blocks[-1].drop_path if len(blocks) else None
+    stochastic_depth = float(getattr(last_drop_path, "drop_prob", 0.0) or 0.0)
+    ours = cls(img_size=_image_size(cls, config, num_tokens), num_layers=len(blocks),
+               positional_embedding=positional_embedding, stochastic_depth=stochastic_depth, backend=backend,
+               **config)
+    ours.load_state_dict(official.state_dict(), strict=True)
+    ours.to(next(official.parameters()).device, next(official.parameters()).dtype)
+    return ours.train(official.training)
