@@ -1,0 +1,341 @@
+"""SeqPool in Triton: softmax over the sequence of x . weight + bias, then the weighted sum of x.
+
+Shapes: x (B, N, D) contiguous, weight (1, D), bias (1,); float32, float16 or bfloat16 (all the same dtype),
+accumulated in float32. Any B >= 0, N >= 1, D >= 1 (D above `MAX_BLOCK_D` is looped over in chunks).
+
+Forward, one pass over x. B alone gives too few programs to fill a GPU (128 rows on 132 SMs), so N is split too:
+program (b, s) runs an online softmax over its chunk of tokens, keeping a running max m, running sum l and a
+running weighted sum acc (D floats), and writes them to a float32 workspace; a second small kernel combines the
+chunks of each row (out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), lse = M + log L).
+
+Backward, from the saved lse, one pass over x: per token s = x.w + b, p = exp(s - lse), ds = p (g.x - g.out),
+dx = p g + ds w; each program writes its partial dw = sum ds x and db = sum ds to a workspace that torch sums
+(deterministic: no atomics).
+
+Floors on an H100 (3.35 TB/s) in bf16: forward reads x once (B*N*D*2 bytes): 5.0 us at B=128, N=256, D=256 and
+2.9 us at B=64, N=196, D=384; backward reads x and writes dx (twice that). FLOPs are negligible (4 per element).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_BLOCK_D = 1024  # widest D chunk held in registers; wider rows are looped over in chunks
+# Elements of x per loaded tile (BLOCK_N * BLOCK_D) with 8 warps: 16 (forward) or 8 (backward) per thread keeps
+# registers low (48-64 on sm_90), so several programs share an SM and keep loads in flight.
+FORWARD_TILE = 4096
+BACKWARD_TILE = 2048
+
+
+def unsupported(x, weight, bias, *, backend="triton"):
+    """Why the Triton kernels cannot serve these inputs, or None."""
+    if x.dtype not in DTYPES:
+        return f"triton seqpool supports float32, float16 and bfloat16, got {x.dtype}"
+    if not x.is_contiguous():
+        return "triton seqpool needs a contiguous x"
+    if x.numel() >= 2**31:
+        return f"triton seqpool indexes x with int32 inside a row block; x has {x.numel()} elements (limit 2**31)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _forward_partial_kernel(
+    x_ptr, w_ptr, b_ptr, m_ws, l_ws, acc_ws, N, D, CHUNK, SPLIT,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr,
+):
+    """Program (row, split): online softmax over tokens [split*CHUNK, +CHUNK) of one row -> (m, l, acc[D])."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    x_row = x_ptr + row.to(tl.int64) * N * D
+    n_start = split * CHUNK
+    n_end = tl.minimum(n_start + CHUNK, N)
+    ws = row * SPLIT + split
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    bias = tl.load(b_ptr).to(tl.float32)
+    m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    l = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    if ONE_D_BLOCK:
+        d_mask = offs_d < D
+        w = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            n = n0 + offs_n
+            n_mask = n < n_end
+            xt = tl.load(x_row + n[:, None] * D + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            xt = xt.to(tl.float32)
+            s = tl.where(n_mask, tl.sum(xt * w[None, :], 1) + bias, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp(m - m_new)  # exp(-inf) = 0 on the first block
+            p = tl.exp(s - m_new)
+            l = l * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * xt, 0)
+            m = m_new
+        tl.store(acc_ws + ws.to(tl.int64) * D + offs_d, acc, mask=d_mask)
+    else:
+        # Wide rows: the scores need the whole row before the weights are known, so each token block is read
+        # twice, the second time from L1/L2; acc lives in the (zeroed) workspace row this program owns.
+        acc_row = acc_ws + ws.to(tl.int64) * D
+        for n0 in range(n_start, n_end, BLOCK_N):
+            n = n0 + offs_n
+            n_mask = n < n_end
+            s = tl.zeros([BLOCK_N], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                d_mask = d < D
+                w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+                xt = tl.load(x_row + n[:, None] * D + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                s += tl.sum(xt.to(tl.float32) * w[None, :], 1)
+            s = tl.where(n_mask, s + bias, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new)
+            l = l * alpha + tl.sum(p, 0)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                d_mask = d < D
+                xt = tl.load(x_row + n[:, None] * D + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                acc = tl.load(acc_row + d, mask=d_mask, other=0.0)
+                acc = acc * alpha + tl.sum(p[:, None] * xt.to(tl.float32), 0)
+                tl.store(acc_row + d, acc, mask=d_mask)
+            m = m_new
+    tl.store(m_ws + ws, m)
+    tl.store(l_ws + ws, l)
+
+
+@triton.jit
+def _forward_combine_kernel(
+    m_ws, l_ws, acc_ws, out_ptr, lse_ptr, D, SPLIT,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (row, d block): merge the SPLIT partial softmaxes of one row into out[row, d block] and lse[row]."""
+    row = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < SPLIT
+    m = tl.load(m_ws + row * SPLIT + offs_s, mask=s_mask, other=float("-inf"))
+    l = tl.load(l_ws + row * SPLIT + offs_s, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    scale = tl.where(s_mask, tl.exp(m - m_max), 0.0)
+    total = tl.sum(l * scale, 0)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    acc = tl.load(
+        acc_ws + (row * SPLIT + offs_s).to(tl.int64)[:, None] * D + d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    out = tl.sum(acc * scale[:, None], 0) / total
+    tl.store(out_ptr + row.to(tl.int64) * D + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    if pid_d == 0:
+        tl.store(lse_ptr + row, m_max + tl.log(total))
+
+
+@triton.jit
+def _backward_kernel(
+    g_ptr, x_ptr, w_ptr, b_ptr, out_ptr, lse_ptr, dx_ptr, dw_ws, db_ws, N, D, CHUNK, SPLIT,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr,
+):
+    """Program (row, split): dx for tokens [split*CHUNK, +CHUNK) of one row, and its partial dw (D) and db."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    x_row = x_ptr + row64 * N * D
+    dx_row = dx_ptr + row64 * N * D
+    n_start = split * CHUNK
+    n_end = tl.minimum(n_start + CHUNK, N)
+    ws = row * SPLIT + split
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    bias = tl.load(b_ptr).to(tl.float32)
+    lse = tl.load(lse_ptr + row)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    if ONE_D_BLOCK:
+        d_mask = offs_d < D
+        w = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row64 * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        o = tl.load(out_ptr + row64 * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        g_out = tl.sum(g * o, 0)
+        dw = tl.zeros([BLOCK_D], tl.float32)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            n = n0 + offs_n
+            n_mask = n < n_end
+            tile = n[:, None] * D + offs_d[None, :]
+            mask = n_mask[:, None] & d_mask[None, :]
+            xt = tl.load(x_row + tile, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sum(xt * w[None, :], 1) + bias
+            p = tl.where(n_mask, tl.exp(s - lse), 0.0)
+            ds = p * (tl.sum(xt * g[None, :], 1) - g_out)
+            dx = p[:, None] * g[None, :] + ds[:, None] * w[None, :]
+            tl.store(dx_row + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += tl.sum(ds[:, None] * xt, 0)
+            db += ds
+        tl.store(dw_ws + ws.to(tl.int64) * D + offs_d, dw, mask=d_mask)
+    else:
+        # Wide rows: pass 1 over D chunks gives x.w and x.g per token, pass 2 (x from L1/L2) writes dx and adds to
+        # the partial dw in the (zeroed) workspace row this program owns.
+        dw_row = dw_ws + ws.to(tl.int64) * D
+        g_out = tl.sum(tl.zeros([BLOCK_D], tl.float32), 0)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_mask = d < D
+            g = tl.load(g_ptr + row64 * D + d, mask=d_mask, other=0.0).to(tl.float32)
+            o = tl.load(out_ptr + row64 * D + d, mask=d_mask, other=0.0).to(tl.float32)
+            g_out += tl.sum(g * o, 0)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            n = n0 + offs_n
+            n_mask = n < n_end
+            s = tl.zeros([BLOCK_N], tl.float32)
+            gx = tl.zeros([BLOCK_N], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                d_mask = d < D
+                w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + row64 * D + d, mask=d_mask, other=0.0).to(tl.float32)
+                xt = tl.load(x_row + n[:, None] * D + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                xt = xt.to(tl.float32)
+                s += tl.sum(xt * w[None, :], 1)
+                gx += tl.sum(xt * g[None, :], 1)
+            p = tl.where(n_mask, tl.exp(s + bias - lse), 0.0)
+            ds = p * (gx - g_out)
+            db += ds
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                d_mask = d < D
+                w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + row64 * D + d, mask=d_mask, other=0.0).to(tl.float32)
+                tile = n[:, None] * D + d[None, :]
+                mask = n_mask[:, None] & d_mask[None, :]
+                xt = tl.load(x_row + tile, mask=mask, other=0.0).to(tl.float32)
+                dx = p[:, None] * g[None, :] + ds[:, None] * w[None, :]
+                tl.store(dx_row + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                dw = tl.load(dw_row + d, mask=d_mask, other=0.0) + tl.sum(ds[:, None] * xt, 0)
+                tl.store(dw_row + d, dw, mask=d_mask)
+    tl.store(db_ws + ws, tl.sum(db, 0))
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+
+def _empty(*shape, device, dtype):
+    """Every uninitialised buffer the launchers allocate (tests replace it to poison them with NaN)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """About four programs per SM keep enough loads in flight; on the CPU interpreter a few splits suffice."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _blocks(D: int, max_block_d: int, tile: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) for rows of D elements."""
+    block_d = min(triton.next_power_of_2(D), max_block_d)
+    block_n = max(1, min(64, tile // block_d))
+    num_warps = 8 if block_d * block_n >= 2048 else 4
+    return block_n, block_d, num_warps
+
+
+def _split(B: int, N: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(CHUNK, SPLIT): tokens per program (a multiple of block_n) and programs per row, so B*SPLIT fills the GPU."""
+    blocks = triton.cdiv(N, block_n)
+    wanted = max(1, triton.cdiv(_programs_wanted(device), max(B, 1)))
+    chunk = triton.cdiv(blocks, min(wanted, blocks)) * block_n
+    return chunk, triton.cdiv(N, chunk)
+
+
+def forward(x, weight, bias, *, max_block_d: int = MAX_BLOCK_D):
+    """x (B, N, D), weight (1, D), bias (1,) -> (out (B, D) x.dtype, lse (B,) float32)."""
+    B, N, D = x.shape
+    out = _empty(B, D, device=x.device, dtype=x.dtype)
+    lse = _empty(B, device=x.device, dtype=torch.float32)
+    if B == 0:
+        return out, lse
+    block_n, block_d, num_warps = _blocks(D, max_block_d, FORWARD_TILE)
+    chunk, split = _split(B, N, block_n, x.device)
+    one_d_block = block_d >= D
+    m_ws = _empty(B * split, device=x.device, dtype=torch.float32)
+    l_ws = _empty(B * split, device=x.device, dtype=torch.float32)
+    alloc = _empty if one_d_block else torch.zeros  # the chunked path accumulates into its workspace row
+    acc_ws = alloc(B * split, D, device=x.device, dtype=torch.float32)
+    _forward_partial_kernel[(B, split)](
+        x, weight, bias, m_ws, l_ws, acc_ws, N, D, chunk, split,
+        BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, num_warps=num_warps,
+    )
+    block_s = triton.next_power_of_2(split)
+    combine_d = max(16, min(triton.next_power_of_2(D), 4096 // block_s))
+    _forward_combine_kernel[(B, triton.cdiv(D, combine_d))](
+        m_ws, l_ws, acc_ws, out, lse, D, split, BLOCK_S=block_s, BLOCK_D=combine_d, num_warps=4,
+    )
+    return out, lse
+
+
+def backward(grad_out, x, weight, bias, out, lse, *, max_block_d: int = MAX_BLOCK_D):
+    """-> (grad_x (B, N, D) x.dtype, grad_weight (1, D), grad_bias (1,)); grad_out (B, D) contiguous."""
+    B, N, D = x.shape
+    grad_x = _empty(B, N, D, device=x.device, dtype=x.dtype)
+    if B == 0:
+        return grad_x, torch.zeros_like(weight), torch.zeros_like(bias)
+    block_n, block_d, num_warps = _blocks(D, max_block_d, BACKWARD_TILE)
+    chunk, split = _split(B, N, block_n, x.device)
+    one_d_block = block_d >= D
+    alloc = _empty if one_d_block else torch.zeros
+    dw_ws = alloc(B * split, D, device=x.device, dtype=torch.float32)
+    db_ws = _empty(B * split, device=x.device, dtype=torch.float32)
+    _backward_kernel[(B, split)](
+        grad_out.contiguous(), x, weight, bias, out, lse, grad_x, dw_ws, db_ws, N, D, chunk, split,
+        BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, num_warps=num_warps,
+    )
+    grad_weight = dw_ws.sum(0, keepdim=True).to(weight.dtype)
+    grad_bias = db_ws.sum(0, keepdim=True).to(bias.dtype)
+    return grad_x, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------------- sm_90 compile checks
+
+
+def _check(name, fn, signature, constexprs, num_warps):
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
+            "num_warps": num_warps, "num_stages": 3}
+
+
+def _sm90_checks():
+    checks = []
+    for dtype, D in (("bf16", 256), ("bf16", 384), ("fp16", 96), ("fp32", 4096)):
+        ptr = "*" + dtype
+        block_n, block_d, warps = _blocks(D, MAX_BLOCK_D, FORWARD_TILE)
+        consts = {"BLOCK_N": block_n, "BLOCK_D": block_d, "ONE_D_BLOCK": block_d >= D}
+        checks.append(_check(
+            f"forward_partial_{dtype}_D{D}", _forward_partial_kernel,
+            {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "m_ws": "*fp32", "l_ws": "*fp32", "acc_ws": "*fp32",
+             "N": "i32", "D": "i32", "CHUNK": "i32", "SPLIT": "i32",
+             "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "ONE_D_BLOCK": "constexpr"},
+            consts, warps,
+        ))
+        block_n, block_d, warps = _blocks(D, MAX_BLOCK_D, BACKWARD_TILE)
+        consts = {"BLOCK_N": block_n, "BLOCK_D": block_d, "ONE_D_BLOCK": block_d >= D}
+        checks.append(_check(
+            f"backward_{dtype}_D{D}", _backward_kernel,
+            {"g_ptr": ptr, "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, "lse_ptr": "*fp32",
+             "dx_ptr": ptr, "dw_ws": "*fp32", "db_ws": "*fp32", "N": "i32", "D": "i32", "CHUNK": "i32",
+             "SPLIT": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "ONE_D_BLOCK": "constexpr"},
+            consts, warps,
+        ))
+    checks.append(_check(
+        "forward_combine_bf16", _forward_combine_kernel,
+        {"m_ws": "*fp32", "l_ws": "*fp32", "acc_ws": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
+         "D": "i32", "SPLIT": "i32", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"},
+        {"BLOCK_S": 8, "BLOCK_D": 512}, 4,
+    ))
+    return checks
+
+
+SM90_CHECKS = _sm90_checks()
