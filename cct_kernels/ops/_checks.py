@@ -22,3 +22,12 @@ def check_tensor(name: str, t, *, ndim: int | None = None, like: torch.Tensor | 
 def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]):
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def autocast_inputs(*tensors):
+    """Under torch.autocast the op computes in the autocast dtype, like the conv/matmuls it replaces would."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import check_tensor
+from cct_kernels.ops._checks import autocast_inputs, check_tensor
 
 OP = "attention"
 
@@ -79,6 +79,7 @@ def attention(
 ) -> torch.Tensor:
     """Self-attention over packed qkv; see the module docstring for shapes, dtypes and limits."""
     check_tensor("qkv", qkv, ndim=3)
+    (qkv,) = autocast_inputs(qkv)
     if not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if qkv.shape[2] % (3 * num_heads) != 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import check_shape, check_tensor
+from cct_kernels.ops._checks import autocast_inputs, check_shape, check_tensor
 
 OP = "seqpool"
 
@@ -64,6 +64,7 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 def seqpool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Softmax-weighted sum over the sequence; see the module docstring for shapes, dtypes and limits."""
     check_tensor("x", x, ndim=3)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_tensor("weight", weight, ndim=2, like=x)
     check_tensor("bias", bias, ndim=1, like=x)
     check_shape("weight", weight, (1, x.shape[2]))

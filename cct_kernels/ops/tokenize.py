@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import check_shape, check_tensor
+from cct_kernels.ops._checks import autocast_inputs, check_shape, check_tensor
 
 OP = "tokenize"
 
@@ -108,6 +108,7 @@ def tokenize(
 ) -> torch.Tensor:
     """One tokenizer stage; see the module docstring for shapes, dtypes and limits."""
     check_tensor("x", x, ndim=4)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_tensor("weight", weight, ndim=4, like=x)
     if bias is not None:
         check_tensor("bias", bias, ndim=1, like=x)
