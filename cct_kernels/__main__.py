@@ -1,0 +1,6 @@
+"""`python -m cct_kernels info|bench|profile`: see cct_kernels.cli."""
+import sys
+
+from cct_kernels.cli import main
+
+sys.exit(main())

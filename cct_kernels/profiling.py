@@ -1,0 +1,309 @@
+"""Whole-model timing and profiling, shared by `python -m cct_kernels bench|profile` and benchmarks/.
+
+A "speed backend" is what a benchmark compares: "eager" (the reference), "compile" (torch.compile of the eager
+model, the bar a kernel library has to beat), each kernel backend ("triton", "cuda", "cpu") and "auto".
+Every model is built from the same seed, so all backends run the same weights on the same images.
+
+    step = make_step(build_model("cct_7_3x1_32", "auto", device, dtype), "train", *make_inputs(...))
+    timing = time_step(step, device, warmup=1, min_time=10.0)
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cct_kernels import backends
+from cct_kernels.models import create_model
+
+DEFAULT_MODEL = "cct_7_3x1_32"
+COMPILE = "compile"
+MODES = ("inference", "train")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_batch(device: torch.device) -> int:
+    return 128 if device.type == "cuda" else 64
+
+
+def default_dtype(device: torch.device) -> str:
+    """bf16 on a GPU (tensor cores), fp32 on a CPU (bf16 matmuls are slow on most CPUs)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def compile_reason(device: torch.device) -> str | None:
+    """Why torch.compile (inductor) cannot generate code for `device`, or None when it can."""
+    if device.type == "cpu":
+        if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+            return "inductor needs a C++ compiler (g++ or clang++) for CPU code"
+        return None
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "inductor needs triton for CUDA code"
+        return None
+    return f"inductor does not generate {device.type} code"
+
+
+def backend_reason(name: str, device: torch.device) -> str | None:
+    """Why speed backend `name` cannot run whole models on `device` for a benchmark, or None when it can.
+
+    Triton on a CPU tensor is its interpreter (TRITON_INTERPRET=1): right for tests, meaningless for speed.
+    A kernel backend that passes here may still lack a kernel for some op; the model then raises and the
+    benchmark reports that error.
+    """
+    if name in ("eager", "auto"):
+        return None
+    if name == COMPILE:
+        return compile_reason(device)
+    if name not in backends.KERNEL_BACKENDS:
+        return f"unknown backend {name!r}"
+    reason = backends.availability(device)[name]
+    if reason is None and name == "triton" and device.type != "cuda":
+        return "Triton on CPU runs only in its interpreter, a test aid rather than a speed path"
+    return reason
+
+
+def speed_backends(device: torch.device) -> list[str]:
+    """eager, compile, each kernel backend that can run on `device`, then auto (the default comparison)."""
+    names = ["eager", COMPILE] + list(backends.KERNEL_BACKENDS) + ["auto"]
+    return [n for n in names if backend_reason(n, device) is None]
+
+
+def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """Model `name` for speed backend `backend`, its weights drawn from `seed` so every backend gets the same."""
+    torch.manual_seed(seed)
+    model = create_model(name, backend="eager" if backend == COMPILE else backend)
+    model = model.to(device=device, dtype=dtype)
+    if backend == COMPILE:
+        model = torch.compile(model)
+    return model
+
+
+def make_inputs(model: nn.Module, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 1):
+    """(images, labels) for `model`: random images of its size and random class labels."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = model.img_size
+    images = torch.randn(batch, model.n_input_channels, height, width, generator=generator)
+    labels = torch.randint(0, model.classifier.fc.out_features, (batch,), generator=generator)
+    return images.to(device=device, dtype=dtype), labels.to(device)
+
+
+def make_step(model: nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One inference forward (returns logits) or one training step (forward, loss, backward, AdamW update)."""
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                return model(images)
+
+        return step
+    if mode != "train":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Per-iteration wall times of a timed loop (ms) and how long the warm-up took (s, compile included)."""
+
+    times_ms: list[float] = field(default_factory=list)
+    warmup_s: float = 0.0
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    def summary(self) -> dict:
+        return {
+            "median_ms": self.median_ms, "mean_ms": statistics.fmean(self.times_ms), "min_ms": min(self.times_ms),
+            "max_ms": max(self.times_ms), "stdev_ms": statistics.stdev(self.times_ms) if len(self.times_ms) > 1
+            else 0.0, "iters": len(self.times_ms), "warmup_s": self.warmup_s,
+        }
+
+
+def time_step(
+    step: Callable, device: torch.device, *, warmup: int, iters: int | None = None, min_time: float = 1.0,
+    min_iters: int = 3, max_iters: int = 1000, estimate_s: float | None = None,
+    on_iter: Callable[[], None] | None = None, on_plan: Callable[[int], None] | None = None,
+) -> Timing:
+    """Time `step`: `warmup` untimed calls, then `iters` timed ones.
+
+    Without `iters`, the count is chosen from the last warm-up call's time (or `estimate_s` when the caller has
+    already warmed the step up and passes warmup=0) so the timed loop lasts about `min_time` seconds, within
+    [min_iters, max_iters]; `on_plan(iters)` hears the count once it is known.
+    On CUDA each iteration is timed with CUDA events around it and the host waits only at the end, so the
+    figures are device time with the launch pipeline full; on CPU it is wall time.
+    """
+    if warmup < 1 and estimate_s is None:
+        warmup = 1  # one call is needed to know how long a call takes
+    started = time.perf_counter()
+    last = estimate_s or 0.0
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        last = time.perf_counter() - t0
+        if on_iter:
+            on_iter()
+    timing = Timing(warmup_s=time.perf_counter() - started)
+    if iters is None:
+        iters = min(max_iters, max(min_iters, math.ceil(min_time / max(last, 1e-6))))
+    if on_plan:
+        on_plan(iters)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+            if on_iter:
+                on_iter()
+        torch.cuda.synchronize(device)
+        timing.times_ms = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            timing.times_ms.append((time.perf_counter() - t0) * 1e3)
+            if on_iter:
+                on_iter()
+    return timing
+
+
+def model_flops(name: str, batch: int, mode: str) -> float:
+    """FLOPs (2 per multiply-add) of one step of model `name` at `batch`: convs, linears and attention matmuls.
+
+    Counted from the shapes seen in one batch-1 eager forward on CPU; a training step counts 3x the forward
+    (backward is about two forwards), the usual convention. Elementwise work is left out.
+    """
+    from cct_kernels.nn.attention import Attention
+    from cct_kernels.nn.seqpool import SeqPool
+    from cct_kernels.nn.tokenizer import ConvStage
+    from cct_kernels.ops.tokenize import output_size
+
+    model = create_model(name, backend="eager").eval()
+    total = 0
+
+    def conv_hook(stage, args, _output):
+        nonlocal total
+        conv, x = stage[0], args[0]
+        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+        ho, wo = output_size(x.shape[2], kh, sh, ph), output_size(x.shape[3], kw, sw, pw)
+        total += 2 * x.shape[0] * conv.out_channels * ho * wo * conv.in_channels * kh * kw
+
+    def linear_hook(linear, _args, output):
+        nonlocal total
+        total += 2 * output.numel() * linear.in_features
+
+    def attention_hook(_attention, args, _output):
+        nonlocal total
+        b, n, d = args[0].shape
+        total += 2 * 2 * b * n * n * d  # q k^T and p v
+
+    def seqpool_hook(_seqpool, args, _output):
+        nonlocal total
+        b, n, d = args[0].shape
+        total += 2 * 2 * b * n * d  # scores x w and the weighted sum over tokens
+
+    for module in model.modules():
+        if isinstance(module, ConvStage):
+            module.register_forward_hook(conv_hook)
+        elif isinstance(module, SeqPool):  # an nn.Linear subclass whose forward is not a plain linear
+            module.register_forward_hook(seqpool_hook)
+        elif isinstance(module, nn.Linear):
+            module.register_forward_hook(linear_hook)
+        elif isinstance(module, Attention):
+            module.register_forward_hook(attention_hook)
+    with torch.inference_mode():
+        model(torch.zeros(1, model.n_input_channels, *model.img_size))
+    return float(total) * batch * (3 if mode == "train" else 1)
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def error_text(error: BaseException) -> str:
+    """One line for a table: the exception type and the first line of its message."""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}".strip()
+
+
+def profile_step(step: Callable, device: torch.device, *, warmup: int, iters: int, trace_path=None):
+    """Run `step` `iters` times under torch.profiler (after `warmup` calls); return the profiler.
+
+    Records CPU ops (and CUDA kernels on a GPU) with memory; writes a Chrome trace to `trace_path` if given.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
+        for _ in range(iters):
+            step()
+        synchronize(device)
+    if trace_path is not None:
+        prof.export_chrome_trace(str(trace_path))
+    return prof
+
+
+def top_ops(prof, device: torch.device, top: int, by: str = "ops") -> list[dict]:
+    """The `top` entries by self time: name, self_ms, count, self_mb (memory allocated, net of frees).
+
+    by="ops": operators (aten::mm, cct_kernels::attention_forward, ...), with their self CPU time on a CPU and
+    the device time of the kernels they launched directly on a GPU. by="kernels" (GPU only): the CUDA kernels
+    themselves; a kernel allocates nothing, so its memory is None.
+    """
+    from torch.autograd import DeviceType
+
+    on_gpu = device.type == "cuda"
+    if by == "kernels" and not on_gpu:
+        raise ValueError("by='kernels' needs a CUDA device; use by='ops' on CPU")
+    rows = []
+    for event in prof.key_averages():
+        is_kernel = event.device_type == DeviceType.CUDA
+        if is_kernel != (by == "kernels") or event.key.startswith("ProfilerStep"):
+            continue
+        self_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        if self_us <= 0:
+            continue
+        memory = None if is_kernel else (event.self_device_memory_usage if on_gpu else event.self_cpu_memory_usage)
+        rows.append({"name": event.key, "self_ms": self_us / 1e3, "count": event.count,
+                     "self_mb": None if memory is None else memory / 2**20})
+    rows.sort(key=lambda r: r["self_ms"], reverse=True)
+    return rows[:top]
