@@ -4,47 +4,19 @@ import pytest
 import torch
 
 import cct_kernels
-from cct_kernels import backends, ops
+from cct_kernels import ops
 
-HERE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _sample(op):
-    """Registered forward op and a small random input for it (the backend name is appended per case)."""
-    g = dict(device=HERE, dtype=torch.float32)
-    if op == "seqpool":
-        return torch.ops.cct_kernels.seqpool_forward, (torch.randn(2, 7, 24, **g, requires_grad=True),
-                                                       torch.randn(1, 24, **g, requires_grad=True),
-                                                       torch.randn(1, **g, requires_grad=True))
-    if op == "attention":
-        return torch.ops.cct_kernels.attention_forward, (torch.randn(2, 9, 3 * 2 * 16, **g, requires_grad=True),
-                                                         2, 0.25, 0.0, torch.empty(0, dtype=torch.int64, device=HERE))
-    return torch.ops.cct_kernels.tokenize_forward, (torch.randn(1, 3, 9, 9, **g, requires_grad=True),
-                                                    torch.randn(8, 3, 3, 3, **g, requires_grad=True),
-                                                    None, 1, 1, True, 3, 2, 1, True)
+from tests.cases import DEVICE as HERE, KERNEL_BACKENDS_HERE, OPS, RUNNABLE, sample
 
 
-def _runnable():
-    cases = []
-    for op in ("tokenize", "attention", "seqpool"):
-        _, args = _sample(op)
-        for backend in backends.KERNEL_BACKENDS:
-            if backends.unsupported_reason(backend, op, HERE, *args[:-1] if op == "attention" else args) is None:
-                cases.append((op, backend))
-    return cases
-
-
-RUNNABLE = _runnable()
-
-
-@pytest.mark.parametrize("op", ["tokenize", "attention", "seqpool"])
+@pytest.mark.parametrize("op", OPS)
 def test_every_op_has_a_kernel_backend_here(op):
     assert any(o == op for o, _ in RUNNABLE), f"no kernel backend can run {op} on {HERE}"
 
 
 @pytest.mark.parametrize("op,backend", RUNNABLE)
 def test_opcheck(op, backend):
-    fn, args = _sample(op)
+    fn, args = sample(op)
     torch.library.opcheck(fn, (*args, backend))
 
 
@@ -78,7 +50,7 @@ def test_empty_batch_works():
     assert ops.seqpool(torch.randn(0, 5, 8), torch.randn(1, 8), torch.randn(1)).shape == (0, 8)
 
 
-@pytest.mark.parametrize("backend", ["eager", "auto"] + sorted({b for _, b in RUNNABLE}))
+@pytest.mark.parametrize("backend", ["eager", "auto"] + KERNEL_BACKENDS_HERE)
 def test_model_compiles_fullgraph_with_backward(backend):
     torch._dynamo.reset()
     model = cct_kernels.cct_2_3x2_32(backend=backend).to(HERE)

@@ -1,0 +1,54 @@
+"""Shared test helpers: which (op, kernel backend) pairs run on this machine, and the tolerance rule."""
+import torch
+
+from cct_kernels import backends
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+OPS = ("tokenize", "attention", "seqpool")
+
+
+def sample(op):
+    """The registered forward op and a small random input for it (the backend name is appended per case)."""
+    g = dict(device=DEVICE, dtype=torch.float32)
+    if op == "seqpool":
+        return torch.ops.cct_kernels.seqpool_forward, (torch.randn(2, 7, 24, **g, requires_grad=True),
+                                                       torch.randn(1, 24, **g, requires_grad=True),
+                                                       torch.randn(1, **g, requires_grad=True))
+    if op == "attention":
+        return torch.ops.cct_kernels.attention_forward, (torch.randn(2, 9, 3 * 2 * 16, **g, requires_grad=True),
+                                                         2, 0.25, 0.0, torch.empty(0, dtype=torch.int64, device=DEVICE))
+    return torch.ops.cct_kernels.tokenize_forward, (torch.randn(1, 3, 9, 9, **g, requires_grad=True),
+                                                    torch.randn(8, 3, 3, 3, **g, requires_grad=True),
+                                                    None, 1, 1, True, 3, 2, 1, True)
+
+
+def runnable_pairs():
+    """(op, backend) for every kernel backend that can run the op's sample here."""
+    pairs = []
+    for op in OPS:
+        _, args = sample(op)
+        inputs = args[:-1] if op == "attention" else args  # unsupported() takes no seed
+        for backend in backends.KERNEL_BACKENDS:
+            if backends.unsupported_reason(backend, op, DEVICE, *inputs) is None:
+                pairs.append((op, backend))
+    return pairs
+
+
+RUNNABLE = runnable_pairs()
+KERNEL_BACKENDS_HERE = sorted({b for _, b in RUNNABLE})
+
+
+def assert_close_to_reference(out, ref64, eager_same_dtype, name="output", factor=2.0, floor=None):
+    """The tolerance rule of DESIGN.md: the kernel's error against the float64 reference is at most `factor`
+    times the error of the same-dtype eager reference, plus a small floor scaled by the reference's magnitude
+    (at least 1: inputs are O(1), and a gradient that is 0 in exact arithmetic, like SeqPool's bias gradient,
+    is rounding noise in every dtype)."""
+    assert out.shape == ref64.shape, (name, out.shape, ref64.shape)
+    if floor is None:
+        floor = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[out.dtype]
+    scale = max(ref64.abs().max().item(), 1.0)
+    err = (out.double() - ref64).abs().max().item()
+    eager_err = (eager_same_dtype.double() - ref64).abs().max().item()
+    assert err <= factor * eager_err + floor * scale, (
+        f"{name}: max error {err:.3e} vs eager {eager_same_dtype.dtype} error {eager_err:.3e} (scale {scale:.3e})"
+    )

@@ -1,0 +1,159 @@
+"""Reliability of every kernel backend that runs here: randomised equivalence with the reference (hypothesis),
+numerical edge cases, and no memory growth over many calls."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from cct_kernels import backends, ops, reference
+from tests.cases import DEVICE, RUNNABLE, assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+EXAMPLES = int(os.environ.get("CCT_HYPOTHESIS_EXAMPLES", "6"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def pairs(op):
+    return [b for o, b in RUNNABLE if o == op]
+
+
+def check_against_reference(run_kernel, run_reference, inputs):
+    """Forward and backward of the kernel vs the float64 reference, with the same-dtype eager error as the bar."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in inputs]
+    leaves64 = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t for t in inputs]
+    leaves_eager = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                    else t for t in inputs]
+    outs = [run_kernel(*leaves), run_reference(*leaves64), run_reference(*leaves_eager)]
+    grad = torch.randn_like(outs[1])
+    for out, args in zip(outs, (leaves, leaves64, leaves_eager)):
+        out.backward(grad.to(out.dtype))
+    assert_close_to_reference(outs[0], outs[1].detach(), outs[2].detach(), "forward")
+    for i, (a, a64, ae) in enumerate(zip(leaves, leaves64, leaves_eager)):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            assert_close_to_reference(a.grad, a64.grad, ae.grad, f"grad of input {i}", factor=3.0)
+
+
+def random_tensor(shape, dtype, transposed=False):
+    if transposed:  # same values, a non-contiguous layout
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], device=DEVICE, dtype=dtype).transpose(-1, -2)
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", pairs("seqpool"))
+@SETTINGS
+@given(B=st.integers(1, 3), N=st.integers(1, 70), D=st.integers(1, 100), dtype=st.sampled_from(DTYPES),
+       transposed=st.booleans())
+def test_seqpool_random(backend, B, N, D, dtype, transposed):
+    x = random_tensor((B, N, D), dtype, transposed)
+    w, b = random_tensor((1, D), dtype), random_tensor((1,), dtype)
+    assume(backends.unsupported_reason(backend, "seqpool", DEVICE, x, w, b) is None)
+    check_against_reference(lambda *a: ops.seqpool(*a, backend=backend), reference.seqpool, [x, w, b])
+
+
+@pytest.mark.parametrize("backend", pairs("attention"))
+@SETTINGS
+@given(B=st.integers(1, 2), H=st.integers(1, 3), d=st.sampled_from([16, 32, 64, 80]), N=st.integers(1, 130),
+       dtype=st.sampled_from(DTYPES))
+def test_attention_random(backend, B, H, d, N, dtype):
+    qkv = random_tensor((B, N, 3 * H * d), dtype)
+    assume(backends.unsupported_reason(backend, "attention", DEVICE, qkv, H, d**-0.5, 0.0) is None)
+    check_against_reference(lambda q: ops.attention(q, H, backend=backend), lambda q: reference.attention(q, H),
+                            [qkv])
+
+
+@pytest.mark.parametrize("backend", pairs("tokenize"))
+@SETTINGS
+@given(B=st.integers(1, 2), c_in=st.integers(1, 5), c_out=st.integers(1, 20), h=st.integers(5, 20),
+       w=st.integers(5, 20), k=st.sampled_from([1, 3, 5, 7]), stride=st.integers(1, 2), data=st.data(),
+       pool=st.booleans(), relu=st.booleans(), to_tokens=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from(DTYPES))
+def test_tokenize_random(backend, B, c_in, c_out, h, w, k, stride, data, pool, relu, to_tokens, bias, dtype):
+    padding = data.draw(st.integers(0, k // 2))
+    assume((h + 2 * padding - k) // stride + 1 >= 2 and (w + 2 * padding - k) // stride + 1 >= 2)
+    x, weight = random_tensor((B, c_in, h, w), dtype), random_tensor((c_out, c_in, k, k), dtype)
+    b = random_tensor((c_out,), dtype) if bias else None
+    pool_args = (3, 2, 1) if pool else None
+    params = dict(stride=stride, padding=padding, relu=relu, pool=pool_args, to_tokens=to_tokens)
+    pk, ps, pp = pool_args or (0, 1, 0)
+    assume(backends.unsupported_reason(backend, "tokenize", DEVICE, x, weight, b, stride, padding, relu, pk, ps, pp,
+                                       to_tokens) is None)
+    inputs = [x, weight] + ([b] if bias else [])
+
+    def run(fn):
+        return lambda x, weight, b=None: fn(x, weight, b, **params)
+
+    check_against_reference(run(lambda *a, **kw: ops.tokenize(*a, **kw, backend=backend)), run(reference.tokenize),
+                            inputs)
+
+
+@pytest.mark.parametrize("backend", pairs("attention"))
+def test_attention_large_logits_do_not_overflow(backend):
+    dtype = torch.float16
+    qkv = random_tensor((1, 64, 3 * 2 * 32), dtype) * 12  # logits in the thousands: exp overflows fp16 naively
+    out = ops.attention(qkv, 2, backend=backend)
+    ref = reference.attention(qkv.double(), 2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", pairs("seqpool"))
+def test_seqpool_large_scores_and_nan_propagation(backend):
+    x = random_tensor((2, 50, 16), torch.float16) * 100
+    w, b = random_tensor((1, 16), torch.float16), random_tensor((1,), torch.float16)
+    out = ops.seqpool(x, w, b, backend=backend)
+    assert torch.isfinite(out).all()
+    x[0, 3, 5] = float("nan")
+    out, ref = ops.seqpool(x, w, b, backend=backend), reference.seqpool(x.double(), w.double(), b.double())
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("backend", pairs("attention"))
+def test_attention_nan_propagates_like_the_reference(backend):
+    qkv = random_tensor((1, 20, 3 * 16), torch.float32)
+    qkv[0, 4, 0] = float("nan")  # a query element: only that row becomes NaN
+    out, ref = ops.attention(qkv, 1, backend=backend), reference.attention(qkv.double(), 1)
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("backend", pairs("attention"))
+def test_attention_long_sequence_batch_one(backend):
+    N = 4096 if DEVICE.type == "cuda" else 1024  # the interpreter is slow; the GPU runs the full length
+    qkv = random_tensor((1, N, 3 * 16), torch.float32).requires_grad_()
+    out = ops.attention(qkv, 1, backend=backend)
+    out.sum().backward()
+    ref = reference.attention(qkv.detach().double(), 1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(qkv.grad).all()
+
+
+def _resident_bytes():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("backend", [b for b in ("eager", *sorted({b for _, b in RUNNABLE})) if b != "triton"
+                                     or DEVICE.type == "cuda"])
+def test_no_memory_growth_over_many_calls(backend):
+    import cct_kernels
+
+    model = cct_kernels.cct_2_3x2_32(backend=backend).to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    for _ in range(20):
+        step()
+    before = _resident_bytes()
+    for _ in range(300):
+        step()
+    growth = _resident_bytes() - before
+    assert growth < (1 << 20 if DEVICE.type == "cuda" else 16 << 20), f"grew by {growth / 2**20:.1f} MiB"
