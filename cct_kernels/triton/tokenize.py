@@ -1,0 +1,336 @@
+"""One tokenizer stage in Triton: conv2d (implicit GEMM) -> bias -> ReLU -> max pool, written straight to its layout.
+
+Shapes (see cct_kernels/ops/tokenize.py): x (B, C_in, H, W) any strides, weight (C_out, C_in, KH, KW) contiguous,
+bias (C_out,) or None; square stride/padding. The conv output is (Ho, Wo), the pooled one (Hp, Wp). Output
+(B, Hp*Wp, C_out) row-major tokens if to_tokens, else (B, C_out, Hp, Wp) contiguous. float32, float16, bfloat16;
+products on tensor cores (tl.dot, fp32 accumulation; exact fp32 'ieee' products for float32 inputs).
+Limits: pool windows up to 11x11 (pool_index is int8: offsets up to 120), tensors under 2**31 elements.
+
+Forward, one kernel: program (tile of BLOCK_P pooled positions over (b, ph, pw), tile of BLOCK_C channels) runs,
+for each of the pool window's k*k offsets, the implicit GEMM [BLOCK_P, C_in*KH*KW] x [C_in*KH*KW, BLOCK_C] that
+gives the conv outputs at that offset (the im2col rows are gathered from x on the fly, zero outside the image),
+and keeps a running max and its offset. The full-resolution conv activation is never written. The cost: overlapping
+windows recompute conv outputs, (k/s)**2 = 2.25x the conv FLOPs for CCT's 3/2/1 pool (1x without pool).
+max(relu(v)) = relu(max(v)), so ReLU is applied once, after the pool. The offset kept is the first maximum of the
+pre-ReLU conv in row-major window order (PyTorch's rule); where the output is 0 after ReLU its gradient is 0
+whatever offset was kept, so this agrees with max_pool2d(relu(conv)) wherever it matters.
+
+Backward: a Triton kernel gathers the gradient of the conv output (pre-ReLU): each conv position sums grad_out over
+the pooled positions whose window holds it and whose argmax offset points at it (windows overlap, so a plain
+scatter would race), masked by out > 0 under ReLU. Then torch.ops.aten.convolution_backward gives grad_x, grad_weight
+and grad_bias: cuDNN's dgrad/wgrad are tuned for every shape, and a Triton wgrad (a reduction over B*Ho*Wo) and dgrad
+would be a large amount of code for little gain; the price is writing and reading the full-resolution conv gradient.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_POOL_KERNEL = 11  # the largest window whose row-major offsets (up to k*k - 1) fit in int8
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def unsupported(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, *,
+                backend="triton"):
+    """Why the Triton kernels cannot serve these inputs, or None."""
+    if x.dtype not in DTYPES:
+        return f"triton tokenize supports float32, float16 and bfloat16, got {x.dtype}"
+    if pool_kernel > MAX_POOL_KERNEL:
+        return (f"triton tokenize stores the pool argmax as an int8 offset inside the window, so pool windows are "
+                f"limited to {MAX_POOL_KERNEL}x{MAX_POOL_KERNEL}; got {pool_kernel}x{pool_kernel}")
+    if max(x.numel(), weight.numel()) >= 2**31:
+        return "triton tokenize indexes inside a tensor with int32; tensors must hold fewer than 2**31 elements"
+    B, _, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    Ho, Wo = (H + 2 * padding - KH) // stride + 1, (W + 2 * padding - KW) // stride + 1
+    if B * C_out * Ho * Wo >= 2**31:
+        return "triton tokenize indexes the conv output with int32; B*C_out*Ho*Wo must be below 2**31"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, idx_ptr,
+    M, C_in, H, W, C_out, Ho, Wo, Hp, Wp,
+    sxb, sxc, sxh, sxw, sob, sop, soc,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    POOL_K: tl.constexpr, POOL_S: tl.constexpr, POOL_P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_POOL: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out[b, p, c] = relu(max over the pool window of conv(x)[b, c, oh, ow] + bias[c]); idx = window offset."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # flat over (b, ph, pw)
+    p_mask = offs_p < M
+    bb = offs_p // (Hp * Wp)
+    p = offs_p % (Hp * Wp)
+    ph = p // Wp
+    pw = p % Wp
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C_out
+    K = KH * KW * C_in  # GEMM reduction over (kh, kw, ci): w_ptr is the weight permuted to (KH, KW, C_in, C_out)
+    x_rows = x_ptr + bb * sxb
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)
+    best_q = tl.zeros([BLOCK_P, BLOCK_C], tl.int8)
+    for q in range(0, POOL_K * POOL_K):  # window offsets in row-major order: strict > keeps the first maximum
+        oh = ph * POOL_S - POOL_P + q // POOL_K
+        ow = pw * POOL_S - POOL_P + q % POOL_K
+        valid = p_mask & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)  # outside: the pool's -inf padding
+        ih0 = oh * STRIDE - PAD
+        iw0 = ow * STRIDE - PAD
+        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        if FLAT_K:
+            # Few input channels (the RGB stage): one flat K of KH*KW*C_in, padded once to BLOCK_K, not per tap.
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = k < K
+                tap = k // C_in
+                ih = ih0[:, None] + (tap // KW)[None, :]
+                iw = iw0[:, None] + (tap % KW)[None, :]
+                a_mask = valid[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_rows[:, None] + (k % C_in)[None, :] * sxc + ih * sxh + iw * sxw, mask=a_mask, other=0.0)
+                wt = tl.load(w_ptr + k[:, None] * C_out + offs_c[None, :], mask=k_mask[:, None] & c_mask[None, :],
+                             other=0.0)
+                if UPCAST:  # the CPU interpreter gets bf16 arithmetic wrong; exact bf16 products in fp32 instead
+                    a = a.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+        else:
+            # K steps over (tap (kh, kw), chunk of BLOCK_K channels): the rows' bounds and addresses are vectors,
+            # the channel chunk a contiguous run (x channels_last). One flat loop, so the compiler can pipeline it.
+            chunks = tl.cdiv(C_in, BLOCK_K)
+            for step in range(0, KH * KW * chunks):
+                tap = step // chunks
+                ci = (step % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+                ci_mask = ci < C_in
+                ih = ih0 + tap // KW
+                iw = iw0 + tap % KW
+                row_ok = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + ci[None, :],  # sxc == 1
+                            mask=row_ok[:, None] & ci_mask[None, :], other=0.0)
+                wt = tl.load(w_ptr + (tap * C_in + ci)[:, None] * C_out + offs_c[None, :],
+                             mask=ci_mask[:, None] & c_mask[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        acc = tl.where(valid[:, None], acc, float("-inf"))
+        take = acc > best
+        best = tl.where(take, acc, best)
+        best_q = tl.where(take, tl.full([BLOCK_P, BLOCK_C], q, tl.int8), best_q)
+    if RELU:
+        best = tl.maximum(best, 0.0)
+    offs = bb[:, None] * sob + p[:, None] * sop + offs_c[None, :] * soc
+    mask = p_mask[:, None] & c_mask[None, :]
+    tl.store(out_ptr + offs, best.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_POOL:
+        tl.store(idx_ptr + offs, best_q, mask=mask)
+
+
+@triton.jit
+def _grad_conv_kernel(
+    g_ptr, out_ptr, idx_ptr, dy_ptr,
+    M, C_out, Ho, Wo, Hp, Wp,
+    sob, sop, soc, syb, syc, syh, syw,
+    POOL_K: tl.constexpr, POOL_S: tl.constexpr, POOL_P: tl.constexpr,
+    RELU: tl.constexpr, HAS_POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dy[b, c, oh, ow] = sum of grad_out[b, (ph, pw), c] over the windows holding (oh, ow) that picked it."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flat over (b, oh, ow)
+    m_mask = offs_m < M
+    bb = offs_m // (Ho * Wo)
+    oh = (offs_m % (Ho * Wo)) // Wo
+    ow = offs_m % Wo
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C_out
+    mask = m_mask[:, None] & c_mask[None, :]
+    base = bb[:, None] * sob + offs_c[None, :] * soc
+    acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    # The windows holding row oh start at ph*POOL_S - POOL_P in (oh - POOL_K, oh]: at most ceil(K/S) of them per axis.
+    ph_last = (oh + POOL_P) // POOL_S
+    pw_last = (ow + POOL_P) // POOL_S
+    for a in tl.static_range((POOL_K + POOL_S - 1) // POOL_S):
+        ph = ph_last - a
+        i = oh + POOL_P - ph * POOL_S  # row offset of (oh, ow) inside window (ph, .)
+        ok_h = (ph >= 0) & (ph < Hp) & (i < POOL_K)
+        for c in tl.static_range((POOL_K + POOL_S - 1) // POOL_S):
+            pw = pw_last - c
+            j = ow + POOL_P - pw * POOL_S
+            ok = mask & (ok_h & (pw >= 0) & (pw < Wp) & (j < POOL_K))[:, None]
+            offs = base + (ph * Wp + pw)[:, None] * sop
+            if HAS_POOL:
+                picked = tl.load(idx_ptr + offs, mask=ok, other=-1).to(tl.int32)
+                ok = ok & (picked == (i * POOL_K + j)[:, None])
+            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if RELU:
+                g = tl.where(tl.load(out_ptr + offs, mask=ok, other=0.0) > 0, g, 0.0)
+            acc += g
+    offs_y = bb[:, None] * syb + offs_c[None, :] * syc + (oh * syh + ow * syw)[:, None]
+    tl.store(dy_ptr + offs_y, acc.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+
+def _empty(*shape, device, dtype, memory_format=torch.contiguous_format):
+    """Every uninitialised buffer the launchers allocate (tests replace it to poison them)."""
+    return torch.empty(*shape, device=device, dtype=dtype, memory_format=memory_format)
+
+
+def _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding):
+    B, _, H, W = x.shape
+    _, _, KH, KW = weight.shape
+    Ho, Wo = (H + 2 * padding - KH) // stride + 1, (W + 2 * padding - KW) // stride + 1
+    if pool_kernel:
+        Hp = (Ho + 2 * pool_padding - pool_kernel) // pool_stride + 1
+        Wp = (Wo + 2 * pool_padding - pool_kernel) // pool_stride + 1
+    else:
+        Hp, Wp = Ho, Wo
+    return Ho, Wo, Hp, Wp
+
+
+def _pool(pool_kernel, pool_stride, pool_padding):
+    """No pool is a 1x1 window with stride 1."""
+    return (pool_kernel, pool_stride, pool_padding) if pool_kernel else (1, 1, 0)
+
+
+GRAD_BLOCK_M = 32  # with 64 channels and 8 warps: 8 elements per thread, about 80 registers on sm_90
+FLAT_K_MAX_CHANNELS = 16  # below this many input channels one flat K beats padding each tap's channels to 16
+
+
+def forward_config(C_in: int, C_out: int, KH: int, KW: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options for one conv stage."""
+    flat = C_in < FLAT_K_MAX_CHANNELS
+    return {
+        "BLOCK_P": 64,
+        "BLOCK_C": max(16, min(64, triton.next_power_of_2(C_out))),
+        "BLOCK_K": 32 if flat else max(16, min(32, triton.next_power_of_2(C_in))),
+        "FLAT_K": flat,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",  # 'tf32' only names the default for 16-bit
+        "num_warps": 8,
+        "num_stages": 2,
+    }
+
+
+def _out_strides(out, to_tokens):
+    """(batch, flat pooled position, channel) strides of out in either layout."""
+    if to_tokens:
+        return out.stride(0), out.stride(1), out.stride(2)
+    return out.stride(0), out.stride(3), out.stride(1)  # NCHW contiguous: the flat position has stride 1
+
+
+def forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens):
+    """-> (out, pool_index int8 of out's shape, or empty when pool_kernel == 0)."""
+    B, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    Ho, Wo, Hp, Wp = _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding)
+    shape = (B, Hp * Wp, C_out) if to_tokens else (B, C_out, Hp, Wp)
+    out = _empty(*shape, device=x.device, dtype=x.dtype)
+    index = _empty(*(shape if pool_kernel else (0,)), device=x.device, dtype=torch.int8)
+    M = B * Hp * Wp
+    if M == 0 or C_out == 0:
+        return out, index
+    cfg = forward_config(C_in, C_out, KH, KW, x.dtype)
+    if not cfg["FLAT_K"]:
+        x = x.contiguous(memory_format=torch.channels_last)  # a tap's channels: one contiguous run per position
+    w_taps = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, C_in, C_out): K rows, C_out contiguous
+    pk, ps, pp = _pool(pool_kernel, pool_stride, pool_padding)
+    grid = (triton.cdiv(M, cfg["BLOCK_P"]), triton.cdiv(C_out, cfg["BLOCK_C"]))
+    _forward_kernel[grid](
+        x, w_taps, bias if bias is not None else weight, out, index if pool_kernel else out,
+        M, C_in, H, W, C_out, Ho, Wo, Hp, Wp,
+        *x.stride(), *_out_strides(out, to_tokens),
+        STRIDE=stride, PAD=padding, KH=KH, KW=KW, POOL_K=pk, POOL_S=ps, POOL_P=pp,
+        HAS_BIAS=bias is not None, RELU=relu, HAS_POOL=pool_kernel > 0,
+        UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", **cfg,
+    )
+    return out, index
+
+
+def backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride,
+             pool_padding, to_tokens):
+    """-> (grad_x, grad_weight, grad_bias or an empty tensor when bias is None)."""
+    B, C_in, H, W = x.shape
+    C_out = weight.shape[0]
+    Ho, Wo, Hp, Wp = _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding)
+    # The conv gradient in the layout that matches grad_out's channel-fastest reads when it comes as tokens.
+    memory_format = torch.channels_last if to_tokens else torch.contiguous_format
+    grad_conv = _empty(B, C_out, Ho, Wo, device=x.device, dtype=x.dtype, memory_format=memory_format)
+    M = B * Ho * Wo
+    if M and C_out:
+        grad_out = grad_out.contiguous()
+        pk, ps, pp = _pool(pool_kernel, pool_stride, pool_padding)
+        block_c = max(16, min(64, triton.next_power_of_2(C_out)))
+        grid = (triton.cdiv(M, GRAD_BLOCK_M), triton.cdiv(C_out, block_c))
+        _grad_conv_kernel[grid](
+            grad_out, out, pool_index if pool_kernel else out, grad_conv,
+            M, C_out, Ho, Wo, Hp, Wp,
+            *_out_strides(grad_out, to_tokens), *grad_conv.stride(),
+            POOL_K=pk, POOL_S=ps, POOL_P=pp, RELU=relu, HAS_POOL=pool_kernel > 0,
+            BLOCK_M=GRAD_BLOCK_M, BLOCK_C=block_c, num_warps=8,
+        )
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_conv, x, weight, [C_out] if bias is not None else None, [stride, stride], [padding, padding], [1, 1],
+        False, [0, 0], 1, [True, True, bias is not None],
+    )
+    return grad_x, grad_weight, grad_bias if bias is not None else x.new_empty(0)
+
+
+# ------------------------------------------------------------------------------------------- sm_90 compile checks
+
+# (name, C_in, C_out, kernel, stride, padding, pool, relu, bias, to_tokens, dtype): the CCT and CVT stages.
+_STAGES = [
+    ("cct_3x1_stage1_3to256", 3, 256, 3, 1, 1, (3, 2, 1), True, False, True, torch.bfloat16),
+    ("cct_3x2_stage1_3to64", 3, 64, 3, 1, 1, (3, 2, 1), True, False, False, torch.bfloat16),
+    ("cct_3x2_stage2_64to128", 64, 128, 3, 1, 1, (3, 2, 1), True, False, True, torch.bfloat16),
+    ("cct_7x2_stage1_3to64", 3, 64, 7, 2, 3, (3, 2, 1), True, False, False, torch.bfloat16),
+    ("cct_7x2_stage2_64to384", 64, 384, 7, 2, 3, (3, 2, 1), True, False, True, torch.bfloat16),
+    ("cvt_patch_3to256_fp16", 3, 256, 4, 4, 0, None, False, True, True, torch.float16),
+    ("cct_3x1_stage1_fp32", 3, 256, 3, 1, 1, (3, 2, 1), True, False, True, torch.float32),
+]
+
+
+def _sm90_checks():
+    checks = []
+    for name, c_in, c_out, k, stride, padding, pool, relu, bias, to_tokens, dtype in _STAGES:
+        cfg = forward_config(c_in, c_out, k, k, dtype)
+        ptr = "*" + _TRITON_DTYPE[dtype]
+        pk, ps, pp = _pool(*(pool or (0, 1, 0)))
+        ints = "M C_in H W C_out Ho Wo Hp Wp sxb sxc sxh sxw sob sop soc".split()
+        consts = dict(
+            STRIDE=stride, PAD=padding, KH=k, KW=k, POOL_K=pk, POOL_S=ps, POOL_P=pp, HAS_BIAS=bias, RELU=relu,
+            HAS_POOL=pool is not None, UPCAST=False,
+            **{key: cfg[key] for key in ("BLOCK_P", "BLOCK_C", "BLOCK_K", "FLAT_K", "PRECISION")},
+        )
+        signature = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, "idx_ptr": "*i8",
+                     **{n: "i32" for n in ints}, **{n: "constexpr" for n in consts}}
+        checks.append({"name": f"forward_{name}", "fn": _forward_kernel, "signature": signature,
+                       "constexprs": consts, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        if dtype == torch.bfloat16:
+            block_c = max(16, min(64, triton.next_power_of_2(c_out)))
+            consts = dict(POOL_K=pk, POOL_S=ps, POOL_P=pp, RELU=relu, HAS_POOL=pool is not None,
+                          BLOCK_M=GRAD_BLOCK_M, BLOCK_C=block_c)
+            ints = "M C_out Ho Wo Hp Wp sob sop soc syb syc syh syw".split()
+            signature = {"g_ptr": ptr, "out_ptr": ptr, "idx_ptr": "*i8", "dy_ptr": ptr,
+                         **{n: "i32" for n in ints}, **{n: "constexpr" for n in consts}}
+            checks.append({"name": f"grad_conv_{name}", "fn": _grad_conv_kernel, "signature": signature,
+                           "constexprs": consts, "num_warps": 8, "num_stages": 1})
+    return checks
+
+
+SM90_CHECKS = _sm90_checks()

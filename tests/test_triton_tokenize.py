@@ -1,0 +1,162 @@
+"""Triton tokenizer stage (cct_kernels/triton/tokenize.py) against the eager reference in float64.
+
+Tolerance rule (DESIGN.md): the kernel's error against float64 may be at most 2x the error of the same-dtype eager
+reference against float64, plus a small floor. On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py);
+bf16 runs there too (the kernel multiplies bf16 values in fp32 under the interpreter, exact products either way).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cct_kernels import backends, ops, reference
+from cct_kernels.triton import tokenize as triton_tokenize
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# name: (B, C_in, H, W, C_out, kernel, stride, padding, pool, relu, bias, to_tokens)
+CASES = {
+    # CCT k3 s1 p1 tokenizers: RGB stage (flat K) and a second stage (per-tap K, C_in >= 16), odd sizes.
+    "k3_rgb_33x31": (2, 3, 33, 31, 20, 3, 1, 1, (3, 2, 1), True, False, True),
+    "k3_stage2_9x10": (1, 24, 9, 10, 40, 3, 1, 1, (3, 2, 1), True, False, True),
+    # CCT k7 s2 p3 tokenizers (224/384 models) at small odd sizes: RGB stage to NCHW, then a 2nd stage to tokens.
+    "k7_rgb_30x30_nchw": (2, 3, 30, 30, 16, 7, 2, 3, (3, 2, 1), True, False, False),
+    "k7_stage2_15x13": (1, 20, 15, 13, 24, 7, 2, 3, (3, 2, 1), True, False, True),
+    # ViT-Lite/CVT patch embedding: k4 s4 p0 with bias, no ReLU, no pool.
+    "patch4_bias_nopool": (2, 3, 32, 32, 36, 4, 4, 0, None, False, True, True),
+}
+# General kernel/stride/padding/pool, fp32 only (keeps the interpreter time down).
+GENERAL = {
+    "pool2_no_relu_bias_nchw": (1, 5, 17, 15, 12, 3, 2, 1, (2, 2, 0), False, True, False),
+    "pool5_s3_p2_k5": (2, 4, 21, 19, 18, 5, 1, 2, (5, 3, 2), True, False, True),
+    "pool_stride_gt_kernel": (1, 3, 16, 16, 16, 3, 1, 0, (2, 3, 1), True, True, True),
+    "k1_wide_channels": (1, 48, 7, 9, 70, 1, 1, 0, (3, 2, 1), True, False, True),
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Uninitialised buffers start as NaN (floats) or an impossible window offset (int8), so gaps show."""
+    real = triton_tokenize._empty
+
+    def poisoned(*shape, device, dtype, **kwargs):
+        t = real(*shape, device=device, dtype=dtype, **kwargs)
+        return t.fill_(float("nan") if dtype.is_floating_point else 127)
+
+    monkeypatch.setattr(triton_tokenize, "_empty", poisoned)
+
+
+def _inputs(case, dtype, device):
+    B, C_in, H, W, C_out, k, *_ , has_bias, _tokens = case
+    x = torch.randn(B, C_in, H, W, device=device).to(dtype)
+    weight = (torch.randn(C_out, C_in, k, k, device=device) * (2 / (C_in * k * k)) ** 0.5).to(dtype)
+    bias = torch.randn(C_out, device=device).to(dtype) if has_bias else None
+    return x, weight, bias
+
+
+def _kwargs(case):
+    *_, stride, padding, pool, relu, _bias, to_tokens = case
+    return dict(stride=stride, padding=padding, pool=pool, relu=relu, to_tokens=to_tokens)
+
+
+def _run(fn, x, weight, bias, grad_out):
+    """fn's output and the gradients of (output * grad_out).sum() w.r.t. x, weight (and bias)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    out = fn(*leaves) if bias is not None else fn(*leaves, None)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _check_against_reference(case, dtype, device):
+    x, weight, bias = _inputs(case, dtype, device)
+    kw = _kwargs(case)
+    exact_out = reference.tokenize(x.double(), weight.double(), None if bias is None else bias.double(), **kw)
+    grad_out = torch.randn(exact_out.shape, device=device).to(dtype)
+    as64 = [t.double() if t is not None else None for t in (x, weight, bias, grad_out)]
+    exact = _run(lambda *a: reference.tokenize(*a, **kw), *as64)
+    eager = _run(lambda *a: reference.tokenize(*a, **kw), x, weight, bias, grad_out)
+    got = _run(lambda *a: ops.tokenize(*a, **kw, backend="triton"), x, weight, bias, grad_out)
+    for name, g, e, r in zip(("out", "grad_x", "grad_weight", "grad_bias"), got, eager, exact):
+        assert g.dtype == dtype and g.shape == r.shape, (name, g.dtype, g.shape, r.shape)
+        assert not g.isnan().any(), f"{name}: NaN in the kernel's result (an element left unwritten?)"
+        scale = max(1.0, r.abs().max().item())
+        err = (g.double() - r).abs().max().item()
+        allowed = 2 * (e.double() - r).abs().max().item() + FLOOR[dtype] * scale
+        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g} (eager error x2 + floor)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_cct_stages_match_float64(case, dtype, device):
+    _check_against_reference(CASES[case], dtype, device)
+
+
+@pytest.mark.parametrize("case", list(GENERAL), ids=str)
+def test_general_shapes_match_float64(case, device):
+    _check_against_reference(GENERAL[case], torch.float32, device)
+
+
+def test_pool_index_is_the_window_offset_of_the_max(device):
+    """Where the output is positive, pool_index is max_pool2d's argmax as a row-major offset in its window."""
+    case = CASES["k3_rgb_33x31"][:11] + (False,)  # NCHW output
+    x, weight, _ = _inputs(case, torch.float32, device)
+    out, index = triton_tokenize.forward(x, weight, None, 1, 1, True, 3, 2, 1, False)
+    conv = F.relu(F.conv2d(x, weight, padding=1))
+    pooled, flat = F.max_pool2d(conv, 3, 2, 1, return_indices=True)
+    Wo = conv.shape[-1]
+    rows = torch.arange(pooled.shape[-2], device=device).view(-1, 1) * 2 - 1
+    cols = torch.arange(pooled.shape[-1], device=device).view(1, -1) * 2 - 1
+    expected = (flat // Wo - rows) * 3 + (flat % Wo - cols)
+    positive = pooled > 0
+    assert index.dtype == torch.int8 and index.shape == out.shape
+    assert positive.float().mean() > 0.5
+    assert torch.equal(index[positive].long(), expected[positive])
+    torch.testing.assert_close(out, pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_cases_give_reasons(device):
+    x, weight, _ = _inputs(CASES["k3_rgb_33x31"], torch.float32, device)
+    with pytest.raises(backends.BackendUnavailable, match="int8"):
+        ops.tokenize(x, weight, stride=1, padding=1, pool=(13, 2, 6), backend="triton")
+    x64, w64 = x.double(), weight.double()
+    with pytest.raises(backends.BackendUnavailable, match="float32, float16 and bfloat16"):
+        ops.tokenize(x64, w64, stride=1, padding=1, backend="triton")
+
+
+def test_opcheck(device):
+    case = CASES["k3_stage2_9x10"]
+    x, weight, _ = _inputs(case, torch.float32, device)
+    x.requires_grad_()
+    weight.requires_grad_()
+    args = (x, weight, None, 1, 1, True, 3, 2, 1, True)
+    torch.library.opcheck(torch.ops.cct_kernels.tokenize_forward.default, (*args, "triton"))
+    out, index = triton_tokenize.forward(*(a.detach() if torch.is_tensor(a) else a for a in args))
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.cct_kernels.tokenize_backward.default,
+        (grad_out, x.detach(), weight.detach(), None, out, index, *args[3:], "triton"),
+    )
+
+
+def test_torch_compile_fullgraph_two_stages_with_backward(device):
+    x, w1, _ = _inputs((1, 3, 16, 14, 16, 3, 1, 1, (3, 2, 1), True, False, False), torch.float32, device)
+    w2 = torch.randn(20, 16, 3, 3, device=device) * (2 / 144) ** 0.5
+
+    def tokenizer(x, w1, w2, tokenize):
+        y = tokenize(x, w1, None, stride=1, padding=1, to_tokens=False)
+        return tokenize(y, w2, None, stride=1, padding=1, to_tokens=True)
+
+    compiled = torch.compile(
+        lambda x, w1, w2: tokenizer(x, w1, w2, lambda *a, **k: ops.tokenize(*a, **k, backend="triton")),
+        fullgraph=True,
+    )
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    out = compiled(*leaves)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    ref = tokenizer(*ref_leaves, reference.tokenize)
+    ref.backward(grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-4)
