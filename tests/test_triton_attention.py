@@ -20,8 +20,8 @@ CUDA = torch.cuda.is_available()
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 NO_SEED = torch.empty(0, dtype=torch.int64)
 
-# (B, H, N, d, dtype): every N of the brief, head dims 64 (CCT), 32, 80 (padded to 128) and 128, each dtype with
-# several N and d; small, since the interpreter runs each program in Python.
+# (B, H, N, d, dtype): N in 64, 65, 196, 197, 256 (and 1, 17), head dims 64 (CCT), 32, 80 (padded to 128), 128
+# (and 8, 16), each dtype with several N and d; small, since the interpreter runs each program in Python.
 CASES = [
     (2, 4, 64, 64, torch.float32),
     (1, 2, 65, 64, torch.float16),
@@ -33,6 +33,8 @@ CASES = [
     (1, 1, 196, 128, torch.bfloat16),
     (1, 1, 256, 128, torch.float32),
     (1, 2, 64, 32, torch.bfloat16),
+    (3, 3, 1, 8, torch.float32),  # one token; head dim below the 16-wide minimum tile
+    (1, 2, 17, 16, torch.float16),
 ]
 
 

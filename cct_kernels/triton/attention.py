@@ -17,7 +17,7 @@ block, streaming queries) runs after it and reads delta.
 
 Limits: float32, float16, bfloat16; head dim d <= 128 (d is padded to a power of two >= 16 with masks; 64, the
 CCT head dim, wastes nothing); any N >= 1 (key/query blocks are masked); B * H <= 2**31 - 1 (grid axis 0; the
-query blocks go on axis 1, at most 65535 of them, i.e. N <= 4_194_240 with 64-row blocks).
+query/key blocks go on axis 1, at most 65535 of them: N <= 65535 * 32).
 Precision: products in tl.dot accumulate in float32, softmax statistics are float32. float16/bfloat16 inputs
 feed the tensor cores directly (wgmma on sm_90); probabilities and dS are rounded to the input dtype before their
 matmuls, as in flash-attention. float32 inputs use input_precision="ieee" (no TF32), so they match an fp32
@@ -131,14 +131,14 @@ def _attn_fwd(
 @triton.jit
 def _attn_bwd_dq(
     QKV, Out, dOut, Lse, Delta, dQKV, Seed,
-    stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, stride_do_b, stride_do_n,
+    stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     N, H, scale, dropout_p, keep_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One program: dQ for BLOCK_M queries of one (batch, head), streaming keys; also stores delta = rowsum(dO*O).
 
-    dQKV has qkv's strides; this kernel writes its q slot."""
+    Writes the q slot of dQKV (B, N, 3, H, d) with strides stride_dqkv_*."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -182,14 +182,14 @@ def _attn_bwd_dq(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
 
-    dq_ptrs = _tile(dQKV + b.to(tl.int64) * stride_qkv_b, rows, stride_qkv_n, h * D, D, BLOCK_D, ALIGNED)
+    dq_ptrs = _tile(dQKV + b.to(tl.int64) * stride_dqkv_b, rows, stride_dqkv_n, h * D, D, BLOCK_D, ALIGNED)
     tl.store(dq_ptrs, (dq * scale).to(dQKV.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
     QKV, dOut, Lse, Delta, dQKV, Seed,
-    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
+    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     N, H, scale, dropout_p, keep_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
@@ -242,9 +242,9 @@ def _attn_bwd_dkdv(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
 
-    dqkv = dQKV + b.to(tl.int64) * stride_qkv_b
-    dk_ptrs = _tile(dqkv, cols, stride_qkv_n, (H + h) * D, D, BLOCK_D, ALIGNED)
-    dv_ptrs = _tile(dqkv, cols, stride_qkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED)
+    dqkv = dQKV + b.to(tl.int64) * stride_dqkv_b
+    dk_ptrs = _tile(dqkv, cols, stride_dqkv_n, (H + h) * D, D, BLOCK_D, ALIGNED)
+    dv_ptrs = _tile(dqkv, cols, stride_dqkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED)
     tl.store(dk_ptrs, (dk * scale).to(dQKV.dtype.element_ty), mask=col_mask)
     tl.store(dv_ptrs, dv.to(dQKV.dtype.element_ty), mask=col_mask)
 
@@ -313,6 +313,8 @@ def unsupported(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: floa
         return "triton attention needs a non-empty qkv"
     if qkv.stride(2) != 1:
         return "triton attention needs qkv's last dim contiguous"
+    if triton.cdiv(qkv.shape[1], 32) > 65535:
+        return f"triton attention needs N <= {65535 * 32} (grid axis 1), got {qkv.shape[1]}"
     if qkv.shape[0] * num_heads > 2**31 - 1:
         return f"triton attention needs batch * num_heads < 2**31, got {qkv.shape[0] * num_heads}"
     return None
@@ -365,14 +367,13 @@ def forward(qkv, num_heads, scale, dropout_p, seed, *, out=None, lse=None):
 def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, *, grad_qkv=None):
     """Attention backward. grad_out and out (B, N, H*d), qkv (B, N, 3*H*d), all of one dtype with contiguous
     last dims; lse (B, H, N) float32 contiguous from forward(); the same seed as the forward. Returns grad_qkv
-    (B, N, 3*H*d) qkv.dtype (written whole: dq, dk, dv slots). `grad_qkv` may be given preallocated with qkv's
-    strides."""
+    (B, N, 3*H*d) qkv.dtype, contiguous (every element written: dq, dk, dv slots); it may be given preallocated
+    (any strides with a contiguous last dim)."""
     B, N, three_hd = qkv.shape
     H = num_heads
     D = three_hd // (3 * H)
     if grad_qkv is None:
-        grad_qkv = torch.empty_like(qkv)
-    assert grad_qkv.stride() == qkv.stride(), "grad_qkv must have qkv's strides"
+        grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     lse = lse.contiguous()
     delta = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
     seed = _seed_arg(seed, dropout_p, qkv.device)
@@ -384,13 +385,14 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, *, grad
     _attn_bwd_dq[(B * H, triton.cdiv(N, BLOCK_M))](
         qkv, out, grad_out, lse, delta, grad_qkv, seed,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+        grad_qkv.stride(0), grad_qkv.stride(1),
         N, H, scale, dropout_p, keep_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
     )
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", qkv.dtype, D, dropout_p > 0)
     _attn_bwd_dkdv[(B * H, triton.cdiv(N, BLOCK_N))](
         qkv, grad_out, lse, delta, grad_qkv, seed,
-        qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
+        qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1),
         N, H, scale, dropout_p, keep_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
     )
@@ -424,7 +426,8 @@ def _sm90_check(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool, H: 
     the kernels hold a 64-bit pointer per element, which spills."""
     fn = _KERNELS[kind]
     ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    strides = {"stride_qkv_b": N * 3 * H * head_dim, "stride_qkv_n": 3 * H * head_dim}
+    strides = {f"stride_{t}_{a}": (N * 3 * H * head_dim if a == "b" else 3 * H * head_dim)
+               for t in ("qkv", "dqkv") for a in ("b", "n")}
     strides.update({f"stride_{t}_{a}": (N * H * head_dim if a == "b" else H * head_dim)
                     for t in ("out", "do") for a in ("b", "n")})
     block_m, block_n, num_warps, num_stages = _config(kind, dtype, head_dim, dropout)
