@@ -206,7 +206,7 @@ def benchmark_table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["group"], r["name"])):
         cells = [
             r["group"], r["name"], r["backend"] or "", f"{r['median_ms']:.3f}", _num(r["rounds"], "d"),
-            _num(r["tflops"], ".1f"), _num(r["gbps"], ",.0f"),
+            _num(r["tflops"], ".1f" if (r["tflops"] or 0) >= 10 else ".3f"), _num(r["gbps"], ",.0f"),
             _num(r["peak_flops"] and r["peak_flops"] * 100, ".1f", "%"),
             _num(r["peak_bw"] and r["peak_bw"] * 100, ".1f", "%"), _num(r["items_per_s"], ",.0f"),
             _num(r["vs_eager"], ".2f", "x"), _num(r["cuda_graph_ms"], ".3f"),

@@ -58,7 +58,18 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _auto_description(device: torch.device) -> str:
@@ -68,6 +79,23 @@ def _auto_description(device: torch.device) -> str:
     return f"per op, the first that serves the call: {chain}"
 
 
+def extension_description() -> str:
+    """What cct_kernels.extension says about the build: its info() dict (or describe() text) when it has one."""
+    from cct_kernels import extension
+
+    describe = getattr(extension, "describe", None)
+    if callable(describe):
+        return str(describe())
+    info = getattr(extension, "info", None)
+    if callable(info):
+        details = info()
+        if isinstance(details, dict):
+            return "\n".join(f"{key}: {value}" for key, value in details.items())
+        return str(details)
+    error = extension.load_error()
+    return "built" if error is None else error
+
+
 def cmd_info(args) -> int:
     """Print versions, devices and, per device, whether each backend can run there (and why not)."""
     print("cct_kernels environment")
@@ -75,13 +103,9 @@ def cmd_info(args) -> int:
         print(f"  {key:<12} {value}")
     from cct_kernels import extension
 
-    describe = getattr(extension, "describe", None)  # the extension owner may provide one
     print("\nC++/CUDA extension")
-    if callable(describe):
-        print("  " + str(describe()).replace("\n", "\n  "))
-    else:
-        error = extension.load_error()
-        print(f"  {'built' if error is None else error}")
+    for line in extension_description().splitlines():
+        print(f"  {line}")
     for device in devices():
         print(f"\n{device}: {device_name(device)}")
         for name in ("eager", profiling.COMPILE, *backends.KERNEL_BACKENDS, "auto"):
@@ -108,6 +132,8 @@ def _resolve_common(args):
         if name not in ("eager", profiling.COMPILE, *backends.BACKENDS):
             raise SystemExit(f"error: unknown backend {name!r}; choose from eager, compile, "
                              f"{', '.join(backends.KERNEL_BACKENDS)}, auto")
+    if "eager" in names:  # eager runs first: its logits are what every other backend is checked against
+        names = ["eager"] + [n for n in names if n != "eager"]
     modes = list(profiling.MODES) if args.mode == "both" else [args.mode]
     return device, dtype, batch, names, modes
 
