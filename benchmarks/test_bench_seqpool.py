@@ -1,7 +1,7 @@
 """SeqPool benchmarks: eager vs torch.compile of the reference vs every kernel backend that can run here.
 
 On CUDA: the model shapes (B=128, N=256, D=256: CCT-7/3x1 at 32x32; B=64, N=196, D=384: CCT-14/7x2 at 224) in
-bf16. On CPU: the same N and D at batch 8 in fp32, without the Triton interpreter (it is a test aid, not a
+bf16. On CPU: the same N and D at batch 8 in fp32 (5 rounds), without the Triton interpreter (it is a test aid, not a
 speed path). Forward and forward+backward. extra_info holds GB/s (bytes_moved below) and floor_us, the time
 the bytes would take at the H100's 3.35 TB/s (see benchmarks/NOTES.md, "## seqpool").
 
@@ -79,6 +79,8 @@ def test_seqpool(measure, mode, shape, backend):
                 return fn(x, weight, bias)
 
     moved = _bytes(B, N, D, backward)
-    info = measure(step, flops=(13 if backward else 4) * B * N * D, bytes_moved=moved, items=B, dtype=DTYPE)
+    rounds = None if DEVICE.type == "cuda" else 5  # CPU: a smoke run of every backend, not a speed figure
+    info = measure(step, flops=(13 if backward else 4) * B * N * D, bytes_moved=moved, items=B, dtype=DTYPE,
+                   rounds=rounds)
     info["floor_us"] = moved / (H100_GBPS * 1e9) * 1e6
     info["backend"], info["shape"], info["dtype"] = backend, shape, str(DTYPE)
