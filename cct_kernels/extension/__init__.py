@@ -1,13 +1,16 @@
 """Python side of the C++/CUDA extension `cct_kernels._C` (the "cpu" and "cuda" backends).
 
-The per-op modules beside this file adapt the extension's ops to the kernel-module interface of
-cct_kernels.backends. This file only answers whether the extension was built and for which devices.
+The per-op modules beside this file (seqpool, attention, tokenize) adapt the extension's ops
+(torch.ops.cct_kernels_C.*, registered by csrc/ops.cpp) to the kernel-module interface of cct_kernels.backends.
+This file answers whether the extension was built, for which devices, and how (`info()`).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -18,6 +21,14 @@ def load_error() -> str | None:
     except ImportError as e:
         return f"the C++ extension cct_kernels._C is not built ({e}); reinstall with a compiler present"
     return None
+
+
+def ops():
+    """torch.ops.cct_kernels_C, after loading the extension (raises ImportError when it is not built)."""
+    error = load_error()
+    if error is not None:
+        raise ImportError(error)
+    return torch.ops.cct_kernels_C
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -32,3 +43,26 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         if not torch.ops.cct_kernels_C.built_with_cuda():
             return "the extension was built without CUDA (no nvcc or a CPU-only torch at build time)"
     return None
+
+
+def dtype_reason(dtype: torch.dtype, allowed=FLOAT_DTYPES) -> str | None:
+    if dtype not in allowed:
+        return f"dtype {dtype} is not supported (supported: {', '.join(str(d) for d in allowed)})"
+    return None
+
+
+def info() -> dict:
+    """What was built: {'built': bool, 'cpu': bool, 'cuda': bool, 'detail': str} ('detail' says why not if not)."""
+    error = load_error()
+    if error is not None:
+        return {"built": False, "cpu": False, "cuda": False, "detail": error}
+    built_cuda = bool(torch.ops.cct_kernels_C.built_with_cuda())
+    return {"built": True, "cpu": True, "cuda": built_cuda, "detail": torch.ops.cct_kernels_C.build_info()}
+
+
+def describe() -> str:
+    """`info()` as text, for `cct-kernels info`."""
+    i = info()
+    if not i["built"]:
+        return i["detail"]
+    return f"built: cpu kernels yes, cuda kernels {'yes' if i['cuda'] else 'no'} ({i['detail']})"

@@ -1,0 +1,246 @@
+// Multi-head self-attention on CPU straight from the packed qkv (B, N, 3*H*d) to (B, N, H*d), heads merged.
+// Per (batch, head, block of kBM query rows) one thread computes S = scale Q K^T for whole rows (kBM x N floats,
+// L2-resident for N <= ~1k), an exact row softmax (no online rescaling needed), optional dropout from a
+// counter-based hash of (seed, b*H+h, i*N+j), and O = P V written into the merged-heads output. The GEMMs read
+// qkv in place through leading dimensions (no permute copies); float16/bfloat16 panels are widened to float32.
+// lse (B, H, N) float32 = logsumexp of the scaled scores: the backward recomputes P = exp(S - lse) from it.
+// Limits: N * kBM floats of scratch per thread, N < 65536 (dropout index is 32-bit per (b, h)).
+#include "common.h"
+#include "cpu_ops.h"
+
+namespace cct {
+namespace {
+
+constexpr int64_t kBM = 64;  // query rows per task: S block 64 x N stays in L2 for CCT's N <= 577
+
+// A (rows x d) panel of q, k or v (or grad/out) as float32 rows: in place for float32, widened otherwise.
+template <typename T>
+struct Panel {
+  const float* ptr = nullptr;
+  int ld = 0;
+  std::vector<float> buf;
+  void load(const T* src, int64_t rows, int64_t d, int64_t src_ld) {
+    if constexpr (std::is_same_v<T, float>) {
+      ptr = src;
+      ld = (int)src_ld;
+    } else {
+      buf.resize(rows * d);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < d; ++k) buf[r * d + k] = to_f(src[r * src_ld + k]);
+      ptr = buf.data();
+      ld = (int)d;
+    }
+  }
+};
+
+template <typename T>
+void attention_forward_kernel(const T* qkv, T* out, float* lse, int64_t B, int64_t N, int64_t H, int64_t d,
+                              float scale, double p, int64_t seed) {
+  const int64_t D = H * d, ld = 3 * D, nqb = (N + kBM - 1) / kBM;
+  const uint32_t thr = dropout_threshold(p);
+  const float keep_scale = p > 0 ? (float)(1.0 / (1.0 - p)) : 1.f;
+  at::parallel_for(0, B * H * nqb, grain_for(kBM * N * d), [&](int64_t begin, int64_t end) {
+    std::vector<float> S(kBM * N), O, row_scale(kBM);
+    Panel<T> q, k, v;
+    int64_t loaded_bh = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nqb, b = bh / H, h = bh % H, i0 = (t % nqb) * kBM, m = std::min(kBM, N - i0);
+      const T* base = qkv + b * N * ld + h * d;
+      if (bh != loaded_bh) {  // consecutive tasks share (b, h): widen K and V once
+        k.load(base + D, N, d, ld);
+        v.load(base + 2 * D, N, d, ld);
+        loaded_bh = bh;
+      }
+      q.load(base + i0 * ld, m, d, ld);
+      gemm_rm(false, true, m, N, d, scale, q.ptr, q.ld, k.ptr, k.ld, 0.f, S.data(), N);
+      const uint32_t key = dropout_key(seed, bh);
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = S.data() + r * N;
+        float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = 0; j < N; ++j) mx = row[j] > mx ? row[j] : mx;
+        float sum = 0.f;
+        if (thr == 0) {
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < N; ++j) {
+            const float e = exp_approx(row[j] - mx);
+            row[j] = e;
+            sum += e;
+          }
+        } else {  // the sum runs over all probabilities; only the ones multiplying V are dropped
+          const uint32_t rb = (uint32_t)((i0 + r) * N);
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < N; ++j) {
+            const float e = exp_approx(row[j] - mx);
+            row[j] = dropout_bits(key, rb + (uint32_t)j) >= thr ? e : 0.f;
+            sum += e;
+          }
+        }
+        row_scale[r] = keep_scale / sum;  // normalisation applied to the m x d output, not the m x N weights
+        lse[bh * N + i0 + r] = mx + std::log(sum);
+      }
+      float* o32;
+      int64_t ldo;
+      if constexpr (std::is_same_v<T, float>) {
+        o32 = out + (b * N + i0) * D + h * d;
+        ldo = D;
+      } else {
+        O.resize(m * d);
+        o32 = O.data();
+        ldo = d;
+      }
+      gemm_rm(false, false, m, d, N, 1.f, S.data(), N, v.ptr, v.ld, 0.f, o32, ldo);
+      T* o = out + (b * N + i0) * D + h * d;
+      for (int64_t r = 0; r < m; ++r) {
+        const float sc = row_scale[r];
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[r * D + c] = static_cast<T>(o32[r * ldo + c] * sc);
+      }
+    }
+  });
+}
+
+// One thread per (b, h): dK and dV accumulate over all query blocks.
+//   P = exp(S - lse), Pd = P * mask / (1-p); dV += Pd^T dO; dPd = dO V^T; dS = P * (dPd * mask / (1-p) - Di)
+//   with Di = rowsum(dO * O); dQ = scale dS K; dK += scale dS^T Q.
+template <typename T>
+void attention_backward_kernel(const T* gout, const T* qkv, const T* out, const float* lse, T* gqkv, int64_t B,
+                               int64_t N, int64_t H, int64_t d, float scale, double p, int64_t seed) {
+  const int64_t D = H * d, ld = 3 * D;
+  const uint32_t thr = dropout_threshold(p);
+  const float keep_scale = p > 0 ? (float)(1.0 / (1.0 - p)) : 1.f;
+  at::parallel_for(0, B * H, grain_for(N * N * d), [&](int64_t begin, int64_t end) {
+    std::vector<float> P(kBM * N), dP(kBM * N), Di(kBM), dK, dV, dQ;
+    constexpr bool f32 = std::is_same_v<T, float>;
+    if (!f32) {
+      dK.resize(N * d);
+      dV.resize(N * d);
+      dQ.resize(kBM * d);
+    }
+    Panel<T> q, k, v, go;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T* base = qkv + b * N * ld + h * d;
+      T* gbase = gqkv + b * N * ld + h * d;
+      k.load(base + D, N, d, ld);
+      v.load(base + 2 * D, N, d, ld);
+      float* dk = f32 ? reinterpret_cast<float*>(gbase + D) : dK.data();
+      float* dv = f32 ? reinterpret_cast<float*>(gbase + 2 * D) : dV.data();
+      const int ldkv = f32 ? (int)ld : (int)d;
+      const uint32_t key = dropout_key(seed, bh);
+      for (int64_t i0 = 0; i0 < N; i0 += kBM) {
+        const int64_t m = std::min(kBM, N - i0);
+        q.load(base + i0 * ld, m, d, ld);
+        go.load(gout + (b * N + i0) * D + h * d, m, d, D);
+        const T* o = out + (b * N + i0) * D + h * d;
+        for (int64_t r = 0; r < m; ++r) {
+          float s = 0.f;
+          for (int64_t c = 0; c < d; ++c) s += go.ptr[r * go.ld + c] * to_f(o[r * D + c]);
+          Di[r] = s;
+        }
+        gemm_rm(false, true, m, N, d, scale, q.ptr, q.ld, k.ptr, k.ld, 0.f, P.data(), N);
+        gemm_rm(false, true, m, N, d, 1.f, go.ptr, go.ld, v.ptr, v.ld, 0.f, dP.data(), N);
+        for (int64_t r = 0; r < m; ++r) {
+          float* pr = P.data() + r * N;
+          float* dr = dP.data() + r * N;
+          const float l = lse[bh * N + i0 + r], di = Di[r];
+          if (thr == 0) {
+#pragma omp simd
+            for (int64_t j = 0; j < N; ++j) {
+              const float pj = exp_approx(pr[j] - l);
+              pr[j] = pj;
+              dr[j] = pj * (dr[j] - di);
+            }
+          } else {
+            const uint32_t rb = (uint32_t)((i0 + r) * N);
+#pragma omp simd
+            for (int64_t j = 0; j < N; ++j) {
+              const float pj = exp_approx(pr[j] - l);
+              const float keep = dropout_bits(key, rb + (uint32_t)j) >= thr ? keep_scale : 0.f;
+              pr[j] = pj * keep;  // the dropped probabilities that multiplied V
+              dr[j] = pj * (dr[j] * keep - di);
+            }
+          }
+        }
+        const float beta = i0 == 0 ? 0.f : 1.f;
+        gemm_rm(true, false, N, d, m, 1.f, P.data(), N, go.ptr, go.ld, beta, dv, ldkv);
+        gemm_rm(true, false, N, d, m, scale, dP.data(), N, q.ptr, q.ld, beta, dk, ldkv);
+        if constexpr (f32) {
+          gemm_rm(false, false, m, d, N, scale, dP.data(), N, k.ptr, k.ld, 0.f,
+                  reinterpret_cast<float*>(gbase + i0 * ld), ld);
+        } else {
+          gemm_rm(false, false, m, d, N, scale, dP.data(), N, k.ptr, k.ld, 0.f, dQ.data(), d);
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t c = 0; c < d; ++c) gbase[(i0 + r) * ld + c] = static_cast<T>(dQ[r * d + c]);
+        }
+      }
+      if constexpr (!f32) {
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t c = 0; c < d; ++c) {
+            gbase[n * ld + D + c] = static_cast<T>(dK[n * d + c]);
+            gbase[n * ld + 2 * D + c] = static_cast<T>(dV[n * d + c]);
+          }
+      }
+    }
+  });
+}
+
+void check_attention(const at::Tensor& qkv, int64_t num_heads, double dropout_p, const at::Tensor& seed) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous(), "attention: qkv must be a contiguous (B, N, 3*H*d) tensor");
+  TORCH_CHECK(num_heads >= 1 && qkv.size(2) % (3 * num_heads) == 0, "attention: qkv's last dim must be 3*H*d");
+  TORCH_CHECK(qkv.size(1) < 65536, "attention: N must be < 65536");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "attention: dropout_p must be in [0, 1)");
+  TORCH_CHECK(dropout_p == 0 || seed.numel() == 1, "attention: dropout needs a seed tensor of one int64");
+}
+
+int64_t seed_value(const at::Tensor& seed, double dropout_p) {
+  return dropout_p > 0 ? seed.to(at::kCPU).to(at::kLong).item<int64_t>() : 0;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, int64_t num_heads, double scale,
+                                                         double dropout_p, const at::Tensor& seed) {
+  check_attention(qkv, num_heads, dropout_p, seed);
+  const int64_t B = qkv.size(0), N = qkv.size(1), H = num_heads, d = qkv.size(2) / (3 * H);
+  auto out = at::empty({B, N, H * d}, qkv.options());
+  auto lse = at::empty({B, H, N}, qkv.options().dtype(at::kFloat));
+  const int64_t s = seed_value(seed, dropout_p);
+  CCT_DISPATCH(qkv.scalar_type(), "attention_forward_cpu", [&] {
+    attention_forward_kernel<scalar_t>(qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), B,
+                                       N, H, d, (float)scale, dropout_p, s);
+  });
+  return {out, lse};
+}
+
+at::Tensor attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                  const at::Tensor& lse, int64_t num_heads, double scale, double dropout_p,
+                                  const at::Tensor& seed) {
+  check_attention(qkv, num_heads, dropout_p, seed);
+  const int64_t B = qkv.size(0), N = qkv.size(1), H = num_heads, d = qkv.size(2) / (3 * H);
+  const auto g = grad_out.contiguous(), o = out.contiguous(), l = lse.to(at::kFloat).contiguous();
+  auto gqkv = at::empty_like(qkv);
+  const int64_t s = seed_value(seed, dropout_p);
+  CCT_DISPATCH(qkv.scalar_type(), "attention_backward_cpu", [&] {
+    attention_backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
+                                        l.data_ptr<float>(), gqkv.data_ptr<scalar_t>(), B, N, H, d, (float)scale,
+                                        dropout_p, s);
+  });
+  return gqkv;
+}
+
+at::Tensor attention_dropout_mask(const at::Tensor& seed, int64_t B, int64_t H, int64_t N, double dropout_p) {
+  const int64_t s = seed_value(seed, dropout_p);
+  auto mask = at::empty({B, H, N, N}, at::TensorOptions().dtype(at::kBool));
+  bool* m = mask.data_ptr<bool>();
+  const uint32_t thr = dropout_threshold(dropout_p);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const uint32_t key = dropout_key(s, bh);
+      for (int64_t idx = 0; idx < N * N; ++idx) m[bh * N * N + idx] = dropout_bits(key, (uint32_t)idx) >= thr;
+    }
+  });
+  return mask;
+}
+
+}  // namespace cct

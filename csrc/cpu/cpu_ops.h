@@ -1,0 +1,36 @@
+// The CPU implementations registered in csrc/ops.cpp (schemas and shapes: see there and cct_kernels/ops/*.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace cct {
+
+std::tuple<at::Tensor, at::Tensor> seqpool_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const at::Tensor& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                    const at::Tensor& weight, const at::Tensor& bias,
+                                                                    const at::Tensor& out, const at::Tensor& lse);
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, int64_t num_heads, double scale,
+                                                         double dropout_p, const at::Tensor& seed);
+at::Tensor attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                  const at::Tensor& lse, int64_t num_heads, double scale, double dropout_p,
+                                  const at::Tensor& seed);
+// The keep-mask (B, H, N, N) bool the CPU attention applies for this seed and dropout_p (for tests).
+at::Tensor attention_dropout_mask(const at::Tensor& seed, int64_t B, int64_t H, int64_t N, double dropout_p);
+
+std::tuple<at::Tensor, at::Tensor> tokenize_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                        const c10::optional<at::Tensor>& bias, int64_t stride,
+                                                        int64_t padding, bool relu, int64_t pool_kernel,
+                                                        int64_t pool_stride, int64_t pool_padding, bool to_tokens);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& out, const at::Tensor& pool_index, int64_t stride, int64_t padding, bool relu,
+    int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens);
+
+// Whether the CPU GEMMs use torch's BLAS (sgemm_) rather than the plain-loop fallback.
+bool cpu_has_blas();
+
+}  // namespace cct

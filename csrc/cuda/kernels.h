@@ -1,0 +1,46 @@
+// Launchers of the CUDA kernels (csrc/cuda/*.cu). Raw device pointers and a stream only (no torch headers), so the
+// .cu files compile with plain `nvcc -c`; csrc/ops.cpp allocates tensors and calls these.
+// dtype codes: 0 float32, 1 float16, 2 bfloat16. All tensors contiguous unless strides are passed. Each launcher
+// returns the cudaError_t of its launch (cudaSuccess when nothing had to run).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../pool_geometry.h"
+
+namespace cct {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// SeqPool, x (B, N, D), weight (D), bias (1) on device. Forward: out (B, D) dtype, lse (B) float32.
+// Limits: N <= kSeqPoolMaxN (scores are kept in shared memory).
+constexpr int64_t kSeqPoolMaxN = 8192;
+cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias, void* out,
+                                        float* lse, int64_t B, int64_t N, int64_t D, cudaStream_t stream);
+// Backward: grad_x (B, N, D) dtype; per-row partial grad_weight (B, D) and grad_bias (B) in float32 (summed by the
+// caller, so the result does not depend on atomics' order).
+cudaError_t seqpool_backward_cuda_launch(int dtype, const void* grad_out, const void* x, const void* weight,
+                                         const void* bias, const void* out, const float* lse, void* grad_x,
+                                         float* grad_weight_rows, float* grad_bias_rows, int64_t B, int64_t N,
+                                         int64_t D, cudaStream_t stream);
+
+// Tokenizer epilogue: y (B, C, Ho, Wo) with element strides ys -> out, pool_index (int8) with strides os.
+cudaError_t pool_forward_cuda_launch(int dtype, const void* y, Strides4 ys, void* out, int8_t* index, Strides4 os,
+                                     PoolGeometry g, bool relu, cudaStream_t stream);
+// Conv-output gradient gy (strides ys) gathered from grad_out, out, pool_index (strides os).
+cudaError_t pool_backward_cuda_launch(int dtype, const void* grad_out, const void* out, const int8_t* index,
+                                      Strides4 os, void* gy, Strides4 ys, PoolGeometry g, bool relu,
+                                      cudaStream_t stream);
+
+// Attention, head dim 64, float16/bfloat16 only: qkv (B, N, 3*H*64) -> out (B, N, H*64), lse (B, H, N) float32.
+// Pointers 16-byte aligned.
+cudaError_t attention_forward_cuda_launch(int dtype, const void* qkv, void* out, float* lse, int64_t B, int64_t N,
+                                          int64_t H, float scale, cudaStream_t stream);
+// Backward: grad_qkv (B, N, 3*H*64). Workspaces: delta (B, H, N) float32 and dq_accum (B, N, H*64) float32, which
+// the caller zero-fills.
+cudaError_t attention_backward_cuda_launch(int dtype, const void* grad_out, const void* qkv, const void* out,
+                                           const float* lse, void* grad_qkv, float* delta, float* dq_accum, int64_t B,
+                                           int64_t N, int64_t H, float scale, cudaStream_t stream);
+
+}  // namespace cct

@@ -1,0 +1,239 @@
+// Registration of the extension's ops in the torch.ops.cct_kernels_C namespace: schemas, CPU kernels (csrc/cpu) and,
+// when built with CUDA (CCT_WITH_CUDA), thin launchers over the raw-pointer CUDA kernels of csrc/cuda.
+// Each op has the signature of the matching kernel-module function in cct_kernels/ops/*.py; the Python adapters in
+// cct_kernels/extension/ call these ops and add capability checks (unsupported()).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/common.h"
+#include "cpu/cpu_ops.h"
+
+#ifdef CCT_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/kernels.h"
+#include "tokenize_common.h"
+#endif
+
+#ifndef CCT_CPU_ARCH
+#define CCT_CPU_ARCH "default"
+#endif
+
+namespace cct {
+
+bool cpu_has_blas() { return have_blas(); }
+
+bool built_with_cuda() {
+#ifdef CCT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+// A one-line description of the build, for `cct_kernels.extension.info()`.
+std::string build_info() {
+  std::string s = std::string("cpu: -march=") + CCT_CPU_ARCH + ", OpenMP threads " +
+                  std::to_string(at::get_num_threads()) + ", gemm " + (have_blas() ? "BLAS sgemm_" : "plain loops");
+#ifdef CCT_WITH_CUDA
+  s += std::string("; cuda: TORCH_CUDA_ARCH_LIST=") + CCT_CUDA_ARCHS;
+#else
+  s += "; cuda: not built";
+#endif
+  return s;
+}
+
+
+#ifdef CCT_WITH_CUDA
+// ---- CUDA: thin launchers. Tensors are allocated here, kernels get raw pointers (csrc/cuda/kernels.h). ----
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    default: TORCH_CHECK(false, "cct_kernels_C: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "cct_kernels_C: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+Strides4 strides4(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> seqpool_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                        const at::Tensor& bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 3 && x.size(1) <= kSeqPoolMaxN, "seqpool (cuda): x (B, N, D) with N <= ", kSeqPoolMaxN);
+  const auto xc = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  auto out = at::empty({x.size(0), x.size(2)}, x.options());
+  auto lse = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  check_launch(seqpool_forward_cuda_launch(dtype_code(x), xc.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
+                                           lse.data_ptr<float>(), x.size(0), x.size(1), x.size(2), stream()),
+               "seqpool forward");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                     const at::Tensor& weight, const at::Tensor& bias,
+                                                                     const at::Tensor& out, const at::Tensor& lse) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  TORCH_CHECK(N <= kSeqPoolMaxN, "seqpool (cuda): N <= ", kSeqPoolMaxN);
+  const auto g = grad_out.contiguous(), xc = x.contiguous(), w = weight.contiguous(), b = bias.contiguous(),
+             o = out.contiguous(), l = lse.to(at::kFloat).contiguous();
+  auto gx = at::empty_like(xc);
+  auto gw_rows = at::empty({B, D}, x.options().dtype(at::kFloat));
+  auto gb_rows = at::empty({B}, x.options().dtype(at::kFloat));
+  check_launch(seqpool_backward_cuda_launch(dtype_code(x), g.data_ptr(), xc.data_ptr(), w.data_ptr(), b.data_ptr(),
+                                            o.data_ptr(), l.data_ptr<float>(), gx.data_ptr(), gw_rows.data_ptr<float>(),
+                                            gb_rows.data_ptr<float>(), B, N, D, stream()),
+               "seqpool backward");
+  return {gx, gw_rows.sum(0, true).to(weight.scalar_type()), gb_rows.sum(0, true).to(bias.scalar_type())};
+}
+
+// The convolution runs channels-last on cuDNN so that the epilogue reads and writes along channels (coalesced).
+std::tuple<at::Tensor, at::Tensor> tokenize_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                         const c10::optional<at::Tensor>& bias, int64_t stride,
+                                                         int64_t padding, bool relu, int64_t pool_kernel,
+                                                         int64_t pool_stride, int64_t pool_padding, bool to_tokens) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_tokenize(x, weight, pool_kernel);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  auto y = at::convolution(x.contiguous(cl), weight.contiguous(cl), bias, {stride, stride}, {padding, padding},
+                           {1, 1}, false, {0, 0}, 1);
+  if (pool_kernel == 0) return conv_epilogue_no_pool(y.contiguous(cl), relu, to_tokens);
+  const PoolGeometry g = pool_geometry(y, pool_kernel, pool_stride, pool_padding);
+  auto [out, index, os] = allocate_pooled(y, g, to_tokens);
+  check_launch(pool_forward_cuda_launch(dtype_code(y), y.data_ptr(), strides4(y), out.data_ptr(),
+                                        index.data_ptr<int8_t>(), os, g, relu, stream()),
+               "tokenize forward epilogue");
+  return {out, index};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& out, const at::Tensor& pool_index, int64_t stride, int64_t padding, bool relu,
+    int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_tokenize(x, weight, pool_kernel);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto xin = x.contiguous(cl), win = weight.contiguous(cl);
+  const auto conv_shape = conv_output_shape(x, weight, stride, padding);
+  const auto go = grad_out.contiguous(), o = out.contiguous();
+  at::Tensor gy;
+  if (pool_kernel == 0) {
+    gy = grad_no_pool(go, o, conv_shape, relu, to_tokens).contiguous(cl);
+  } else {
+    gy = at::empty(conv_shape, x.options().memory_format(cl));
+    const PoolGeometry g = pool_geometry(gy, pool_kernel, pool_stride, pool_padding);
+    const auto idx = pool_index.contiguous();
+    check_launch(pool_backward_cuda_launch(dtype_code(x), go.data_ptr(), o.data_ptr(), idx.data_ptr<int8_t>(),
+                                           pooled_strides(g, to_tokens), gy.data_ptr(), strides4(gy), g, relu,
+                                           stream()),
+                 "tokenize backward gather");
+  }
+  return conv_backward(gy, xin, win, bias, stride, padding, x);
+}
+
+namespace {
+// The attention kernels load 16-byte chunks: copy a tensor whose data pointer is not 16-byte aligned.
+at::Tensor aligned16(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+void check_attention_cuda(const at::Tensor& qkv, int64_t num_heads, double dropout_p) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) == 3 * num_heads * 64, "attention (cuda): head dim 64 only");
+  TORCH_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16,
+              "attention (cuda): float16 or bfloat16 only");
+  TORCH_CHECK(dropout_p == 0, "attention (cuda): dropout is not supported");
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& qkv, int64_t num_heads, double scale,
+                                                          double dropout_p, const at::Tensor& seed) {
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  check_attention_cuda(qkv, num_heads, dropout_p);
+  const auto q = aligned16(qkv);
+  const int64_t B = q.size(0), N = q.size(1), H = num_heads;
+  auto out = at::empty({B, N, H * 64}, q.options());
+  auto lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  check_launch(attention_forward_cuda_launch(dtype_code(q), q.data_ptr(), out.data_ptr(), lse.data_ptr<float>(), B, N,
+                                             H, (float)scale, stream()),
+               "attention forward");
+  return {out, lse};
+}
+
+at::Tensor attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                   const at::Tensor& lse, int64_t num_heads, double scale, double dropout_p,
+                                   const at::Tensor& seed) {
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  check_attention_cuda(qkv, num_heads, dropout_p);
+  const auto q = aligned16(qkv), g = aligned16(grad_out), o = aligned16(out), l = lse.to(at::kFloat).contiguous();
+  const int64_t B = q.size(0), N = q.size(1), H = num_heads;
+  auto gqkv = at::empty_like(q);
+  auto delta = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  auto dq_accum = at::zeros({B, N, H * 64}, q.options().dtype(at::kFloat));
+  check_launch(attention_backward_cuda_launch(dtype_code(q), g.data_ptr(), q.data_ptr(), o.data_ptr(),
+                                              l.data_ptr<float>(), gqkv.data_ptr(), delta.data_ptr<float>(),
+                                              dq_accum.data_ptr<float>(), B, N, H, (float)scale, stream()),
+               "attention backward");
+  return gqkv;
+}
+#endif  // CCT_WITH_CUDA
+
+}  // namespace cct
+
+TORCH_LIBRARY(cct_kernels_C, m) {
+  m.def("built_with_cuda() -> bool", &cct::built_with_cuda);
+  m.def("build_info() -> str", &cct::build_info);
+  m.def("seqpool_forward(Tensor x, Tensor weight, Tensor bias) -> (Tensor, Tensor)");
+  m.def("seqpool_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor out, Tensor lse)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("attention_forward(Tensor qkv, int num_heads, float scale, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale,"
+        " float dropout_p, Tensor seed) -> Tensor");
+  m.def("attention_dropout_mask(Tensor seed, int B, int H, int N, float dropout_p) -> Tensor",
+        &cct::attention_dropout_mask);
+  m.def("tokenize_forward(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, bool relu, int pool_kernel,"
+        " int pool_stride, int pool_padding, bool to_tokens) -> (Tensor, Tensor)");
+  m.def("tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor out, Tensor pool_index,"
+        " int stride, int padding, bool relu, int pool_kernel, int pool_stride, int pool_padding, bool to_tokens)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cct_kernels_C, CPU, m) {
+  m.impl("seqpool_forward", &cct::seqpool_forward_cpu);
+  m.impl("seqpool_backward", &cct::seqpool_backward_cpu);
+  m.impl("attention_forward", &cct::attention_forward_cpu);
+  m.impl("attention_backward", &cct::attention_backward_cpu);
+  m.impl("tokenize_forward", &cct::tokenize_forward_cpu);
+  m.impl("tokenize_backward", &cct::tokenize_backward_cpu);
+}
+
+#ifdef CCT_WITH_CUDA
+TORCH_LIBRARY_IMPL(cct_kernels_C, CUDA, m) {
+  m.impl("seqpool_forward", &cct::seqpool_forward_cuda);
+  m.impl("seqpool_backward", &cct::seqpool_backward_cuda);
+  m.impl("attention_forward", &cct::attention_forward_cuda);
+  m.impl("attention_backward", &cct::attention_backward_cuda);
+  m.impl("tokenize_forward", &cct::tokenize_forward_cuda);
+  m.impl("tokenize_backward", &cct::tokenize_backward_cuda);
+}
+#endif
+
+// `import cct_kernels._C` loads this library (and so runs the registrations above); it has no Python functions.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "cct_kernels C++/CUDA ops (torch.ops.cct_kernels_C)",
+                                      -1, nullptr};
+  return PyModule_Create(&module);
+}
