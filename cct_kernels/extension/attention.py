@@ -22,6 +22,8 @@ def unsupported(qkv, num_heads, scale, dropout_p, *, backend: str) -> str | None
             return reason + " by the cuda attention kernel (tensor cores); use the triton backend for float32"
         if head_dim != CUDA_HEAD_DIM:
             return f"the cuda attention kernel needs head dim {CUDA_HEAD_DIM}, got {head_dim}"
+        if qkv.shape[0] * num_heads > 65535:
+            return f"the cuda attention kernel needs batch * heads <= 65535 (grid.y), got {qkv.shape[0] * num_heads}"
         if dropout_p > 0:
             return "the cuda attention kernel has no dropout (dropout_p > 0); use triton or eager for training"
         return None

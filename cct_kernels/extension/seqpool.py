@@ -7,7 +7,12 @@ from __future__ import annotations
 from cct_kernels import extension
 
 
+CUDA_MAX_N = 8192  # the cuda kernel keeps the N scores in shared memory (kSeqPoolMaxN in csrc/cuda/kernels.h)
+
+
 def unsupported(x, weight, bias, *, backend: str) -> str | None:
+    if backend == "cuda" and x.shape[1] > CUDA_MAX_N:
+        return f"the cuda seqpool kernel needs N <= {CUDA_MAX_N}, got {x.shape[1]}"
     return extension.dtype_reason(x.dtype)
 
 
