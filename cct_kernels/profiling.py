@@ -87,11 +87,17 @@ def speed_backends(device: torch.device) -> list[str]:
 
 
 def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """Model `name` for speed backend `backend`, its weights drawn from `seed` so every backend gets the same."""
+    """Model `name` for speed backend `backend`, its weights drawn from `seed` so every backend gets the same.
+
+    For "compile" this resets torch._dynamo first: dynamo keeps its compiled entries per code object (every
+    model's forward is the same function), and past its recompile limit it silently runs eager, so a process
+    that builds many models (the benchmark suite) would time eager under the name "compile".
+    """
     torch.manual_seed(seed)
     model = create_model(name, backend="eager" if backend == COMPILE else backend)
     model = model.to(device=device, dtype=dtype)
     if backend == COMPILE:
+        torch._dynamo.reset()
         model = torch.compile(model)
     return model
 

@@ -1,6 +1,8 @@
 """The command line (info, bench, profile) on a tiny model, and the GPU report's formatting on fake results."""
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -148,3 +150,22 @@ def test_gpu_report_reads_junit_and_survives_a_stage_timeout(tmp_path):
     assert stage["status"] == "timeout" and stage["seconds"] < 20
     stage = report.run_stage("ok", [sys.executable, "-c", "print('hi')"], budget_s=30, log=tmp_path / "ok.log")
     assert stage["status"] == "ok" and stage["returncode"] == 0 and "hi" in (tmp_path / "ok.log").read_text()
+
+
+def test_model_benchmark_streams_its_result_for_the_gpu_report(tmp_path):
+    """One real case of benchmarks/test_bench_models.py: extra_info, the JSON-lines stream, the speedup summary."""
+    jsonl = tmp_path / "bench.jsonl"
+    node = "benchmarks/test_bench_models.py::test_model[cct_2_3x2_32-latency_b1-inference-eager]"
+    env = {**os.environ, "CCT_BENCH_JSONL": str(jsonl), "CCT_BENCH_QUICK": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", node, "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                          f"--benchmark-json={tmp_path / 'bench.json'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "speedup per case" in run.stdout
+    (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    info = record["extra_info"]
+    assert info["backend"] == "eager" and info["model"] == "cct_2_3x2_32" and info["batch"] == 1
+    assert info["items_per_s"] == pytest.approx(1 / record["stats"]["median"])
+    assert info["tflops"] > 0 and 1 <= record["stats"]["rounds"] <= 20
+    rows = _gpu_report().benchmark_rows(json.loads((tmp_path / "bench.json").read_text())["benchmarks"])
+    assert rows[0]["backend"] == "eager" and rows[0]["vs_eager"] == 1.0
