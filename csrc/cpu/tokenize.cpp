@@ -21,6 +21,7 @@ void pool_forward_cl(const T* y, T* out, int8_t* index, const PoolGeometry& g, c
     // The window's argmax code is tracked as a float so that the whole loop is one float vector type (int8 lanes
     // beside float lanes keep GCC from vectorising it).
     std::vector<float> mx(C), ix(C);
+    const float lo = relu ? 0.f : -INFINITY;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / g.Hp, ph = t % g.Hp;
       for (int64_t pw = 0; pw < g.Wp; ++pw) {
@@ -32,16 +33,18 @@ void pool_forward_cl(const T* y, T* out, int8_t* index, const PoolGeometry& g, c
           for (int64_t kw = 0; kw < g.pk; ++kw) {
             const int64_t w = pw * g.ps - g.pp + kw;
             if (w < 0 || w >= g.Wo) continue;
-            const T* src = y + ((b * g.Ho + h) * g.Wo + w) * C;
+            const T* __restrict src = y + ((b * g.Ho + h) * g.Wo + w) * C;
             const float code = (float)(kh * g.pk + kw);
-            float* m = mx.data();
-            float* ixp = ix.data();
+            float* __restrict m = mx.data();
+            float* __restrict ixp = ix.data();
+            // Written without && / || and with the ReLU as a clamp to `lo`: GCC vectorises only this form.
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               float v = to_f(src[c]);
-              v = relu && v < 0.f ? 0.f : v;
-              const bool take = v > m[c] || v != v;  // first maximum wins; NaN propagates like max_pool2d
-              m[c] = take ? v : m[c];
+              v = v < lo ? lo : v;
+              const float mc = m[c];
+              const bool take = (v > mc) | (v != v);  // first maximum wins; NaN propagates like max_pool2d
+              m[c] = take ? v : mc;
               ixp[c] = take ? code : ixp[c];
             }
           }
@@ -107,11 +110,13 @@ void pool_backward_cl(const T* gout, const T* out, const int8_t* index, T* gy, c
             const T* go = gout + off;
             const T* o = out + off;
             const int8_t* id = index + off;
-            float* a = acc.data();
+            float* __restrict a = acc.data();
             if (os.c == 1) {
+              const float codef = code;
+              const bool norelu = !relu;
 #pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                const bool hit = id[c] == code && (!relu || to_f(o[c]) > 0.f);
+              for (int64_t c = 0; c < C; ++c) {  // float compare and bitwise ops: the form GCC vectorises
+                const bool hit = ((float)id[c] == codef) & ((to_f(o[c]) > 0.f) | norelu);
                 a[c] += hit ? to_f(go[c]) : 0.f;
               }
             } else {
