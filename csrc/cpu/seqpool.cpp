@@ -8,9 +8,9 @@ namespace cct {
 namespace {
 
 // Number of N-chunks per batch row: 1 when the batch alone keeps every thread busy.
-int64_t chunks_per_row(int64_t B, int64_t N) {
+int64_t chunks_per_row(int64_t B, int64_t N, int64_t D) {
   const int64_t threads = at::get_num_threads();
-  if (B == 0 || B >= threads) return 1;
+  if (B == 0 || B >= threads || N * D < (1 << 18)) return 1;  // small rows: one thread, no team wake-up
   const int64_t want = (threads + B - 1) / B;
   return std::max<int64_t>(1, std::min<int64_t>(want, N / 32));
 }
@@ -18,7 +18,7 @@ int64_t chunks_per_row(int64_t B, int64_t N) {
 template <typename T>
 void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float* lse, int64_t B, int64_t N,
                             int64_t D) {
-  const int64_t nc = chunks_per_row(B, N);
+  const int64_t nc = chunks_per_row(B, N, D);
   const int64_t chunk = (N + nc - 1) / nc;
   std::vector<float> w(D), m(B * nc), z(B * nc), acc(B * nc * D);
   for (int64_t k = 0; k < D; ++k) w[k] = to_f(w_in[k]);
@@ -78,7 +78,7 @@ void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bia
                              const float* lse, T* gx, float* gw_out, float* gb_out, int64_t B, int64_t N,
                              int64_t D) {
   // p_n = exp(s_n - lse); ds_n = p_n (g.x_n - g.out); dx_n = p_n g + ds_n w; dw = sum ds_n x_n; db = sum ds_n.
-  const int64_t nc = chunks_per_row(B, N);
+  const int64_t nc = chunks_per_row(B, N, D);
   const int64_t chunk = (N + nc - 1) / nc;
   std::vector<float> w(D), gw(B * nc * D), gb(B * nc);
   for (int64_t k = 0; k < D; ++k) w[k] = to_f(w_in[k]);
