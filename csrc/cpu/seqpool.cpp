@@ -1,4 +1,5 @@
-// SeqPool on CPU: out[b] = sum_n softmax_n(x[b,n].w + bias) x[b,n], one pass over x with an online softmax.
+// SeqPool on CPU: out[b] = sum_n softmax_n(x[b,n].w + bias) x[b,n], one pass over x from memory with an online
+// softmax per block of rows (each block is read twice, the second time from L2).
 // x (B, N, D) float32/float16/bfloat16 contiguous, weight (1, D), bias (1,); float32 accumulation.
 // Parallel over batch rows, and over chunks of N when B is smaller than the thread count (partials merged after).
 #include "common.h"
@@ -15,6 +16,22 @@ int64_t chunks_per_row(int64_t B, int64_t N, int64_t D) {
   return std::max<int64_t>(1, std::min<int64_t>(want, N / 32));
 }
 
+constexpr int64_t kRows = 64;  // rows per GEMV block: 64 x D floats stay in L2 between the two passes
+
+// Rows [n, n + m) of x[b] as float32 rows (in place for float32; widened into buf otherwise).
+template <typename T>
+const float* rows_f32(const T* src, int64_t m, int64_t D, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    buf.resize(m * D);
+    for (int64_t i = 0; i < m * D; ++i) buf[i] = to_f(src[i]);
+    return buf.data();
+  }
+}
+
+// Per block of kRows rows: scores s = X w (BLAS GEMV), one online-softmax rescale per block, acc += X^T e (GEMV):
+// x is read from memory once (the block is re-read from L2), and the dot products run at BLAS speed.
 template <typename T>
 void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float* lse, int64_t B, int64_t N,
                             int64_t D) {
@@ -23,28 +40,30 @@ void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float
   std::vector<float> w(D), m(B * nc), z(B * nc), acc(B * nc * D);
   for (int64_t k = 0; k < D; ++k) w[k] = to_f(w_in[k]);
   at::parallel_for(0, B * nc, grain_for(chunk * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf, e(kRows);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nc, n0 = (t % nc) * chunk, n1 = std::min(N, n0 + chunk);
       float* a = acc.data() + t * D;
       std::fill(a, a + D, 0.f);
       float mx = -INFINITY, sum = 0.f;
-      for (int64_t n = n0; n < n1; ++n) {
-        const T* row = x + (b * N + n) * D;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < D; ++k) s += to_f(row[k]) * w[k];
-        s += bias;
-        if (s > mx) {  // new running max: rescale what was accumulated (expected O(log N) times per row)
-          const float r = std::exp(mx - s);
+      for (int64_t n = n0; n < n1; n += kRows) {
+        const int64_t rows = std::min(kRows, n1 - n);
+        const float* X = rows_f32(x + (b * N + n) * D, rows, D, buf);
+        gemm_rm(false, false, (int)rows, 1, (int)D, 1.f, X, (int)D, w.data(), 1, 0.f, e.data(), 1);
+        float bm = -INFINITY;
+        for (int64_t i = 0; i < rows; ++i) bm = std::max(bm, e[i] + bias);
+        if (bm > mx) {  // new running max: rescale what was accumulated
+          const float r = std::exp(mx - bm);
           sum *= r;
 #pragma omp simd
           for (int64_t k = 0; k < D; ++k) a[k] *= r;
-          mx = s;
+          mx = bm;
         }
-        const float e = std::exp(s - mx);
-        sum += e;
-#pragma omp simd
-        for (int64_t k = 0; k < D; ++k) a[k] += e * to_f(row[k]);
+        for (int64_t i = 0; i < rows; ++i) {
+          e[i] = std::exp(e[i] + bias - mx);
+          sum += e[i];
+        }
+        gemm_rm(true, false, (int)D, 1, (int)rows, 1.f, X, (int)D, e.data(), 1, 1.f, a, 1);
       }
       m[t] = mx;
       z[t] = sum;
@@ -73,45 +92,48 @@ void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float
   });
 }
 
+// p_n = exp(s_n - lse); ds_n = p_n (g.x_n - g.out); dx_n = p_n g + ds_n w; dw = sum ds_n x_n; db = sum ds_n.
+// Per block: s = X w (BLAS GEMV), g.(x_n - out) per row, the rank-2 row update, dw += X^T ds (GEMV).
 template <typename T>
 void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bias, const T* out_in,
                              const float* lse, T* gx, float* gw_out, float* gb_out, int64_t B, int64_t N,
                              int64_t D) {
-  // p_n = exp(s_n - lse); ds_n = p_n (g.x_n - g.out); dx_n = p_n g + ds_n w; dw = sum ds_n x_n; db = sum ds_n.
   const int64_t nc = chunks_per_row(B, N, D);
   const int64_t chunk = (N + nc - 1) / nc;
   std::vector<float> w(D), gw(B * nc * D), gb(B * nc);
   for (int64_t k = 0; k < D; ++k) w[k] = to_f(w_in[k]);
   at::parallel_for(0, B * nc, grain_for(2 * chunk * D), [&](int64_t begin, int64_t end) {
-    std::vector<float> g(D);
+    std::vector<float> g(D), o(D), sg(kRows), ds(kRows), p(kRows), buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nc, n0 = (t % nc) * chunk, n1 = std::min(N, n0 + chunk);
-      float gout = 0.f;
       for (int64_t k = 0; k < D; ++k) {
         g[k] = to_f(g_in[b * D + k]);
-        gout += g[k] * to_f(out_in[b * D + k]);
+        o[k] = to_f(out_in[b * D + k]);
       }
       float* pw = gw.data() + t * D;
       std::fill(pw, pw + D, 0.f);
       float pb = 0.f;
-      for (int64_t n = n0; n < n1; ++n) {
-        const T* row = x + (b * N + n) * D;
-        float s = 0.f, gx_dot = 0.f;
-#pragma omp simd reduction(+ : s, gx_dot)
-        for (int64_t k = 0; k < D; ++k) {
-          const float v = to_f(row[k]);
-          s += v * w[k];
-          gx_dot += v * g[k];
+      for (int64_t n = n0; n < n1; n += kRows) {
+        const int64_t rows = std::min(kRows, n1 - n);
+        const float* X = rows_f32(x + (b * N + n) * D, rows, D, buf);
+        gemm_rm(false, false, (int)rows, 1, (int)D, 1.f, X, (int)D, w.data(), 1, 0.f, sg.data(), 1);
+        for (int64_t i = 0; i < rows; ++i) {
+          // g.(x_n - out) in one sum: g.x_n - g.out would cancel (the two are close), costing ~5x the error
+          const float* xi = X + i * D;
+          float cd = 0.f;
+#pragma omp simd reduction(+ : cd)
+          for (int64_t k = 0; k < D; ++k) cd += g[k] * (xi[k] - o[k]);
+          p[i] = std::exp(sg[i] + bias - lse[b]);
+          ds[i] = p[i] * cd;
+          pb += ds[i];
         }
-        const float p = std::exp(s + bias - lse[b]);
-        const float ds = p * (gx_dot - gout);
-        T* grow = gx + (b * N + n) * D;
+        for (int64_t i = 0; i < rows; ++i) {
+          T* grow = gx + (b * N + n + i) * D;
+          const float pi = p[i], di = ds[i];
 #pragma omp simd
-        for (int64_t k = 0; k < D; ++k) {
-          grow[k] = static_cast<T>(p * g[k] + ds * w[k]);
-          pw[k] += ds * to_f(row[k]);
+          for (int64_t k = 0; k < D; ++k) grow[k] = static_cast<T>(pi * g[k] + di * w[k]);
         }
-        pb += ds;
+        gemm_rm(true, false, (int)D, 1, (int)rows, 1.f, X, (int)D, ds.data(), 1, 1.f, pw, 1);
       }
       gb[t] = pb;
     }
