@@ -27,7 +27,7 @@ from cct_kernels.models import MODELS
 DEFAULT_OUT = "cct_bench_results"
 # Default timing budget per (backend, mode): about 2 minutes for the default bench on a 2-core CPU, compile
 # included; a GPU iteration is milliseconds, so a few seconds give hundreds of iterations.
-MIN_TIME = {"cpu": 10.0, "cuda": 3.0}
+MIN_TIME = {"cpu": 15.0, "cuda": 3.0}
 WARMUP = {"cpu": 1, "cuda": 10}
 
 
@@ -320,7 +320,7 @@ def cmd_bench(args) -> int:
 # --------------------------------------------------------------------------------------------------- profile
 def profile_table(tables: dict[str, list[dict]], top: int) -> str:
     """Top ops per backend side by side: rank, then for each backend its op name, self ms, calls and MB."""
-    width = 44
+    width = 32
     headers, rows = ["#"], []
     for name in tables:
         headers += [f"{name}: op", "self ms", "calls", "MB"]
