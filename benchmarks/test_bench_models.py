@@ -15,7 +15,6 @@ profiling.model_flops), and for inference latency on CUDA `cuda_graph_ms`, the t
 (the device time without launch overhead).
 """
 import pytest
-import torch
 
 from benchmarks.peaks import quick_mode
 from cct_kernels import backends, profiling
