@@ -1,9 +1,10 @@
-"""Command line: `cct-kernels` or `python -m cct_kernels` with subcommands info, bench and profile.
+"""Command line: `cct-kernels` or `python -m cct_kernels` with subcommands info, bench, profile and train.
 
     python -m cct_kernels info                      # versions, devices, which backend runs where and why not
     python -m cct_kernels bench                     # the default model on every backend: table, JSON, PNG
     python -m cct_kernels bench --mode both --backends eager,compile,auto --batch 32
     python -m cct_kernels profile --top 15          # torch.profiler per backend: top ops, Chrome traces
+    python -m cct_kernels train --epochs 10         # cct_2_3x2_32 on Fashion-MNIST, checkpoints, test accuracy
 
 bench compares each backend with eager and with torch.compile of the eager model on the same weights and
 images, checks its logits against eager's, and writes <out>/bench_<model>_<device>_<dtype>.{json,png}.
@@ -11,6 +12,7 @@ images, checks its logits against eager's, and writes <out>/bench_<model>_<devic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -23,6 +25,7 @@ import torch
 
 from cct_kernels import backends, profiling
 from cct_kernels.models import MODELS
+from cct_kernels.train import TrainConfig, train
 
 DEFAULT_OUT = "cct_bench_results"
 # Default timing budget per (backend, mode): about 2 minutes for the default bench on a 2-core CPU, compile
@@ -409,7 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--by", choices=["ops", "kernels"], help="rank operators or CUDA kernels "
                                                                "(default kernels on CUDA, ops on CPU)")
     prof.set_defaults(func=cmd_profile)
+
+    train = sub.add_parser("train", help="train on Fashion-MNIST (offline), with checkpoints and resume")
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in ("progress", "resume"):
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
+        train.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name),
+                           help=f"default {getattr(defaults, field.name)}")
+    train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
     return parser
+
+
+def cmd_train(args) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, progress=not args.no_progress)
+    history = train(config)
+    print(f"{config.model} on {config.dataset}: test accuracy {history['test_accuracy']:.4f} "
+          f"after {len(history['epochs'])} epochs; history in {config.out}/history.json")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

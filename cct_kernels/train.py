@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "cct_train"
     resume: bool = False
+    time_limit: float | None = None  # minutes; stop after the epoch that passes it (--resume continues)
     threads: int | None = None
     progress: bool = True
 
@@ -132,6 +133,7 @@ def train(config: TrainConfig) -> dict:
         history, start_epoch = state["history"], state["epoch"] + 1
 
     bar = _progress(total, start_epoch * steps_per_epoch, config.progress)
+    run_started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         model.train()
         started = time.perf_counter()
@@ -156,6 +158,8 @@ def train(config: TrainConfig) -> dict:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history},
                    checkpoint)
+        if config.time_limit is not None and time.perf_counter() - run_started >= 60 * config.time_limit:
+            break
     bar.close()
     history["test_accuracy"] = history["epochs"][-1]["test_accuracy"] if history["epochs"] else None
     (out / "history.json").write_text(json.dumps(history, indent=1))

@@ -35,6 +35,18 @@ if [ ${#missing[@]} -gt 0 ]; then pip_install "${missing[@]}"; fi
 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('vit_pytorch') is None)" \
   || pip_install --no-deps vit-pytorch
 
+# Real data for `cct-kernels train` and its tests: Fashion-MNIST from Debian where apt works, else scikit-learn's
+# digits as the fallback dataset.
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && { apt-get install -y -qq dataset-fashion-mnist \
+      >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }; }; then
+    :
+  else
+    "$PY" -c "import sklearn" 2>/dev/null || pip_install scikit-learn
+  fi
+fi
+
 # The package itself; the C++ extension is built against the installed torch (no build isolation).
 if ! "$PY" -c "import cct_kernels" 2>/dev/null || [ "${CCT_KERNELS_REBUILD:-0}" = 1 ] \
    || [ -n "$(find csrc setup.py -newer "$VENV/.cct_kernels_built" 2>/dev/null | head -1)" ] \
