@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> tokenize_forward_cuda(const at::Tensor& x, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& out, const at::Tensor& pool_index, int64_t stride, int64_t padding, bool relu,
-    int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens) {
+    int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens, bool needs_input_grad) {
   const c10::cuda::CUDAGuard guard(x.device());
   check_tokenize(x, weight, pool_kernel);
   const auto cl = at::MemoryFormat::ChannelsLast;
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cuda(
                                            stream()),
                  "tokenize backward gather");
   }
-  return conv_backward(gy, xin, win, bias, stride, padding, x);
+  return conv_backward(gy, xin, win, bias, stride, padding, x, needs_input_grad);
 }
 
 namespace {
@@ -207,8 +207,8 @@ TORCH_LIBRARY(cct_kernels_C, m) {
   m.def("tokenize_forward(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, bool relu, int pool_kernel,"
         " int pool_stride, int pool_padding, bool to_tokens) -> (Tensor, Tensor)");
   m.def("tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor out, Tensor pool_index,"
-        " int stride, int padding, bool relu, int pool_kernel, int pool_stride, int pool_padding, bool to_tokens)"
-        " -> (Tensor, Tensor, Tensor)");
+        " int stride, int padding, bool relu, int pool_kernel, int pool_stride, int pool_padding, bool to_tokens,"
+        " bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cct_kernels_C, CPU, m) {

@@ -52,20 +52,22 @@ inline at::Tensor grad_no_pool(const at::Tensor& grad_out, const at::Tensor& out
   return g;
 }
 
-// (grad_x, grad_weight, grad_bias or an empty tensor) from the conv-output gradient; grads in x's/weight's layout.
+// (grad_x or an empty tensor when !needs_input_grad, grad_weight, grad_bias or an empty tensor) from the
+// conv-output gradient; grads in x's/weight's layout. The image stem needs no grad_x: skipping it saves a conv.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& gy, const at::Tensor& xin,
                                                                     const at::Tensor& win,
                                                                     const c10::optional<at::Tensor>& bias,
                                                                     int64_t stride, int64_t padding,
-                                                                    const at::Tensor& x) {
+                                                                    const at::Tensor& x, bool needs_input_grad) {
   const bool has_bias = bias.has_value() && bias->defined();
   std::vector<int64_t> bias_sizes;
   if (has_bias) bias_sizes = {bias->size(0)};
   auto grads = at::convolution_backward(gy, xin, win, has_bias ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt,
                                         {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1,
-                                        {true, true, has_bias});
-  at::Tensor gb = has_bias ? std::get<2>(grads) : at::empty({0}, x.options());
-  return {std::get<0>(grads).contiguous(), std::get<1>(grads).contiguous(), gb};
+                                        {needs_input_grad, true, has_bias});
+  // Distinct empty tensors: outputs of a registered op must not alias each other.
+  return {needs_input_grad ? std::get<0>(grads).contiguous() : at::empty({0}, x.options()),
+          std::get<1>(grads).contiguous(), has_bias ? std::get<2>(grads) : at::empty({0}, x.options())};
 }
 
 }  // namespace cct

@@ -69,3 +69,15 @@ def test_model_compiles_with_inductor():
     model = cct_kernels.cct_2_3x2_32(backend="eager").to(HERE).eval()
     x = torch.randn(2, 3, 32, 32, device=HERE)
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", [b for o, b in RUNNABLE if o == "tokenize"])
+def test_tokenize_skips_the_input_gradient_only_when_unneeded(backend):
+    x, w = torch.randn(1, 3, 9, 9, device=HERE), torch.randn(8, 3, 3, 3, device=HERE, requires_grad=True)
+    ops.tokenize(x, w, stride=1, padding=1, backend=backend).sum().backward()
+    grad_w, w.grad = w.grad, None
+    x.requires_grad_()
+    ops.tokenize(x, w, stride=1, padding=1, backend=backend).sum().backward()
+    torch.testing.assert_close(w.grad, grad_w)
+    expected = torch.autograd.grad(ops.tokenize(x, w, stride=1, padding=1, backend="eager").sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-4)

@@ -134,7 +134,7 @@ def test_opcheck(device):
     grad_out = torch.randn_like(out)
     torch.library.opcheck(
         torch.ops.cct_kernels.tokenize_backward.default,
-        (grad_out, x.detach(), weight.detach(), None, out, index, *args[3:], "triton"),
+        (grad_out, x.detach(), weight.detach(), None, out, index, *args[3:], True, "triton"),
     )
 
 

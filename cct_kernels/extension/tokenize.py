@@ -29,9 +29,9 @@ def forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, po
 
 
 def backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride,
-             pool_padding, to_tokens):
-    """-> (grad_x, grad_weight, grad_bias (empty when bias is None))."""
+             pool_padding, to_tokens, needs_input_grad=True):
+    """-> (grad_x (empty when not needs_input_grad), grad_weight, grad_bias (empty when bias is None))."""
     return tuple(extension.ops().tokenize_backward(
         grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride, pool_padding,
-        to_tokens,
+        to_tokens, needs_input_grad,
     ))

@@ -13,7 +13,9 @@ Kernel backends implement two registered ops (the kernel-module interface of cct
         -> (out, pool_index)   pool_index: int8, out's shape, the argmax's row-major offset kh*k+kw inside its
                                 pool window (empty when pool_kernel == 0, which means no pooling)
     backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride,
-             pool_padding, to_tokens) -> (grad_x, grad_weight, grad_bias (empty when bias is None))
+             pool_padding, to_tokens, needs_input_grad)
+        -> (grad_x (empty when not needs_input_grad: the image stem's input needs none), grad_weight,
+            grad_bias (empty when bias is None))
 """
 from __future__ import annotations
 
@@ -65,18 +67,20 @@ def _(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_pad
 def _backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
     pool_index: torch.Tensor, stride: int, padding: int, relu: bool, pool_kernel: int, pool_stride: int,
-    pool_padding: int, to_tokens: bool, backend: str,
+    pool_padding: int, to_tokens: bool, needs_input_grad: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernel(backend).backward(
         grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride, pool_padding,
-        to_tokens,
+        to_tokens, needs_input_grad,
     )
 
 
 @_backward.register_fake
 def _(grad_out, x, weight, bias, out, pool_index, *args):
+    needs_input_grad = args[-2]
+    grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
     grad_bias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), grad_bias
+    return grad_x, torch.empty_like(weight), grad_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,10 +91,12 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_out, _grad_index):
     x, weight, bias, out, pool_index = ctx.saved_tensors
+    needs_input_grad = ctx.needs_input_grad[0]
     grad_x, grad_weight, grad_bias = _backward(
-        grad_out.contiguous(), x, weight, bias, out, pool_index, *ctx.params, ctx.backend
+        grad_out.contiguous(), x, weight, bias, out, pool_index, *ctx.params, needs_input_grad, ctx.backend
     )
-    return (grad_x, grad_weight, grad_bias if bias is not None else None) + (None,) * (len(ctx.params) + 1)
+    return (grad_x if needs_input_grad else None, grad_weight, grad_bias if bias is not None else None) + (
+        None,) * (len(ctx.params) + 1)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)

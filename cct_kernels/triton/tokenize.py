@@ -263,8 +263,9 @@ def forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, po
 
 
 def backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride,
-             pool_padding, to_tokens):
-    """-> (grad_x, grad_weight, grad_bias or an empty tensor when bias is None)."""
+             pool_padding, to_tokens, needs_input_grad=True):
+    """-> (grad_x or an empty tensor when not needs_input_grad, grad_weight, grad_bias or an empty tensor when
+    bias is None)."""
     B, C_in, H, W = x.shape
     C_out = weight.shape[0]
     Ho, Wo, Hp, Wp = _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding)
@@ -286,9 +287,11 @@ def backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, 
         )
     grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad_conv, x, weight, [C_out] if bias is not None else None, [stride, stride], [padding, padding], [1, 1],
-        False, [0, 0], 1, [True, True, bias is not None],
+        False, [0, 0], 1, [needs_input_grad, True, bias is not None],
     )
-    return grad_x, grad_weight, grad_bias if bias is not None else x.new_empty(0)
+    # Distinct empty tensors: outputs of a registered op must not alias each other.
+    return (grad_x if needs_input_grad else x.new_empty(0), grad_weight,
+            grad_bias if bias is not None else x.new_empty(0))
 
 
 # ------------------------------------------------------------------------------------------- sm_90 compile checks

@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> tokenize_forward_cpu(const at::Tensor& x, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& out, const at::Tensor& pool_index, int64_t stride, int64_t padding, bool relu,
-    int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens);
+    int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens, bool needs_input_grad);
 
 // Whether the CPU GEMMs use torch's BLAS (sgemm_) rather than the plain-loop fallback.
 bool cpu_has_blas();

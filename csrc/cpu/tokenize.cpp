@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> tokenize_forward_cpu(const at::Tensor& x, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& out, const at::Tensor& pool_index, int64_t stride, int64_t padding, bool relu,
-    int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens) {
+    int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens, bool needs_input_grad) {
   check_tokenize(x, weight, pool_kernel);
   const bool cl = conv_channels_last(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cpu(
     });
     gy = gy.contiguous(fmt);  // the convolution backward in the forward's layout
   }
-  return conv_backward(gy, xin, win, bias, stride, padding, x);
+  return conv_backward(gy, xin, win, bias, stride, padding, x, needs_input_grad);
 }
 
 }  // namespace cct
