@@ -131,7 +131,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "bench": ["matplotlib", "pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "vit-pytorch", "einops"],
+        # vit-pytorch too, but with --no-deps (its dependencies pull torchvision): see scripts/bootstrap.sh
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "einops"],
     },
     entry_points={"console_scripts": ["cct-kernels=cct_kernels.cli:main"]},
     ext_modules=ext_modules,
