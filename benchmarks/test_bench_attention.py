@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cct_kernels import backends, ops, reference
+from benchmarks.speed_paths import kernel_backends
+from cct_kernels import ops, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -63,18 +64,8 @@ def _sdpa_runs(which) -> bool:
         return False
 
 
-def _runnable_backends():
-    names = ["eager", "compile"] + [name for name in SDPA if _sdpa_runs(name)]
-    for name in backends.KERNEL_BACKENDS:
-        if name == "triton" and DEVICE.type != "cuda":
-            continue  # on CPU Triton only runs in the interpreter
-        if all(backends.unsupported_reason(name, "attention", DEVICE, _qkv(1, H, N), H, HEAD_DIM**-0.5, 0.0) is None
-               for _, H, N in SHAPES.values()):
-            names.append(name)
-    return names
-
-
-BACKENDS = _runnable_backends()
+BACKENDS = ["eager", "compile"] + [name for name in SDPA if _sdpa_runs(name)] + kernel_backends(
+    "attention", [(_qkv(1, H, N), H, HEAD_DIM**-0.5, 0.0) for _, H, N in SHAPES.values()], DEVICE)
 _compiled = torch.compile(reference.attention)
 
 

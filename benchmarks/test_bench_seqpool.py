@@ -10,7 +10,8 @@ the bytes would take at the H100's 3.35 TB/s (see benchmarks/NOTES.md, "## seqpo
 import pytest
 import torch
 
-from cct_kernels import backends, ops, reference
+from benchmarks.speed_paths import kernel_backends
+from cct_kernels import ops, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -26,19 +27,8 @@ def _inputs(B, N, D):
     return x, weight, bias
 
 
-def _runnable_backends():
-    """eager, compile, and each kernel backend that says it can serve the benchmark shapes on this device."""
-    names = ["eager", "compile"]
-    for name in backends.KERNEL_BACKENDS:
-        if name == "triton" and DEVICE.type != "cuda":
-            continue  # on CPU only the interpreter runs Triton
-        if all(backends.unsupported_reason(name, "seqpool", DEVICE, *_inputs(1, n, d)) is None
-               for _, n, d in SHAPES.values()):
-            names.append(name)
-    return names
-
-
-BACKENDS = _runnable_backends()
+BACKENDS = ["eager", "compile"] + kernel_backends("seqpool", [_inputs(1, n, d) for _, n, d in SHAPES.values()],
+                                                  DEVICE)
 _compiled = torch.compile(reference.seqpool)
 
 

@@ -13,7 +13,8 @@ floor_us, the larger of bytes at the H100's 3.35 TB/s and FLOPs at 989 TFLOP/s (
 import pytest
 import torch
 
-from cct_kernels import backends, ops, reference
+from benchmarks.speed_paths import kernel_backends
+from cct_kernels import ops, reference
 from cct_kernels.ops.tokenize import output_size
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,18 +91,8 @@ def _stage_inputs(name):
     return stages
 
 
-def _runnable_backends():
-    names = ["eager", "compile"]
-    for name in backends.KERNEL_BACKENDS:
-        if name == "triton" and DEVICE.type != "cuda":
-            continue  # on CPU only the interpreter runs Triton
-        if all(backends.unsupported_reason(name, "tokenize", DEVICE, *args) is None
-               for model in MODELS for args in _stage_inputs(model)):
-            names.append(name)
-    return names
-
-
-BACKENDS = _runnable_backends()
+BACKENDS = ["eager", "compile"] + kernel_backends(
+    "tokenize", [args for model in MODELS for args in _stage_inputs(model)], DEVICE)
 
 
 def _fn(model, backend):
