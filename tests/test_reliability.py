@@ -157,3 +157,33 @@ def test_no_memory_growth_over_many_calls(backend):
         step()
     growth = _resident_bytes() - before
     assert growth < (1 << 20 if DEVICE.type == "cuda" else 16 << 20), f"grew by {growth / 2**20:.1f} MiB"
+
+
+def test_deterministic_mode_declines_the_atomic_backward():
+    """Every backward is deterministic except the cuda attention's (dQ by atomics): under
+    torch.use_deterministic_algorithms(True) that backend declines, so auto picks a deterministic one."""
+    from cct_kernels.extension import attention as extension_attention
+
+    qkv = torch.randn(2, 8, 3 * 2 * 64, dtype=torch.float16)
+    assert extension_attention.unsupported(qkv, 2, 0.125, 0.0, backend="cuda") is None
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "deterministic" in extension_attention.unsupported(qkv, 2, 0.125, 0.0, backend="cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("op,backend", RUNNABLE)
+def test_same_inputs_same_bits(op, backend):
+    from tests.cases import sample
+
+    fn, args = sample(op)
+    runs = []
+    for _ in range(2):
+        leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                  else a for a in args]
+        out = fn(*leaves, backend)[0]
+        out.backward(torch.ones_like(out))
+        runs.append([out.detach()] + [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -3,7 +3,8 @@
 "cpu" (csrc/cpu/attention.cpp): float32/float16/bfloat16 (computed in float32), any head dim, N < 65536, dropout
     from a counter-based hash of the seed (the same mask in backward; attention_dropout_mask() returns it).
 "cuda" (csrc/cuda/attention.cu): tensor-core flash attention (mma.sync, float32 accumulation) for head dim 64,
-    float16/bfloat16 only, no dropout (training with attention dropout falls back under "auto").
+    float16/bfloat16 only, no dropout (training with attention dropout falls back under "auto"). Its backward
+    accumulates dQ with float atomics, so it declines while torch.use_deterministic_algorithms(True) is on.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def unsupported(qkv, num_heads, scale, dropout_p, *, backend: str) -> str | None
             return f"the cuda attention kernel needs batch * heads <= 65535 (grid.y), got {qkv.shape[0] * num_heads}"
         if dropout_p > 0:
             return "the cuda attention kernel has no dropout (dropout_p > 0); use triton or eager for training"
+        if torch.are_deterministic_algorithms_enabled():
+            return ("the cuda attention backward sums dQ with atomics (not bitwise reproducible) and "
+                    "torch.use_deterministic_algorithms(True) is on; triton's backward is deterministic")
         return None
     reason = extension.dtype_reason(qkv.dtype)
     if reason is not None:
