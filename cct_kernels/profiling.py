@@ -313,3 +313,19 @@ def top_ops(prof, device: torch.device, top: int, by: str = "ops") -> list[dict]
                      "self_mb": None if memory is None else memory / 2**20})
     rows.sort(key=lambda r: r["self_ms"], reverse=True)
     return rows[:top]
+
+
+def allocated_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes of tensor memory `fn` allocates on `device`: the peak above the start on CUDA; on CPU the sum of the
+    allocations torch.profiler records (tensors freed inside fn count too), which shows whether a path writes
+    full-size intermediates (a conv activation, an N x N score matrix) that a fused kernel avoids."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)

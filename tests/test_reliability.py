@@ -187,3 +187,32 @@ def test_same_inputs_same_bits(op, backend):
         runs.append([out.detach()] + [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def _allocated(fn):
+    from cct_kernels.profiling import allocated_bytes
+
+    with torch.inference_mode():
+        return allocated_bytes(fn, DEVICE)
+
+
+@pytest.mark.parametrize("backend", pairs("attention"))
+def test_attention_never_allocates_the_score_matrix(backend):
+    B, H, N, d = 2, 2, 512, 32
+    qkv = random_tensor((B, N, 3 * H * d), torch.float32)
+    scores = B * H * N * N * 4
+    eager = _allocated(lambda: ops.attention(qkv, H, backend="eager"))
+    assert eager >= scores  # the measure does see the matrix in eager
+    fused = _allocated(lambda: ops.attention(qkv, H, backend=backend))
+    assert fused < scores / 2 and fused < eager / 4, (fused, scores, eager)
+
+
+@pytest.mark.parametrize("backend", pairs("tokenize"))
+def test_tokenize_allocates_less_than_eager(backend):
+    x, w = random_tensor((2, 3, 32, 32), torch.float32), random_tensor((64, 3, 3, 3), torch.float32)
+    activation = 2 * 64 * 32 * 32 * 4  # the full-resolution conv output
+    eager = _allocated(lambda: ops.tokenize(x, w, stride=1, padding=1, backend="eager"))
+    fused = _allocated(lambda: ops.tokenize(x, w, stride=1, padding=1, backend=backend))
+    assert eager >= 2 * activation and fused < eager
+    if backend == "triton":  # fully fused: the conv activation never exists
+        assert fused < activation
