@@ -4,6 +4,9 @@
     python benchmarks/gpu_report.py --skip-build --tests tests/test_ops.py --benchmarks benchmarks/test_bench_models.py
 
 Stages, each with a time budget; one that fails or runs out of time is recorded and the next one still runs:
+  wheels  pip install --no-deps .wheels/*.whl   when that (git-ignored) folder exists: the GPU image lacks
+          vit-pytorch, which tests/official.py needs. On a networked machine, before the GPU call:
+          pip download --no-deps -d .wheels vit-pytorch   and name .wheels in the device call's carry list.
   build   pip install --no-build-isolation --no-deps -e .   (PIP_NO_INDEX=1: the GPU machine has no network)
   tests   pytest tests -q --junitxml=junit.xml
   bench   pytest <file> --benchmark-only --benchmark-json=...   per benchmark file, sharing what time is left
@@ -281,6 +284,10 @@ def main(argv=None) -> int:
     # No network on the GPU machine: never let pip try an index; build with every core.
     build_env = {"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "MAX_JOBS": str(os.cpu_count() or 4)}
 
+    wheels = sorted(str(p) for p in Path(".wheels").glob("*.whl"))
+    if wheels:  # pure-Python test dependencies the GPU image lacks (vit-pytorch), carried from a networked machine
+        cmd = [python, "-m", "pip", "install", "--no-deps", *wheels]
+        stages.append(run_stage("wheels", cmd, left(30), logs_dir / "wheels.log", build_env))
     if not args.skip_build:
         cmd = [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
         stages.append(run_stage("build", cmd, min(args.build_budget, left(30)), logs_dir / "build.log", build_env))
