@@ -77,7 +77,7 @@ def load_kernel_backends() -> None:
         elif backend != "triton":
             from cct_kernels import extension
 
-            _backend_errors[backend] = extension.unavailable_reason(backend, torch.device(backend))
+            _backend_errors[backend] = extension.unavailable_reason(backend)
         else:
             _backend_errors[backend] = None
         for op in _OPS:

@@ -7,6 +7,7 @@ This file answers whether the extension was built, for which devices, and how (`
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -17,7 +18,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def load_error() -> str | None:
     """None when cct_kernels._C imports, else why it does not."""
     try:
-        from cct_kernels import _C  # noqa: F401
+        importlib.import_module("cct_kernels._C")
     except ImportError as e:
         return f"the C++ extension cct_kernels._C is not built ({e}); reinstall with a compiler present"
     return None
@@ -31,17 +32,13 @@ def ops():
     return torch.ops.cct_kernels_C
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
+def unavailable_reason(backend: str) -> str | None:
+    """Why backend "cpu" or "cuda" cannot run at all (None when it can); cct_kernels.backends checks devices."""
     error = load_error()
     if error is not None:
         return error
-    if backend == "cpu" and device.type != "cpu":
-        return f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
-        if not torch.ops.cct_kernels_C.built_with_cuda():
-            return "the extension was built without CUDA (no nvcc or a CPU-only torch at build time)"
+    if backend == "cuda" and not torch.ops.cct_kernels_C.built_with_cuda():
+        return "the extension was built without CUDA (no nvcc or a CPU-only torch at build time)"
     return None
 
 
