@@ -16,15 +16,20 @@ if [ ! -x "$PY" ]; then
   fi
 fi
 
-pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# Few retries: a GPU machine has no network, and what it lacks is reported by the tests rather than awaited here.
+pip_install() {
+  "$PY" -m pip install -q --disable-pip-version-check --retries 1 --timeout 15 "$@" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+}
 
 # torch: the CPU build that lies on our machines' disk (an unpinned torch would pull a 5 GB CUDA build).
 "$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
 missing=()
 "$PY" -c "import triton" 2>/dev/null || missing+=("triton==3.6.0")
-# The Triton interpreter needs numpy < 2.4.
-"$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null \
-  || missing+=("numpy<2.4")
+# The Triton interpreter (CPU-only machines) needs numpy < 2.4.
+"$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+  || "$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" \
+     2>/dev/null || missing+=("numpy<2.4")
 for spec in pytest pytest-benchmark hypothesis ninja pybind11 tqdm matplotlib einops; do
   module=${spec//-/_}
   "$PY" -c "import $module" 2>/dev/null || missing+=("$spec")
