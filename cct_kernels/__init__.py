@@ -9,7 +9,7 @@
 from cct_kernels import ops
 from cct_kernels.backends import BACKENDS, BackendUnavailable, use_backend
 from cct_kernels.models import *  # noqa: F401,F403  (the classes, factories and helpers)
-from cct_kernels.models import MODELS, __all__ as _model_names
+from cct_kernels.models import __all__ as _model_names
 from cct_kernels.nn import set_backend
 
 __version__ = "0.1.0"

@@ -104,8 +104,6 @@ def cmd_info(args) -> int:
     print("cct_kernels environment")
     for key, value in versions().items():
         print(f"  {key:<12} {value}")
-    from cct_kernels import extension
-
     print("\nC++/CUDA extension")
     for line in extension_description().splitlines():
         print(f"  {line}")

@@ -5,7 +5,6 @@ Plain PyTorch with autograd, written to be the same function as the official CCT
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 

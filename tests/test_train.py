@@ -1,6 +1,5 @@
 """Training on real data: it learns, checkpoints resume exactly, and kernel backends follow eager's loss curve."""
 import pytest
-import torch
 
 from cct_kernels.train import FASHION_MNIST_DIR, TrainConfig, load_dataset, train
 from tests.cases import KERNEL_BACKENDS_HERE

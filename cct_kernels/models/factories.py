@@ -6,7 +6,6 @@ state_dict, loaded by load_checkpoint; True is refused, since there is no downlo
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 from torch import nn

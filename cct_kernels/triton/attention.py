@@ -31,7 +31,6 @@ since the interpreter computes bfloat16 arithmetic wrongly.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
