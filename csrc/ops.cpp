@@ -112,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor> tokenize_forward_cuda(const at::Tensor& x, co
   auto y = at::convolution(x.contiguous(cl), weight.contiguous(cl), bias, {stride, stride}, {padding, padding},
                            {1, 1}, false, {0, 0}, 1);
   if (pool_kernel == 0) return conv_epilogue_no_pool(y.contiguous(cl), relu, to_tokens);
-  const PoolGeometry g = pool_geometry(y, pool_kernel, pool_stride, pool_padding);
-  auto [out, index, os] = allocate_pooled(y, g, to_tokens);
+  const PoolGeometry g = pool_geometry(y.sizes(), pool_kernel, pool_stride, pool_padding);
+  auto [out, index, os] = allocate_pooled(y.options(), g, to_tokens);
   check_launch(pool_forward_cuda_launch(dtype_code(y), y.data_ptr(), strides4(y), out.data_ptr(),
                                         index.data_ptr<int8_t>(), os, g, relu, stream()),
                "tokenize forward epilogue");
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cuda(
     gy = grad_no_pool(go, o, conv_shape, relu, to_tokens).contiguous(cl);
   } else {
     gy = at::empty(conv_shape, x.options().memory_format(cl));
-    const PoolGeometry g = pool_geometry(gy, pool_kernel, pool_stride, pool_padding);
+    const PoolGeometry g = pool_geometry(gy.sizes(), pool_kernel, pool_stride, pool_padding);
     const auto idx = pool_index.contiguous();
     check_launch(pool_backward_cuda_launch(dtype_code(x), go.data_ptr(), o.data_ptr(), idx.data_ptr<int8_t>(),
                                            pooled_strides(g, to_tokens), gy.data_ptr(), strides4(gy), g, relu,

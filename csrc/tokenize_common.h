@@ -21,19 +21,19 @@ inline std::vector<int64_t> conv_output_shape(const at::Tensor& x, const at::Ten
           (x.size(3) + 2 * padding - weight.size(3)) / stride + 1};
 }
 
-// `y` is the conv output (B, C, Ho, Wo) in any memory layout.
-inline PoolGeometry pool_geometry(const at::Tensor& y, int64_t pk, int64_t ps, int64_t pp) {
-  const int64_t Ho = y.size(2), Wo = y.size(3);
-  return PoolGeometry{y.size(0), y.size(1), Ho, Wo, (Ho + 2 * pp - pk) / ps + 1, (Wo + 2 * pp - pk) / ps + 1,
+// `conv_shape`: the conv output's (B, C, Ho, Wo).
+inline PoolGeometry pool_geometry(at::IntArrayRef conv_shape, int64_t pk, int64_t ps, int64_t pp) {
+  const int64_t Ho = conv_shape[2], Wo = conv_shape[3];
+  return PoolGeometry{conv_shape[0], conv_shape[1], Ho, Wo, (Ho + 2 * pp - pk) / ps + 1, (Wo + 2 * pp - pk) / ps + 1,
                       pk, ps, pp};
 }
 
 // out (B, Hp*Wp, C) tokens or (B, C, Hp, Wp), pool_index int8 of out's shape, and their [b, c, h, w] strides.
-inline std::tuple<at::Tensor, at::Tensor, Strides4> allocate_pooled(const at::Tensor& y, const PoolGeometry& g,
-                                                                    bool to_tokens) {
+inline std::tuple<at::Tensor, at::Tensor, Strides4> allocate_pooled(const at::TensorOptions& options,
+                                                                    const PoolGeometry& g, bool to_tokens) {
   const std::vector<int64_t> shape =
       to_tokens ? std::vector<int64_t>{g.B, g.Hp * g.Wp, g.C} : std::vector<int64_t>{g.B, g.C, g.Hp, g.Wp};
-  return {at::empty(shape, y.options()), at::empty(shape, y.options().dtype(at::kChar)), pooled_strides(g, to_tokens)};
+  return {at::empty(shape, options), at::empty(shape, options.dtype(at::kChar)), pooled_strides(g, to_tokens)};
 }
 
 // No pooling: out = ReLU(y) (or y) in the requested layout, pool_index empty.

@@ -176,8 +176,10 @@ def test_attention_lse_is_logsumexp():
 # ---------------------------------------------------------------------------------------------------- tokenize
 # (B, C_in, H, W, C_out, k, stride, padding, pool, relu, to_tokens, bias)
 TOKENIZE_CASES = [
-    (2, 3, 32, 32, 40, 3, 1, 1, (3, 2, 1), True, True, False),     # CCT-7/3x1 stem (channels-last conv path)
-    (1, 3, 33, 31, 24, 7, 2, 3, (3, 2, 1), True, False, False),    # odd image, NCHW output (inner stage)
+    (2, 3, 32, 32, 40, 3, 1, 1, (3, 2, 1), True, True, False),     # CCT-7/3x1 stem (direct path: C_in*k*k <= 32)
+    (2, 1, 28, 28, 24, 3, 1, 1, (3, 2, 1), True, False, True),     # grayscale stem (direct), NCHW output, bias
+    (2, 4, 11, 10, 20, 3, 2, 1, (3, 2, 1), False, True, True),     # direct path, conv stride 2, no ReLU
+    (1, 3, 33, 31, 24, 7, 2, 3, (3, 2, 1), True, False, False),    # odd image, NCHW output (channels-last conv)
     (2, 24, 17, 15, 20, 7, 2, 3, (3, 2, 1), True, True, True),     # NCHW conv path, bias, odd sizes
     (2, 3, 32, 32, 16, 4, 4, 0, None, False, True, True),          # ViT-Lite/CVT patch embedding
     (1, 8, 15, 15, 12, 3, 1, 1, None, True, False, False),         # no pool, ReLU, NCHW output

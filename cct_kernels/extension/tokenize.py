@@ -2,7 +2,10 @@
 
 Both backends run the convolution through ATen (oneDNN on CPU, cuDNN on CUDA) and then one fused pass of their own
 for ReLU + max pool + output layout (tokens or NCHW) + the int8 pool_index; backward gathers the conv-output gradient
-from pool_index and calls ATen's convolution_backward. float32/float16/bfloat16; pool kernel <= 11 (int8 index).
+from pool_index and calls ATen's convolution_backward. On CPU, stems with C_in*kh*kw <= 32 (grayscale and RGB 3x3)
+take a direct path instead: per conv row a small patch GEMM, pooled from cache (the full-resolution activation is
+never written), and a backward that accumulates the weight/bias/input gradients from the gathered gradient and the
+patches in the same pass. float32/float16/bfloat16; pool kernel <= 11 (int8 index).
 """
 from __future__ import annotations
 
