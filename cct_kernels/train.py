@@ -1,5 +1,7 @@
 """Training on real data, offline: Fashion-MNIST (Debian package dataset-fashion-mnist) with the official recipe
-where it fits (AdamW, linear warmup then cosine, label smoothing 0.1), checkpoints and resume.
+where it fits (AdamW, linear warmup then cosine, label smoothing 0.1), checkpoints and resume. Augmentation (random
+flips and shifts) is off by default: in a CPU budget of ~10 epochs the model underfits, and without augmentation it
+learns faster (benchmarks/NOTES.md, "Fashion-MNIST").
 
 Run it as `cct-kernels train` (or `python -m cct_kernels train`); `train(TrainConfig(...))` from Python.
 The model is any factory adapted to the data: e.g. cct_2_3x2_32 with img_size=28, n_input_channels=1.
@@ -34,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 6e-2
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    augment: bool = False  # random horizontal flip and shift of up to 2 pixels, per image
     train_subset: int | None = None  # first N training images (for short runs)
     test_subset: int | None = None
     backend: str | None = None
@@ -80,13 +83,16 @@ def load_dataset(name: str = "fashion-mnist", root: Path = FASHION_MNIST_DIR):
     return (train_x - mean) / std, train_y.long(), (test_x - mean) / std, test_y.long()
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and a random shift of up to 2 pixels (zero padding), per image."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Random horizontal flip and a random shift of up to `shift` pixels (zero padding), per image. x: (B, C, H, W)."""
+    B, _, H, W = x.shape
+    flip = torch.rand(B, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    padded = F.pad(x, (2, 2, 2, 2))
-    dy, dx = torch.randint(0, 5, (2,), generator=generator).tolist()
-    return padded[..., dy: dy + x.shape[-2], dx: dx + x.shape[-1]]
+    padded = F.pad(x, (shift,) * 4)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, B), generator=generator)
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W))[:, None, None, :]  # (B, 1, 1, W)
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -143,8 +149,8 @@ def train(config: TrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, config.lr)
             idx = order[i * config.batch_size: (i + 1) * config.batch_size]
-            loss = F.cross_entropy(model(augment(train_x[idx], generator)), train_y[idx],
-                                   label_smoothing=config.label_smoothing)
+            images = augment(train_x[idx], generator) if config.augment else train_x[idx]
+            loss = F.cross_entropy(model(images), train_y[idx], label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

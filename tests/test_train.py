@@ -1,7 +1,9 @@
 """Training on real data: it learns, checkpoints resume exactly, and kernel backends follow eager's loss curve."""
 import pytest
 
-from cct_kernels.train import FASHION_MNIST_DIR, TrainConfig, load_dataset, train
+import torch
+
+from cct_kernels.train import FASHION_MNIST_DIR, TrainConfig, augment, load_dataset, train
 from tests.cases import KERNEL_BACKENDS_HERE
 
 DATASET = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists() else "digits"
@@ -9,7 +11,7 @@ DATASET = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").
 
 def short(tmp_path, **kw):
     base = dict(dataset=DATASET, epochs=2, batch_size=64, train_subset=640, test_subset=500, out=str(tmp_path),
-                progress=False, warmup_epochs=0.5, lr=2e-3)
+                progress=False, warmup_epochs=0.5, lr=2e-3, augment=True)
     return TrainConfig(**{**base, **kw})
 
 
@@ -21,6 +23,20 @@ def test_dataset_shapes_and_normalisation():
         assert (len(train_y), len(test_y)) == (60000, 10000)
     assert abs(train_x.mean().item()) < 1e-3 and abs(train_x.std().item() - 1) < 1e-3
     assert set(train_y.unique().tolist()) == set(range(10))
+
+
+def test_augment_flips_and_shifts_each_image_on_its_own():
+    x = torch.arange(64 * 7 * 6, dtype=torch.float32).reshape(64, 1, 7, 6) + 1  # no zeros: padding is visible
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    seen = set()
+    for i in range(len(x)):  # each output image is one crop of its (possibly flipped) padded image
+        matches = [(f, dy, dx) for f in (False, True) for dy in range(5) for dx in range(5)
+                   if torch.equal(out[i], (padded[i].flip(-1) if f else padded[i])[:, dy: dy + 7, dx: dx + 6])]
+        assert matches, i
+        seen.add(matches[0])
+    assert len(seen) > 10  # per image, not one draw for the batch
 
 
 def test_it_learns_and_resumes_exactly(tmp_path):
