@@ -5,12 +5,16 @@ Each group holds an eager row and a cpu row (eager first); the cpu row's extra_i
     pytest benchmarks/test_bench_cpu_extension.py --benchmark-only -s
 Targets (2-core AVX2 machine, see benchmarks/NOTES.md "## cpu extension"): models >= 1.3x in inference
 (cct_7_3x1_32 and cct_14_7x2_224, batch 1 and 64), SeqPool >= 2x, a training step faster than eager.
+Each inference group also times a "linears" row: the model's nn.Linear calls alone (same weights and input shapes),
+which every backend leaves to ATen; its extra_info `ceiling_vs_eager` (eager / linears) bounds any backend's
+speedup that keeps ATen's linears (Amdahl).
 Rounds are kept low: one cct_14_7x2_224 forward at batch 64 takes tens of seconds on 2 cores.
 Collected only on machines without CUDA (on a GPU machine the GPU suites are the ones to run) and when the
 extension is built (its absence is a failure of test_extension.py, not a reason to time eager twice).
 """
 import pytest
 import torch
+from torch import nn
 
 import cct_kernels
 from cct_kernels import extension, ops, profiling, reference
@@ -25,6 +29,27 @@ def _record(benchmark, info, backend):
     if backend == "cpu" and "eager" in group:
         info["speedup_vs_eager"] = group["eager"] / group["cpu"]
         print(f"\n{benchmark.group}: cpu {info['speedup_vs_eager']:.2f}x eager")
+    if backend == "linears" and "eager" in group:
+        info["ceiling_vs_eager"] = group["eager"] / group["linears"]
+        print(f"\n{benchmark.group}: linears alone take 1/{info['ceiling_vs_eager']:.2f} of eager")
+
+
+def _linears_only(model, images):
+    """The model's nn.Linear calls alone, in order, with its weights and input shapes (inference)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, torch.randn_like(args[0]))))
+             for m in model.modules() if isinstance(m, nn.Linear)]
+    model.eval()
+    with torch.inference_mode():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+
+    def run():
+        with torch.inference_mode():
+            for module, x in calls:
+                module(x)
+    return run
 
 
 def _op_case(op, shape, mode):
@@ -86,16 +111,21 @@ if not torch.cuda.is_available() and extension.load_error() is None:
         info = measure(make(backend), bytes_moved=nbytes, rounds=5 if shape[0] > 1 else 20, warmup=1)
         _record(benchmark, info, backend)
 
-    @pytest.mark.parametrize("backend", ["eager", "cpu"])
-    @pytest.mark.parametrize("name,batch,mode", MODEL_CASES, ids=[f"{n}-b{b}-{m}" for n, b, m in MODEL_CASES])
+    MODEL_RUNS = [(*case, backend) for case in MODEL_CASES
+                  for backend in ("eager", "cpu", "linears") if backend != "linears" or case[2] == "inference"]
+
+    @pytest.mark.parametrize("name,batch,mode,backend", MODEL_RUNS, ids=["-".join(map(str, r)) for r in MODEL_RUNS])
     def test_cpu_model(measure, benchmark, name, batch, mode, backend):
         benchmark.group = f"cpu-ext {name} b{batch} {mode}"
         torch.manual_seed(0)
-        model = cct_kernels.create_model(name, backend=backend)
+        model = cct_kernels.create_model(name, backend="eager" if backend == "linears" else backend)
         size = model.img_size
         images = torch.randn(batch, 3, *size)
         labels = torch.randint(0, model.classifier.fc.out_features, (batch,))
-        step = profiling.make_step(model, mode, images, labels)
+        if backend == "linears":
+            step = _linears_only(model, images)
+        else:
+            step = profiling.make_step(model, mode, images, labels)
         slow = name.endswith("_224") and batch > 1
         info = measure(step, items=batch, rounds=1 if slow else (3 if batch > 1 else 10), warmup=1)
         _record(benchmark, info, backend)
