@@ -30,9 +30,9 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 class TrainConfig:
     model: str = "cct_2_3x2_32"
     dataset: str = "fashion-mnist"  # or "digits"
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 128
-    lr: float = 5.5e-4
+    lr: float = 1e-3
     weight_decay: float = 6e-2
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
