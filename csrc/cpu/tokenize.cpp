@@ -259,7 +259,7 @@ void direct_backward(const T* gout, const T* out, const int8_t* index, const T* 
     // Per band of conv rows: its gradient G (n x C, n = rows * Wo; zero where no window's argmax lands) and its
     // patches P (n x K), then grad_wt += P^T G, grad_b += column sums of G, and the input-patch gradients G wt^T
     // scattered into grad_x. Bands of ~64k gradient values keep the GEMMs few and the buffers in L2.
-    const int64_t band = std::max<int64_t>(1, (int64_t{1} << 16) / (g.Wo * C));
+    const int64_t band = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.Wo * C));
     std::vector<float> grad_rows(band * g.Wo * C), patches(band * g.Wo * K), patch_grads(band * g.Wo * K);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* gw = partial.data() + chunk * (K + 1) * C;
