@@ -341,9 +341,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_tokenize_backward(
 
 // oneDNN's faster layout on this AVX2 machine (measured, forward+backward): channels-last for the RGB 7x7 stem
 // (~1.6x) and for 3x3 kernels (64 -> 128 at 14x14: ~1.4x); NCHW for 7x7 over 64 channels (~1.2x at batch 16,
-// ~1.6x at batch 1).
+// ~1.6x at batch 1). 1x1 kernels stay NCHW: torch 2.13's channels-last convolution_backward returns a wrong weight
+// gradient, intermittently, for some strided 1x1 convolutions (seen: 5 -> 5 channels, stride 2, 10x12 input).
 bool conv_channels_last(const at::Tensor& x, const at::Tensor& weight) {
-  return x.size(1) <= 4 || weight.size(2) * weight.size(3) <= 9;
+  const int64_t taps = weight.size(2) * weight.size(3);
+  return taps > 1 && (x.size(1) <= 4 || taps <= 9);
 }
 bool epilogue_channels_last(const at::Tensor& x, const at::Tensor& weight, bool to_tokens) {
   return to_tokens || conv_channels_last(x, weight);
