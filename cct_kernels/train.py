@@ -85,14 +85,14 @@ def load_dataset(name: str = "fashion-mnist", root: Path = FASHION_MNIST_DIR):
 
 def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
     """Random horizontal flip and a random shift of up to `shift` pixels (zero padding), per image. x: (B, C, H, W)."""
-    B, _, H, W = x.shape
+    B, C, H, W = x.shape
     flip = torch.rand(B, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     padded = F.pad(x, (shift,) * 4)
     dy, dx = torch.randint(0, 2 * shift + 1, (2, B), generator=generator)
     rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(W))[:, None, None, :]  # (B, 1, 1, W)
-    return padded[torch.arange(B)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:

@@ -7,7 +7,8 @@
 // from pool_index (each conv position sums the windows whose argmax it is; ReLU'd-away maxima pass nothing), then
 // at::convolution_backward (general) or the patch GEMMs (direct).
 // The general convolution runs in oneDNN's faster layout (conv_channels_last); the epilogue reads either layout
-// (vectorised over C when channels-last). Dtypes: float32, float16, bfloat16 (computed in float; the epilogue itself does not round).
+// (vectorised over C when channels-last). Dtypes: float32, float16, bfloat16 (computed in float; the epilogue
+// itself does not round).
 #include "common.h"
 #include "cpu_ops.h"
 #include "../tokenize_common.h"
@@ -297,7 +298,9 @@ void direct_backward(const T* gout, const T* out, const int8_t* index, const T* 
 }
 
 // weight (C, C_in, kh, kw) as float (K x C): the right-hand operand of the patch GEMMs.
-at::Tensor weight_kc(const at::Tensor& weight) { return weight.reshape({weight.size(0), -1}).t().to(at::kFloat).contiguous(); }
+at::Tensor weight_kc(const at::Tensor& weight) {
+  return weight.reshape({weight.size(0), -1}).t().to(at::kFloat).contiguous();
+}
 
 std::tuple<at::Tensor, at::Tensor> direct_tokenize_forward(const at::Tensor& x, const at::Tensor& weight,
                                                            const c10::optional<at::Tensor>& bias, int64_t stride,
@@ -306,12 +309,14 @@ std::tuple<at::Tensor, at::Tensor> direct_tokenize_forward(const at::Tensor& x, 
   const auto xc = x.contiguous(), wt = weight_kc(weight);
   const bool has_bias = bias.has_value() && bias->defined();
   const auto bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const PoolGeometry g = pool_geometry(conv_output_shape(x, weight, stride, padding), pool_kernel, pool_stride, pool_padding);
+  const PoolGeometry g =
+      pool_geometry(conv_output_shape(x, weight, stride, padding), pool_kernel, pool_stride, pool_padding);
   auto [out, index, os] = allocate_pooled(x.options(), g, to_tokens);
   const ConvGeometry cg = conv_geometry(x, weight, stride, padding);
   CCT_DISPATCH(x.scalar_type(), "tokenize_forward_cpu", [&] {
-    direct_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<float>(), has_bias ? bf.data_ptr<float>() : nullptr,
-                             out.data_ptr<scalar_t>(), index.data_ptr<int8_t>(), cg, g, os, relu);
+    direct_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<float>(),
+                             has_bias ? bf.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(),
+                             index.data_ptr<int8_t>(), cg, g, os, relu);
   });
   return {out, index};
 }
@@ -322,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_tokenize_backward(
     int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens, bool needs_input_grad) {
   const auto xc = x.contiguous(), wt = weight_kc(weight);
   const auto go = grad_out.contiguous(), o = out.contiguous(), idx = pool_index.contiguous();
-  const PoolGeometry g = pool_geometry(conv_output_shape(x, weight, stride, padding), pool_kernel, pool_stride, pool_padding);
+  const PoolGeometry g =
+      pool_geometry(conv_output_shape(x, weight, stride, padding), pool_kernel, pool_stride, pool_padding);
   const ConvGeometry cg = conv_geometry(x, weight, stride, padding);
   const auto f32 = x.options().dtype(at::kFloat);
   auto grad_wt = at::empty({cg.K(), g.C}, f32), grad_b = at::empty({g.C}, f32);
