@@ -1,4 +1,12 @@
-"""convert(): official-style models (vit-pytorch's CCT, or any module with the official names) become ours."""
+"""convert(): official-style models (vit-pytorch's CCT, or any module with the official names) become ours.
+
+The vit-pytorch cases skip with a reason where vit-pytorch is absent (tests/official.py); the rest always run.
+"""
+import pathlib
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -42,3 +50,29 @@ def test_convert_round_trips_our_own_models(factory):
     source.eval(), converted.eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(converted(x), source(x))
+
+
+# Runs pytest in a child process where `import vit_pytorch` fails as it does on an image without the package:
+# None in sys.modules is how the import system marks a module as unavailable (find_spec returns None too).
+_WITHOUT_VIT_PYTORCH = "import sys; sys.modules['vit_pytorch'] = None; import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+
+
+def _pytest_without_vit_pytorch(*args):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", _WITHOUT_VIT_PYTORCH, *args, "-p", "no:cacheprovider"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def test_collection_has_no_errors_without_vit_pytorch():
+    result = _pytest_without_vit_pytorch("tests", "--collect-only", "-q")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^\d+ tests collected", result.stdout, re.M), result.stdout[-2000:]
+    assert "error" not in result.stdout.splitlines()[-1].lower()
+    assert "tests/test_convert.py::test_convert_vit_pytorch_cct[cct_2_3x2_32]" in result.stdout
+
+
+def test_vit_pytorch_cases_skip_with_a_reason_without_it():
+    result = _pytest_without_vit_pytorch("tests/test_convert.py", "-q", "-rs", "-k", "vit_pytorch_cct")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{len(VARIANTS)} skipped" in result.stdout
+    assert "vit-pytorch is not installed" in result.stdout
