@@ -7,16 +7,19 @@ A kernel module defines
     forward(*inputs)  and  backward(*grads_and_saved)   with the signatures of the op's registered custom ops.
 
 The backend for a call is the first of: the explicit argument (per call, or per model via its `backend=`),
-the innermost `use_backend(...)` context, the environment variable CCT_KERNELS_BACKEND, "auto".
+the innermost `use_backend(...)` context of the calling thread and asyncio task, the environment variable
+CCT_KERNELS_BACKEND, "auto".
 "auto" takes the first kernel backend that can serve the call (triton then cuda for CUDA tensors, cpu for CPU
 tensors) and falls back to eager; an explicitly named backend that cannot serve raises BackendUnavailable.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -27,8 +30,13 @@ ENV_VAR = "CCT_KERNELS_BACKEND"
 _KERNEL_PACKAGES = {"triton": "cct_kernels.triton", "cuda": "cct_kernels.extension", "cpu": "cct_kernels.extension"}
 _AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
-# A plain list rather than a contextvar: torch.compile guards on module globals without a graph break.
-_context_stack: list[str] = []
+# The use_backend choice lives in a ContextVar, which is per thread and per asyncio task. torch.compile cannot read
+# a ContextVar (ContextVar.get is a graph break in torch 2.13), so use_backend also mirrors the choice into a
+# threading.local, which dynamo reads while tracing and guards on (a change of choice recompiles, no graph break).
+# Compiled code therefore follows the choice of the thread; the mirror is kept equal to the ContextVar by every
+# use_backend entry and exit, which covers threads and tasks that do not interleave open use_backend blocks.
+_context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("cct_kernels_backend", default=None)
+_thread_choice = threading.local()
 
 
 class BackendUnavailable(RuntimeError):
@@ -43,20 +51,30 @@ def check_name(name: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the enclosed calls with backend `name` unless a call or model names one explicitly."""
-    _context_stack.append(check_name(name))
+    """Run the enclosed calls of this thread / asyncio task with backend `name` unless a call or model names one.
+
+    The choice is local to the calling thread and asyncio task (a task or thread started inside the block inherits
+    it where Python copies the context: asyncio tasks do, plain threads do not).
+    """
+    token = _context_choice.set(check_name(name))
+    _thread_choice.name = name
     try:
         yield
     finally:
-        _context_stack.pop()
+        _context_choice.reset(token)
+        _thread_choice.name = _context_choice.get()
 
 
 def requested_backend(explicit: str | None = None) -> str:
     """The backend the user asked for, before checking that it can serve the call."""
     if explicit is not None:
         return check_name(explicit)
-    if _context_stack:
-        return _context_stack[-1]
+    if torch.compiler.is_compiling():
+        chosen = getattr(_thread_choice, "name", None)
+    else:
+        chosen = _context_choice.get()
+    if chosen is not None:
+        return chosen
     return check_name(os.environ.get(ENV_VAR, "auto"))
 
 

@@ -1,9 +1,14 @@
 """Backend choice: per call, per model, by context manager, by environment variable; clear refusals."""
+import asyncio
+import threading
+
 import pytest
 import torch
 
 import cct_kernels
 from cct_kernels import backends, ops, reference
+
+from tests.cases import KERNEL_BACKENDS_HERE
 
 
 def test_precedence_explicit_then_context_then_env(monkeypatch):
@@ -71,3 +76,88 @@ def test_eager_ops_are_the_reference():
     img, conv = torch.randn(1, 3, 9, 9), torch.randn(4, 3, 3, 3)
     assert torch.equal(ops.tokenize(img, conv, stride=1, padding=1, backend="eager"),
                        reference.tokenize(img, conv, stride=1, padding=1))
+
+
+def _record_backends(monkeypatch):
+    """Spy on backends.select: a list of (thread id, chosen backend) for every op call."""
+    calls = []
+    select = backends.select
+
+    def spy(*args):
+        chosen = select(*args)
+        calls.append((threading.get_ident(), chosen))
+        return chosen
+
+    monkeypatch.setattr(backends, "select", spy)
+    return calls
+
+
+def test_use_backend_is_per_thread(monkeypatch):
+    calls = _record_backends(monkeypatch)
+    x, w, b = torch.randn(2, 5, 8), torch.randn(1, 8), torch.randn(1)
+    names = ["eager", "auto"]  # auto -> cpu where the extension is built, eager otherwise; both run everywhere
+    expected = {}
+    barrier = threading.Barrier(len(names))
+    errors = []
+
+    def worker(name):
+        try:
+            with cct_kernels.use_backend(name):
+                barrier.wait()  # both threads are inside their blocks while the other calls
+                for _ in range(300):
+                    assert backends.requested_backend() == name
+                    ops.seqpool(x, w, b)
+            expected[threading.get_ident()] = backends.select("seqpool", name, x.device, x, w, b)
+        except Exception as e:  # noqa: BLE001 - reported below with the thread's backend
+            errors.append((name, e))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    wrong = [(tid, chosen) for tid, chosen in calls if tid in expected and chosen != expected[tid]]
+    assert len(calls) >= 600 and not wrong, f"{len(wrong)} wrong-backend calls of {len(calls)}"
+    assert backends.requested_backend() == "auto"
+
+
+def test_use_backend_is_per_asyncio_task():
+    x, w, b = torch.randn(2, 5, 8), torch.randn(1, 8), torch.randn(1)
+
+    async def task(name):
+        seen = []
+        with cct_kernels.use_backend(name):
+            for _ in range(200):
+                await asyncio.sleep(0)  # lets the other task run inside its own block
+                seen.append(backends.requested_backend())
+                ops.seqpool(x, w, b)
+        return seen
+
+    async def main():
+        return await asyncio.gather(task("eager"), task("cpu" if "cpu" in KERNEL_BACKENDS_HERE else "auto"))
+
+    eager_seen, other_seen = asyncio.run(main())
+    assert set(eager_seen) == {"eager"}
+    assert len(set(other_seen)) == 1 and other_seen[0] != "eager"
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS_HERE, reason="needs the cpu extension (cct_kernels._C)")
+def test_compiled_model_follows_use_backend_without_graph_break(monkeypatch):
+    torch._dynamo.reset()
+    kernel_calls = []
+    module = backends.kernel_module("cpu", "seqpool")
+    forward = module.forward
+    monkeypatch.setattr(module, "forward", lambda *a: kernel_calls.append(1) or forward(*a))
+    model = cct_kernels.cct_2_3x2_32().eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(1, 3, 32, 32)
+    with cct_kernels.use_backend("eager"):
+        eager = compiled(x)
+    assert kernel_calls == []
+    with cct_kernels.use_backend("cpu"):  # a new choice retraces (dynamo guards on the thread's choice)
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-5)
+    assert kernel_calls == [1]
+    with cct_kernels.use_backend("eager"):  # and the first graph is still right for the first choice
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    assert kernel_calls == [1]
