@@ -2,13 +2,27 @@
 
 Use the `measure` fixture instead of calling `benchmark` directly:
     measure(fn, flops=..., bytes_moved=..., items=..., backend="triton")
-It synchronises the device inside each timed call (so CUDA work is counted, not just launched), warms up first,
-and records in extra_info: TFLOP/s and GB/s (and their fraction of the device's peak on a known GPU), items/s
-(e.g. images/s), the device name and the torch/triton versions.
+It warms up first, then pytest-benchmark times each call with the device synchronised inside it: the per-call
+wall time (launch overhead, Python and dispatch included), which is the benchmark's median. On CUDA it also
+measures the device side, without a host sync per call, and records it in extra_info (milliseconds per call):
+  loop_ms   CUDA events around LOOP_SECONDS of back-to-back calls, median of LOOP_REPEATS such loops: the time per
+            call of a loop that keeps the GPU fed (launch overhead shows only where it exceeds the kernel time);
+  graph_ms  per replay of the calls captured in a CUDA graph (measure(..., graph=True), the default for ops): the
+            kernels' time without launch overhead; graph_error says why a call could not be captured;
+  device_ms graph_ms when there is one, else loop_ms: the time the rates below are computed from.
+Rates in extra_info (from device_ms on CUDA, from the wall time on CPU): TFLOP/s and GB/s, their fractions of the
+device's peak (benchmarks/peaks.py), and the floors of benchmarks/NOTES.md: floor_bytes_us (bytes / peak HBM
+bandwidth), floor_flops_us (FLOPs / peak tensor throughput), floor_us (the larger) and fraction_of_floor
+(floor_us / device time: 1.0 is the speed of light), on a GPU whose peaks are known; items/s (e.g. images/s).
+Also the device name and the torch/triton versions.
 
 Quick mode (CCT_BENCH_QUICK=1, the default without a GPU; see peaks.quick_mode): a call without `rounds` gets
 as many rounds as fit in about QUICK_SECONDS (at least one) instead of pytest-benchmark's calibration, which
 would run a multi-second step at least 5 times.
+
+Ordering: torch.compile rows (backend "compile") carry the marker `compile_row` and run after every other row,
+so a run cut short by a time limit keeps the kernel rows; `-m "not compile_row"` / `-m compile_row` split them
+(benchmarks/gpu_report.py runs them as separate stages with their own budgets).
 
 With CCT_BENCH_JSONL=<path>, each finished benchmark is appended to that file as one JSON line, so a run cut
 short by a time limit (benchmarks/gpu_report.py) keeps what it measured.
@@ -35,9 +49,29 @@ _RESULTS = []  # (group, case key, backend, median seconds, items/s) for the sum
 _MEASURED = pytest.StashKey()  # a test's benchmark fixture and case key, read back at teardown
 
 
+LOOP_SECONDS = 0.02  # device time per back-to-back loop on CUDA (enough calls to hide event resolution)
+LOOP_REPEATS = 5
+
+
 def _sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
+
+
+def loop_ms(fn, call_seconds: float, seconds: float = LOOP_SECONDS, repeats: int = LOOP_REPEATS) -> float:
+    """Milliseconds per call of `fn` called back to back with no host sync, timed with CUDA events: the median
+    over `repeats` loops of about `seconds` each (`call_seconds`, a synchronised call's wall time, sizes them)."""
+    calls = max(3, min(1000, int(seconds / max(call_seconds, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def cuda_graph_ms(fn, replays: int = 20) -> float:
@@ -66,6 +100,43 @@ def cuda_graph_ms(fn, replays: int = 20) -> float:
     return start.elapsed_time(end) / replays
 
 
+def _device_times(fn, call_seconds: float, graph: bool) -> dict:
+    """loop_ms, graph_ms (or graph_error) and device_ms of `fn` on CUDA (see the module docstring)."""
+    times = {"loop_ms": loop_ms(fn, call_seconds)}
+    if graph:
+        try:
+            times["graph_ms"] = cuda_graph_ms(fn)
+        except Exception as e:  # not every call is capturable; the loop timing still stands
+            times["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            torch.cuda.synchronize()
+    times["device_ms"] = times.get("graph_ms", times["loop_ms"])
+    return times
+
+
+def rates(seconds: float, *, flops=None, bytes_moved=None, items=None, peaks=None) -> dict:
+    """TFLOP/s, GB/s and items/s of a call taking `seconds`, with the fractions of `peaks` ({"gbps", "tflops"},
+    benchmarks.peaks.device_peaks) and the NOTES.md floors (microseconds) when the peaks are known."""
+    peaks, out, floors = peaks or {}, {}, []
+    if flops is not None:
+        out["tflops"] = flops / seconds / 1e12
+        if peaks.get("tflops"):
+            out["fraction_of_peak_flops"] = out["tflops"] / peaks["tflops"]
+            out["floor_flops_us"] = flops / (peaks["tflops"] * 1e12) * 1e6
+            floors.append(out["floor_flops_us"])
+    if bytes_moved is not None:
+        out["gbps"] = bytes_moved / seconds / 1e9
+        if peaks.get("gbps"):
+            out["fraction_of_peak_bandwidth"] = out["gbps"] / peaks["gbps"]
+            out["floor_bytes_us"] = bytes_moved / (peaks["gbps"] * 1e9) * 1e6
+            floors.append(out["floor_bytes_us"])
+    if floors:
+        out["floor_us"] = max(floors)
+        out["fraction_of_floor"] = out["floor_us"] / (seconds * 1e6)
+    if items is not None:
+        out["items_per_s"] = items / seconds
+    return out
+
+
 @pytest.fixture
 def device():
     return DEVICE
@@ -85,7 +156,8 @@ def _case_key(node) -> str:
 
 @pytest.fixture
 def measure(benchmark, request):
-    def run(fn, *, flops=None, bytes_moved=None, items=None, dtype=None, rounds=None, warmup=3, backend=None):
+    def run(fn, *, flops=None, bytes_moved=None, items=None, dtype=None, rounds=None, warmup=3, backend=None,
+            graph=True):
         def timed():
             fn()
             _sync()
@@ -112,6 +184,10 @@ def measure(benchmark, request):
         info["torch"] = torch.__version__
         info["warmup_s"] = warmup_s
         info["quick"] = QUICK
+        info["wall_ms"] = seconds * 1e3
+        if DEVICE.type == "cuda":
+            info.update(_device_times(fn, seconds, graph))
+            seconds = info["device_ms"] / 1e3
         if backend is not None:
             info["backend"] = backend
         try:
@@ -120,21 +196,27 @@ def measure(benchmark, request):
             info["triton"] = triton.__version__
         except ImportError:
             pass
-        peaks = device_peaks(dtype)
-        if flops is not None:
-            info["tflops"] = flops / seconds / 1e12
-            if peaks.get("tflops"):
-                info["fraction_of_peak_flops"] = info["tflops"] / peaks["tflops"]
-        if bytes_moved is not None:
-            info["gbps"] = bytes_moved / seconds / 1e9
-            if peaks.get("gbps"):
-                info["fraction_of_peak_bandwidth"] = info["gbps"] / peaks["gbps"]
-        if items is not None:
-            info["items_per_s"] = items / seconds
+        info.update(rates(seconds, flops=flops, bytes_moved=bytes_moved, items=items, peaks=device_peaks(dtype)))
         request.node.stash[_MEASURED] = (benchmark, _case_key(request.node))
         return info
 
     return run
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile_row: a torch.compile benchmark row (run after every other row)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    """Mark the torch.compile rows and move them after every other row (stable otherwise)."""
+    def is_compile(item):
+        return getattr(getattr(item, "callspec", None), "params", {}).get("backend") == "compile"
+
+    for item in items:
+        if is_compile(item):
+            item.add_marker(pytest.mark.compile_row)
+    items.sort(key=is_compile)
 
 
 def pytest_runtest_teardown(item):

@@ -8,8 +8,8 @@ SDPA backends are probed once on the benchmark's device and dtype; only those th
 FLOP count (stated, flash-attention's convention): forward 4*B*H*N^2*d (QK^T and PV, 2 flops per multiply-add);
 backward 10*B*H*N^2*d (QK^T recomputed, dV, dP, dQ, dK); forward+backward 14*B*H*N^2*d = 3.5x forward.
 Bytes (what a fused kernel must move through HBM): forward reads qkv and writes out and lse; backward reads qkv,
-out, dout and lse, writes dqkv and reads/writes delta. extra_info holds TFLOP/s, GB/s and the two H100 floors
-(floor_bytes_us at 3.35 TB/s, floor_flops_us at 989 TFLOP/s bf16 dense); see benchmarks/NOTES.md, "## attention".
+out, dout and lse, writes dqkv and reads/writes delta. extra_info holds TFLOP/s, GB/s and, on a GPU of known peaks,
+the two floors (floor_bytes_us, floor_flops_us: benchmarks/conftest.py); see benchmarks/NOTES.md, "## attention".
 
     pytest benchmarks/test_bench_attention.py --benchmark-only
 """
@@ -28,7 +28,6 @@ SHAPES = {  # name -> (B, H, N)
     "cuda": {"B128_H4_N256": (128, 4, 256), "B64_H6_N196": (64, 6, 196), "B64_H6_N576": (64, 6, 576)},
     "cpu": {"B2_H4_N256": (2, 4, 256)},
 }[DEVICE.type]
-H100_GBPS, H100_TFLOPS = 3350.0, 989.0
 SDPA = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -111,6 +110,4 @@ def test_attention(measure, mode, shape, backend):
 
     work, moved = flops(B, H, N, backward), bytes_moved(B, H, N, backward)
     info = measure(step, flops=work, bytes_moved=moved, items=B, dtype=DTYPE)
-    info["floor_bytes_us"] = moved / (H100_GBPS * 1e9) * 1e6
-    info["floor_flops_us"] = work / (H100_TFLOPS * 1e12) * 1e6
     info["backend"], info["shape"], info["dtype"] = backend, shape, str(DTYPE)

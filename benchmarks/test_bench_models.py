@@ -11,8 +11,8 @@ Group "<model> <case> <mode>" holds one row per backend, so the table reads as a
     pytest benchmarks/test_bench_models.py --benchmark-only -k "cct_7_3x1_32 and inference"
     pytest benchmarks --benchmark-only --benchmark-autosave      # then later: --benchmark-compare
 extra_info: images/s (items_per_s), TFLOP/s and the fraction of the GPU's peak (FLOPs counted by
-profiling.model_flops), and for inference latency on CUDA `cuda_graph_ms`, the time per CUDA-graph replay
-(the device time without launch overhead).
+profiling.model_flops), and on CUDA the device times of benchmarks/conftest.py (loop_ms; graph_ms, the time
+per CUDA-graph replay, for inference latency only).
 """
 import pytest
 
@@ -63,13 +63,7 @@ def test_model(measure, benchmark, model, case, batch, mode, backend):
     slow = QUICK and case == "throughput"
     # The first call compiles (torch.compile, Triton autotuning); quick mode keeps slow CPU cases to one more.
     warmup = 1 if slow else (2 if DEVICE.type == "cpu" else 5)
+    # CUDA-graph replay (graph_ms) only for inference latency: a training step's AdamW is not capturable.
     info = measure(step, flops=_flops(model, batch, mode), items=batch, dtype=DTYPE, warmup=warmup,
-                   rounds=1 if slow else None, backend=backend)
+                   rounds=1 if slow else None, backend=backend, graph=case == "latency" and mode == "inference")
     info.update(model=model, case=case, batch=batch, mode=mode, dtype=profiling.dtype_name(DTYPE))
-    if DEVICE.type == "cuda" and case == "latency" and mode == "inference":
-        from benchmarks.conftest import cuda_graph_ms
-
-        try:
-            info["cuda_graph_ms"] = cuda_graph_ms(step)
-        except Exception as e:  # not every backend is capturable; the plain timing above still stands
-            info["cuda_graph_error"] = profiling.error_text(e)

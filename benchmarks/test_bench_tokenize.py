@@ -5,8 +5,9 @@ On CUDA in bf16, the model shapes: cct_7_3x1 (B=128, 32x32, 3->256, one k3 stage
 3->64->128) and cct_14_7x2 (B=64, 224x224, 3->64->384, k7 s2 p3 stages); each stage is conv -> ReLU -> maxpool 3/2/1.
 On CPU in fp32 at small sizes (batch 2; the 7x2 model at 64x64, batch 1), 5 rounds, without the Triton interpreter (a
 test aid, not a speed path). Forward and forward+backward. extra_info holds GB/s and TFLOP/s (bytes_moved and
-flops below: traffic and conv FLOPs of this design, forward fused, backward writing the conv gradient once) and
-floor_us, the larger of bytes at the H100's 3.35 TB/s and FLOPs at 989 TFLOP/s (benchmarks/NOTES.md, "## tokenize").
+flops below: traffic and conv FLOPs of this design, forward fused, backward writing the conv gradient once) and,
+on a GPU of known peaks, floor_us, the larger of bytes at its peak bandwidth and FLOPs at its peak tensor throughput
+(benchmarks/conftest.py; NOTES.md "## tokenize").
 
     pytest benchmarks/test_bench_tokenize.py --benchmark-only
 """
@@ -19,7 +20,6 @@ from cct_kernels.ops.tokenize import output_size
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-H100_GBPS, H100_TFLOPS = 3350.0, 989.0
 POOL = (3, 2, 1)
 
 # name: (batch, image size, channels per stage, kernel, stride, padding) on CUDA; CPU shrinks batch and size.
@@ -127,5 +127,4 @@ def test_tokenize(measure, mode, model, backend):
     moved, flops = (all_bytes, all_flops) if backward else (fwd_bytes, fwd_flops)
     rounds = None if DEVICE.type == "cuda" else 5  # CPU: a smoke run of every backend, not a speed figure
     info = measure(step, flops=flops, bytes_moved=moved, items=x.shape[0], dtype=DTYPE, rounds=rounds)
-    info["floor_us"] = max(moved / (H100_GBPS * 1e9), flops / (H100_TFLOPS * 1e12)) * 1e6
     info["backend"], info["model"], info["dtype"] = backend, model, str(DTYPE)
