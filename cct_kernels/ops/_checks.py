@@ -1,6 +1,9 @@
 """Input checks shared by the ops: each failure names the argument, what was expected and what was given."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -22,6 +25,33 @@ def check_tensor(name: str, t, *, ndim: int | None = None, like: torch.Tensor | 
 def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]):
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """`value` is an int (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_real(name: str, value, allowed: str, ok) -> float:
+    """`value` is a real number (not a bool) for which ok(value) holds; `allowed` says which values are."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number ({allowed}), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def is_positive_finite(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
 def autocast_inputs(*tensors):

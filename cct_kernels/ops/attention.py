@@ -11,26 +11,30 @@ Kernel backends implement two registered ops (the kernel-module interface of cct
     backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed) -> grad_qkv (B, N, 3*H*d)
 `seed` is an int64 tensor of shape (1,) on qkv's device when dropout_p > 0 (empty otherwise): the kernel derives
 its dropout mask from it, so forward and backward drop the same probabilities.
+
+Errors (from attention's own checks, before any kernel runs):
+    TypeError   qkv not a floating-point torch.Tensor; num_heads not an int; scale or dropout_p not a real number.
+    ValueError  qkv not 3-dimensional; num_heads < 1; qkv's last dim 0 or not a multiple of 3 * num_heads;
+                scale NaN, infinite or <= 0; dropout_p outside [0, 1); an unknown backend name.
+    BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
+    RuntimeError  double backward through a kernel backend (use backend="eager" for that).
 """
 from __future__ import annotations
 
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import autocast_inputs, check_tensor
+from cct_kernels.ops._checks import autocast_inputs, check_int, check_real, check_tensor, is_positive_finite
+from cct_kernels.ops._launch import forbid_double_backward, run_kernel
 
 OP = "attention"
-
-
-def _kernel(backend: str):
-    return backends.kernel_module(backend, OP)
 
 
 @torch.library.custom_op("cct_kernels::attention_forward", mutates_args=())
 def _forward(
     qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float, seed: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernel(backend).forward(qkv, num_heads, scale, dropout_p, seed)
+    return run_kernel(backend, OP, "forward", qkv.device, qkv, num_heads, scale, dropout_p, seed)
 
 
 @_forward.register_fake
@@ -44,12 +48,12 @@ def _backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     num_heads: int, scale: float, dropout_p: float, seed: torch.Tensor, backend: str,
 ) -> torch.Tensor:
-    return _kernel(backend).backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed)
+    return run_kernel(backend, OP, "backward", qkv.device, grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed)
 
 
 @_backward.register_fake
 def _(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, backend):
-    return torch.empty_like(qkv)
+    return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -66,6 +70,7 @@ def _autograd_backward(ctx, grad_out, _grad_lse):
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+forbid_double_backward(_backward, OP)
 
 
 def new_seed(device: torch.device) -> torch.Tensor:
@@ -80,15 +85,17 @@ def attention(
     """Self-attention over packed qkv; see the module docstring for shapes, dtypes and limits."""
     check_tensor("qkv", qkv, ndim=3)
     (qkv,) = autocast_inputs(qkv)
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if qkv.shape[2] % (3 * num_heads) != 0:
+    check_int("num_heads", num_heads, 1)
+    if qkv.shape[2] == 0 or qkv.shape[2] % (3 * num_heads) != 0:
         raise ValueError(
-            f"qkv's last dim must be 3 * num_heads * head_dim; got {qkv.shape[2]} with num_heads={num_heads}"
+            f"qkv's last dim must be 3 * num_heads * head_dim with head_dim >= 1; got {qkv.shape[2]} "
+            f"with num_heads={num_heads} (qkv shape {tuple(qkv.shape)})"
         )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    scale = (qkv.shape[2] // (3 * num_heads)) ** -0.5 if scale is None else float(scale)
+    dropout_p = check_real("dropout_p", dropout_p, "in [0, 1)", lambda p: 0.0 <= p < 1.0)
+    if scale is None:
+        scale = (qkv.shape[2] // (3 * num_heads)) ** -0.5
+    else:
+        scale = check_real("scale", scale, "finite and > 0", is_positive_finite)
     qkv = qkv.contiguous()
     name = backends.select(OP, backend, qkv.device, qkv, num_heads, scale, dropout_p)
     if name == "eager":

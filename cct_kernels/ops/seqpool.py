@@ -8,6 +8,13 @@ same dtype; kernels accumulate in float32). Any B >= 0, N >= 1, D >= 1.
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends):
     forward(x, weight, bias) -> (out (B, D) x.dtype, lse (B,) float32: logsumexp over n of the scores)
     backward(grad_out, x, weight, bias, out, lse) -> (grad_x, grad_weight, grad_bias)
+
+Errors (from seqpool's own checks, before any kernel runs):
+    TypeError   x, weight or bias not a floating-point torch.Tensor, or dtypes that differ.
+    ValueError  wrong rank or shape (weight must be (1, D), bias (1,)); N == 0; tensors on different devices;
+                an unknown backend name.
+    BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
+    RuntimeError  double backward through a kernel backend (use backend="eager" for that).
 """
 from __future__ import annotations
 
@@ -15,17 +22,14 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import autocast_inputs, check_shape, check_tensor
+from cct_kernels.ops._launch import forbid_double_backward, run_kernel
 
 OP = "seqpool"
 
 
-def _kernel(backend: str):
-    return backends.kernel_module(backend, OP)
-
-
 @torch.library.custom_op("cct_kernels::seqpool_forward", mutates_args=())
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernel(backend).forward(x, weight, bias)
+    return run_kernel(backend, OP, "forward", x.device, x, weight, bias)
 
 
 @_forward.register_fake
@@ -38,12 +42,12 @@ def _backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernel(backend).backward(grad_out, x, weight, bias, out, lse)
+    return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, bias, out, lse)
 
 
 @_backward.register_fake
 def _(grad_out, x, weight, bias, out, lse, backend):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,6 +63,7 @@ def _autograd_backward(ctx, grad_out, _grad_lse):
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+forbid_double_backward(_backward, OP)
 
 
 def seqpool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -16,19 +16,26 @@ Kernel backends implement two registered ops (the kernel-module interface of cct
              pool_padding, to_tokens, needs_input_grad)
         -> (grad_x (empty when not needs_input_grad: the image stem's input needs none), grad_weight,
             grad_bias (empty when bias is None))
+
+Errors (from tokenize's own checks, before any kernel runs):
+    TypeError   x, weight or bias not a floating-point torch.Tensor, or dtypes that differ; stride, padding or a
+                pool entry not an int; relu or to_tokens not a bool; pool not None or a tuple/list.
+    ValueError  wrong rank; zero input channels, output channels or kernel size; weight's input channels differ
+                from x's; bias not (C_out,); stride < 1, padding < 0; pool not 3 entries (kernel >= 1, stride >= 1,
+                0 <= padding <= kernel / 2); an input too small for the convolution and pool; tensors on different
+                devices; an unknown backend name.
+    BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
+    RuntimeError  double backward through a kernel backend (use backend="eager" for that).
 """
 from __future__ import annotations
 
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import autocast_inputs, check_shape, check_tensor
+from cct_kernels.ops._checks import autocast_inputs, check_bool, check_int, check_shape, check_tensor
+from cct_kernels.ops._launch import forbid_double_backward, run_kernel
 
 OP = "tokenize"
-
-
-def _kernel(backend: str):
-    return backends.kernel_module(backend, OP)
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -51,8 +58,8 @@ def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int, relu: bool,
     pool_kernel: int, pool_stride: int, pool_padding: int, to_tokens: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernel(backend).forward(
-        x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens
+    return run_kernel(
+        backend, OP, "forward", x.device, x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens
     )
 
 
@@ -69,8 +76,8 @@ def _backward(
     pool_index: torch.Tensor, stride: int, padding: int, relu: bool, pool_kernel: int, pool_stride: int,
     pool_padding: int, to_tokens: bool, needs_input_grad: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernel(backend).backward(
-        grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride, pool_padding,
+    return run_kernel(
+        backend, OP, "backward", x.device, grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride, pool_padding,
         to_tokens, needs_input_grad,
     )
 
@@ -78,9 +85,9 @@ def _backward(
 @_backward.register_fake
 def _(grad_out, x, weight, bias, out, pool_index, *args):
     needs_input_grad = args[-2]
-    grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
-    grad_bias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return grad_x, torch.empty_like(weight), grad_bias
+    grad_x = x.new_empty(x.shape) if needs_input_grad else x.new_empty(0)
+    grad_bias = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return grad_x, weight.new_empty(weight.shape), grad_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,11 +107,24 @@ def _autograd_backward(ctx, grad_out, _grad_index):
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+forbid_double_backward(_backward, OP)
 
 
-def _check_int(name: str, value, minimum: int):
-    if not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def _pool_params(pool) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a checked pool argument; (0, 1, 0) for no pooling."""
+    if pool is None:
+        return 0, 1, 0
+    if not isinstance(pool, (tuple, list)):
+        raise TypeError(f"pool must be None or a (kernel, stride, padding) tuple, got {type(pool).__name__} {pool!r}")
+    if len(pool) != 3:
+        raise ValueError(f"pool must be None or a (kernel, stride, padding) tuple of 3 ints, got {pool!r}")
+    kernel, stride, padding = pool
+    check_int("pool kernel", kernel, 1)
+    check_int("pool stride", stride, 1)
+    check_int("pool padding", padding, 0)
+    if 2 * padding > kernel:
+        raise ValueError(f"pool padding must be at most half the pool kernel, got pool={pool!r}")
+    return kernel, stride, padding
 
 
 def tokenize(
@@ -119,20 +139,21 @@ def tokenize(
     if bias is not None:
         check_tensor("bias", bias, ndim=1, like=x)
         check_shape("bias", bias, (weight.shape[0],))
+    if min(weight.shape) == 0:
+        raise ValueError(
+            f"weight (C_out, C_in, kh, kw) must have at least one output channel, input channel and kernel row and "
+            f"column, got shape {tuple(weight.shape)}"
+        )
     if weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"weight expects {weight.shape[1]} input channels (shape {tuple(weight.shape)}), "
             f"x has {x.shape[1]} (shape {tuple(x.shape)})"
         )
-    _check_int("stride", stride, 1)
-    _check_int("padding", padding, 0)
-    pool_kernel, pool_stride, pool_padding = pool if pool is not None else (0, 1, 0)
-    if pool is not None:
-        _check_int("pool kernel", pool_kernel, 1)
-        _check_int("pool stride", pool_stride, 1)
-        _check_int("pool padding", pool_padding, 0)
-        if 2 * pool_padding > pool_kernel:
-            raise ValueError(f"pool padding must be at most half the pool kernel, got pool={pool}")
+    check_int("stride", stride, 1)
+    check_int("padding", padding, 0)
+    check_bool("relu", relu)
+    check_bool("to_tokens", to_tokens)
+    pool_kernel, pool_stride, pool_padding = _pool_params(pool)
     shape = output_shape(x.shape, weight.shape, stride, padding, pool_kernel, pool_stride, pool_padding, False)
     if shape[2] < 1 or shape[3] < 1:
         raise ValueError(
@@ -148,6 +169,7 @@ def tokenize(
             x, weight, bias, stride=stride, padding=padding, relu=relu, pool=pool, to_tokens=to_tokens
         )
     x, weight = x.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     return _forward(
         x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, name
     )[0]
