@@ -1,124 +1,135 @@
-"""Installs cct_kernels and, when a working C++ toolchain is there, builds the extension cct_kernels._C.
+"""Installs cct_kernels and, when torch and a working C++ toolchain are there at build time, builds the extension.
 
-What gets built (printed at build time, and at run time by cct_kernels.extension.info()):
-- always the pure-Python package (the eager and triton backends need nothing else);
-- the CPU kernels (csrc/ops.cpp + csrc/cpu/*.cpp, OpenMP) when torch imports at build time and the C++ compiler
-  compiles a test program;
-- the CUDA kernels (csrc/cuda/*.cu) in addition when torch is a CUDA build and CUDA_HOME (nvcc) is found.
-
-Build with `pip install --no-build-isolation -e .` so the installed torch is used rather than a fresh one.
+Two ways to get the C++ kernels (README, Install):
+- `pip install --no-build-isolation .` (or `-e .`) builds the extension cct_kernels._C now, against the installed
+  torch: the CPU kernels (csrc/ops.cpp + csrc/cpu/*.cpp, OpenMP), plus the CUDA kernels (csrc/cuda/*.cu) with a
+  CUDA torch and nvcc. A failed CUDA compile still installs the CPU kernels (said loudly).
+- `pip install .` (build isolation, the default) cannot see torch at build time, so it installs the package with
+  the C++ sources inside (cct_kernels/_csrc) and the kernels are compiled once at first use
+  (cct_kernels/extension/build.py), into ~/.cache/cct_kernels.
+Compiler flags, sources and the CUDA architecture default are shared with the first-use build
+(cct_kernels/extension/build.py, loaded here by path since the package cannot be imported before it is installed).
 Environment:
-  CCT_KERNELS_NO_EXTENSION=1       skip the extension (pure-Python install)
-  CCT_KERNELS_REQUIRE_EXTENSION=1  fail the install when the extension cannot be built (default: warn, go on)
+  CCT_KERNELS_NO_EXTENSION=1       build nothing now (the first-use build still runs unless CCT_KERNELS_NO_BUILD=1)
+  CCT_KERNELS_REQUIRE_EXTENSION=1  fail the install when the extension (CPU kernels at least) cannot be built now
   CCT_KERNELS_NO_CUDA=1            build the CPU kernels only, even with a CUDA torch
   CCT_KERNELS_CPU_ARCH=<arch>      -march for the CPU kernels (default "native" on x86-64: this machine's vector
                                    units, e.g. AVX2; set e.g. x86-64-v3 for a build that runs on other machines,
                                    or "none" for the compiler's default)
-  TORCH_CUDA_ARCH_LIST, MAX_JOBS   as for any torch extension (e.g. TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=1)
+  TORCH_CUDA_ARCH_LIST             CUDA architectures; default the visible GPUs' (sm_80+), else "8.0;9.0+PTX";
+                                   entries below 8.0 are dropped (the attention kernel uses cp.async)
+  MAX_JOBS                         parallel compile jobs, as for any torch extension
 """
-import glob
+import importlib.util
 import os
-import platform
 import shutil
-import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("cct_kernels_build", os.path.join(HERE, "cct_kernels", "extension",
+                                                                                     "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build_module()
 
 
 def _log(msg):
     print(f"cct_kernels: {msg}", file=sys.stderr)
 
 
-def _env_flag(name):
-    return os.environ.get(name, "") not in ("", "0")
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package as cct_kernels/_csrc, for the first-use build of a non-editable install."""
 
-
-def _compiler_works(cxx, flags):
-    """True when `cxx` compiles and links an OpenMP C++ program with `flags` (a missing or broken compiler: False)."""
-    if shutil.which(cxx) is None:
-        return False
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "t.cpp")
-        with open(src, "w") as f:
-            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-        cmd = [cxx, *flags, src, "-o", os.path.join(tmp, "t")]
-        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
-
-
-def _cpu_arch_flags():
-    arch = os.environ.get("CCT_KERNELS_CPU_ARCH")
-    if arch is None:
-        arch = "native" if platform.machine() in ("x86_64", "AMD64") else "none"
-    return [] if arch in ("", "none") else [f"-march={arch}"]
+    def run(self):
+        super().run()
+        if not os.path.isdir(CSRC):
+            return
+        target = os.path.join(self.build_lib, "cct_kernels", "_csrc")
+        for path in build.all_source_files(Path(CSRC)):
+            dest = os.path.join(target, os.path.relpath(path, CSRC))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(path, dest)
 
 
 def _extension():
-    """([Extension], cmdclass, description) for the C++/CUDA extension, or ([], {}, reason) when it is skipped."""
-    if _env_flag("CCT_KERNELS_NO_EXTENSION"):
-        return [], {}, "skipped (CCT_KERNELS_NO_EXTENSION=1)"
-    if not glob.glob(os.path.join(HERE, "csrc", "*.cpp")):
-        return [], {}, "skipped (no csrc/*.cpp in this source tree)"
+    """([Extension], {build_ext}, description) for the ahead-of-time build, or ([], {}, why it is skipped)."""
+    if build.env_flag("CCT_KERNELS_NO_EXTENSION"):
+        return [], {}, "not built now (CCT_KERNELS_NO_EXTENSION=1)"
+    if not os.path.isfile(os.path.join(CSRC, "ops.cpp")):
+        return [], {}, "not built now (no csrc/ in this source tree)"
     try:
-        import torch
         from torch.utils import cpp_extension
     except ImportError:
-        return [], {}, "skipped (torch is not importable at build time; use pip install --no-build-isolation)"
+        return [], {}, ("not built now: torch is not importable at build time (build isolation); the kernels are "
+                        "compiled at first use instead. `pip install --no-build-isolation .` builds them now")
     cxx = os.environ.get("CXX", "c++")
-    arch_flags = _cpu_arch_flags()
-    if not _compiler_works(cxx, ["-fopenmp", *arch_flags]):
-        return [], {}, f"skipped (the C++ compiler {cxx!r} is missing or cannot build an OpenMP program)"
+    arch_flags = build.cpu_arch_flags()
+    problem = build.compiler_problem(cxx, ["-fopenmp", *arch_flags])
+    if problem is not None:
+        if build.env_flag("CCT_KERNELS_REQUIRE_EXTENSION"):
+            raise RuntimeError(f"cct_kernels: cannot build the extension: {problem}")
+        return [], {}, f"not built now ({problem}); the first-use build will try again"
 
-    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))  # noqa: E731
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cuda_sources = rel("csrc/cuda/*.cu")
-    with_cuda = (
-        not _env_flag("CCT_KERNELS_NO_CUDA") and torch.version.cuda is not None
-        and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
+    root = Path(CSRC)
+    rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731  (setuptools wants relative paths)
+    cpu_macros = [("CCT_CPU_ARCH", f'"{build.arch_name(arch_flags)}"')]
+    cxx_flags = build.cxx_flags(arch_flags)
+    cpu_ext = cpp_extension.CppExtension(
+        "cct_kernels._C", rel(build.cpu_sources(root)), define_macros=cpu_macros, extra_compile_args=cxx_flags,
+        extra_link_args=build.LINK_FLAGS,
     )
-    arch_name = arch_flags[0][len("-march="):] if arch_flags else "default"
-    macros = [("CCT_CPU_ARCH", f'"{arch_name}"')]
-    # -fno-trapping-math/-fno-math-errno (as torch's own build): without them GCC keeps float compares and floor as
-    # branches/calls, and the softmax/exp loops of csrc/cpu stay scalar.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *arch_flags]
-    if with_cuda:
-        macros.append(("CCT_WITH_CUDA", "1"))
-        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "default")
-        macros.append(("CCT_CUDA_ARCHS", f'"{arch_list}"'))
-        ext = cpp_extension.CUDAExtension(
-            "cct_kernels._C", sources + cuda_sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
-            extra_link_args=["-fopenmp"],
-        )
-        what = f"CPU kernels (-march={arch_name}) + CUDA kernels (TORCH_CUDA_ARCH_LIST={arch_list})"
+    cpu_what = f"CPU kernels (-march={build.arch_name(arch_flags)})"
+    archs, cuda_note = build.cuda_plan(root)
+    if archs is None:
+        extensions, what = [cpu_ext], f"{cpu_what}; CUDA kernels not built: {cuda_note}"
     else:
-        why = ("CCT_KERNELS_NO_CUDA=1" if _env_flag("CCT_KERNELS_NO_CUDA")
-               else "torch is a CPU build" if torch.version.cuda is None else "no CUDA_HOME/nvcc")
-        ext = cpp_extension.CppExtension(
-            "cct_kernels._C", sources, define_macros=macros, extra_compile_args=cxx_flags,
-            extra_link_args=["-fopenmp"],
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # torch's own default raises IndexError without a visible GPU
+        cuda_ext = cpp_extension.CUDAExtension(
+            "cct_kernels._C", rel(build.cpu_sources(root) + build.cuda_sources(root)),
+            define_macros=cpu_macros + [("CCT_WITH_CUDA", "1"), ("CCT_CUDA_ARCHS", f'"{archs}"')],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": build.NVCC_FLAGS}, extra_link_args=build.LINK_FLAGS,
         )
-        what = f"CPU kernels only (-march={arch_name}); CUDA kernels not built: {why}"
+        extensions, what = [cuda_ext], f"{cpu_what} + CUDA kernels ({cuda_note})"
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
-    class OptionalBuildExt(build_ext):
-        """A failed compile leaves a working pure-Python install unless CCT_KERNELS_REQUIRE_EXTENSION=1."""
+    class BuildExtWithFallback(build_ext):
+        """A failed CUDA compile builds the CPU kernels alone; a failed CPU compile leaves the first-use build to
+        try again (or fails the install with CCT_KERNELS_REQUIRE_EXTENSION=1)."""
 
         def run(self):
             try:
                 super().run()
+                return
             except Exception as e:  # noqa: BLE001  (compiler errors come as several exception types)
-                if _env_flag("CCT_KERNELS_REQUIRE_EXTENSION"):
-                    raise
-                _log(f"WARNING: building the extension failed ({e}); installing the pure-Python package only")
+                if self.extensions[0] is cpu_ext:
+                    if build.env_flag("CCT_KERNELS_REQUIRE_EXTENSION"):
+                        raise
+                    _log(f"WARNING: building the CPU kernels failed ({e}); installing without them (the first-use "
+                         f"build will try again and report the compiler problem)")
+                    return
+                _log("=" * 100)
+                _log(f"WARNING: the CUDA kernels failed to build ({e}).")
+                _log("Building the CPU kernels alone: the 'cuda' backend will be unavailable (see the error above).")
+                _log("=" * 100)
+            self.extensions = [cpu_ext]
+            self.run()
 
-    return [ext], {"build_ext": OptionalBuildExt}, what
+    return extensions, {"build_ext": BuildExtWithFallback}, what
 
 
 ext_modules, cmdclass, _what = _extension()
+cmdclass["build_py"] = BuildPyWithSources
 _log(f"extension cct_kernels._C: {_what}")
 
 setup(
@@ -127,7 +138,7 @@ setup(
     description="Fast Compact Convolutional Transformers: Triton and C++/CUDA kernels behind drop-in modules",
     packages=find_packages(include=["cct_kernels", "cct_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "ninja"],  # ninja: the first-use build
     extras_require={
         "triton": ["triton>=3.0"],
         "bench": ["matplotlib", "pytest-benchmark"],

@@ -2,7 +2,12 @@
 
 The per-op modules beside this file (seqpool, attention, tokenize) adapt the extension's ops
 (torch.ops.cct_kernels_C.*, registered by csrc/ops.cpp) to the kernel-module interface of cct_kernels.backends.
-This file answers whether the extension was built, for which devices, and how (`info()`).
+This file loads the extension and answers whether it was built, for which devices, and how (`info()`).
+
+Loading: the compiled module of the installation (`pip install --no-build-isolation`, built ahead of time) when it
+is there; else the first-use build of `build.build_and_load` (compiled once per torch version into
+~/.cache/cct_kernels, then reused), which is what a plain `pip install .` gets. CCT_KERNELS_NO_BUILD=1 turns the
+first-use build off (the "cpu"/"cuda" backends then report the extension as not built).
 """
 from __future__ import annotations
 
@@ -11,16 +16,27 @@ import importlib
 
 import torch
 
+from cct_kernels.extension import build
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
 def load_error() -> str | None:
-    """None when cct_kernels._C imports, else why it does not."""
+    """None when the extension is loaded (installed, or built at first use), else why it is not."""
     try:
         importlib.import_module("cct_kernels._C")
+        return None
     except ImportError as e:
-        return f"the C++ extension cct_kernels._C is not built ({e}); reinstall with a compiler present"
+        not_installed = f"cct_kernels._C is not in the installation ({e})"
+    if build.env_flag("CCT_KERNELS_NO_BUILD"):
+        return (f"the C++ extension is not built: {not_installed}, and CCT_KERNELS_NO_BUILD=1 turns the first-use "
+                f"build off")
+    try:
+        build.build_and_load()
+    except build.BuildError as e:
+        return (f"the C++ extension is not built: {not_installed}, and the first-use build failed: {e}. Fix the "
+                f"compiler and run again, or install with `pip install --no-build-isolation .` (README, Install)")
     return None
 
 

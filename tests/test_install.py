@@ -1,0 +1,143 @@
+"""Installing: the wheel ships the C++ sources, the first-use build compiles and caches the kernels, a missing
+compiler is a clear error, and the CUDA architecture default never breaks the build (setup.py, extension/build.py).
+
+The ahead-of-time build (`pip install --no-build-isolation`) is what CI's own environment uses (.ci/run requires
+it); the first-use build is compiled here once, into a temporary cache (~1-2 minutes on 2 cores).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cct_kernels.extension import build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs `code` in a fresh interpreter where the installed cct_kernels._C cannot be imported, as after `pip install .`
+# with build isolation: the package must then build its kernels at first use.
+HIDE_INSTALLED_EXTENSION = textwrap.dedent("""
+    import importlib.abc, sys
+    class HideInstalledExtension(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "cct_kernels._C":
+                raise ImportError("hidden by the test")
+    sys.meta_path.insert(0, HideInstalledExtension())
+""")
+
+USE_KERNELS = textwrap.dedent("""
+    import torch, cct_kernels
+    from cct_kernels import extension
+    assert extension.info()["cpu"], extension.describe()
+    torch.manual_seed(0)
+    kernel = cct_kernels.create_model("cct_2_3x2_32", backend="cpu").eval()
+    eager = cct_kernels.create_model("cct_2_3x2_32", backend="eager").eval()
+    eager.load_state_dict(kernel.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        error = (kernel(x) - eager(x)).abs().max().item()
+    assert error < 1e-4, error
+    print("DESCRIBE", extension.describe())
+""")
+
+
+def run_without_installed_extension(code, env):
+    return subprocess.run([sys.executable, "-c", HIDE_INSTALLED_EXTENSION + code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def clean_env(monkeypatch_env, **extra):
+    env = {k: v for k, v in monkeypatch_env.items() if not k.startswith("CCT_KERNELS")}
+    return {**env, "MAX_JOBS": "2", **extra}
+
+
+def test_first_use_build_compiles_once_then_loads_from_the_cache(tmp_path):
+    env = clean_env(os.environ, CCT_KERNELS_CACHE_DIR=str(tmp_path / "cache"))
+    first = run_without_installed_extension(USE_KERNELS, env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    building = [line for line in first.stderr.splitlines() if "building the C++ extension" in line]
+    assert len(building) == 1, first.stderr  # one line says what happens while it compiles
+    assert "DESCRIBE built: cpu kernels yes" in first.stdout
+    (built,) = (tmp_path / "cache").iterdir()
+    assert (built / "complete").is_file() and (built / f"{build.LIBRARY_NAME}.so").is_file()
+
+    second = run_without_installed_extension(USE_KERNELS, env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "building" not in second.stderr, second.stderr  # cached: no second compile
+    assert list((tmp_path / "cache").iterdir()) == [built]
+
+
+def test_a_missing_compiler_is_a_clear_error_and_the_package_still_imports(tmp_path):
+    env = clean_env(os.environ, CCT_KERNELS_CACHE_DIR=str(tmp_path / "cache"), CXX="/nonexistent/c++")
+    code = "from cct_kernels import extension, ops; print(extension.describe())"
+    result = run_without_installed_extension(code, env)
+    assert result.returncode == 0, result.stderr
+    assert "first-use build failed" in result.stdout
+    assert "the C++ compiler '/nonexistent/c++' was not found" in result.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def test_no_build_env_turns_the_first_use_build_off(tmp_path):
+    env = clean_env(os.environ, CCT_KERNELS_CACHE_DIR=str(tmp_path / "cache"), CCT_KERNELS_NO_BUILD="1")
+    result = run_without_installed_extension("from cct_kernels import extension; print(extension.describe())", env)
+    assert result.returncode == 0, result.stderr
+    assert "CCT_KERNELS_NO_BUILD=1" in result.stdout and not (tmp_path / "cache").exists()
+
+
+def test_the_wheel_ships_the_sources_for_the_first_use_build(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("cct_kernels", "csrc"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = clean_env(os.environ, CCT_KERNELS_NO_EXTENSION="1")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                             str(source), "-w", str(tmp_path / "wheel")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"cct_kernels/_csrc/{p.relative_to(ROOT / 'csrc')}" for p in build.all_source_files(ROOT / "csrc")}
+    assert expected and expected <= names, sorted(expected - names)
+    assert "cct_kernels/extension/build.py" in names
+
+
+@pytest.mark.parametrize("requested, visible, expected", [
+    (None, [], build.DEFAULT_CUDA_ARCHS),  # no GPU: torch's own detection would raise IndexError
+    ("", [], build.DEFAULT_CUDA_ARCHS),
+    (None, [(9, 0)], "9.0"),
+    (None, [(9, 0), (8, 0), (9, 0)], "8.0;9.0"),
+    ("9.0", [], "9.0"),
+    ("8.0 9.0a", [], "8.0;9.0a"),
+    ("7.5;8.6;9.0+PTX", [], "8.6;9.0+PTX"),  # sm_75 cannot compile cp.async: dropped
+    ("Turing;Hopper", [], "Hopper"),
+    ("7.0;7.5", [], None),  # nothing left: CUDA kernels skipped, CPU kernels still built
+    (None, [(7, 5)], None),  # a visible pre-Ampere GPU could not run them
+])
+def test_cuda_arch_list(requested, visible, expected):
+    archs, note = build.cuda_arch_list(requested, visible)
+    assert archs == expected, note
+    if expected is None:
+        assert "skipped" in note and ("8.0" in note or "sm_80" in note)
+    if requested and expected and expected.count(";") < requested.replace(" ", ";").count(";"):
+        assert "dropped" in note
+
+
+def test_cpu_arch_flags(monkeypatch):
+    monkeypatch.delenv("CCT_KERNELS_CPU_ARCH", raising=False)
+    assert build.cpu_arch_flags(machine="x86_64") == ["-march=native"]
+    assert build.cpu_arch_flags(machine="aarch64") == []
+    assert build.cpu_arch_flags("none") == [] and build.cpu_arch_flags("") == []
+    assert build.cpu_arch_flags("x86-64-v3") == ["-march=x86-64-v3"]
+
+
+def test_source_root_finds_the_sources_of_a_checkout():
+    root = build.source_root()
+    assert root is not None and (root / "ops.cpp").is_file()
+    assert {p.name for p in build.cpu_sources(root)} >= {"ops.cpp", "attention.cpp", "seqpool.cpp", "tokenize.cpp"}
+    assert all(p.suffix == ".cu" for p in build.cuda_sources(root))
