@@ -55,8 +55,12 @@ CCT_HD void pool_window_max(const T* plane, PoolGeometry g, int64_t ph, int64_t 
   }
 }
 
+// Whether ReLU's backward passes the gradient of an output: unless it is <= 0, so a NaN output passes it, as
+// torch's threshold_backward does (written `!(out <= 0)`, not `out > 0`, which would block NaN).
+CCT_HD bool relu_passes(float out) { return !(out <= 0.f); }
+
 // d loss / d y[b, c, h, w]: the sum of grad_out over the windows whose recorded argmax is (h, w); a window whose
-// maximum was clipped by ReLU (out == 0) passes nothing.
+// maximum was clipped by ReLU (out == 0) passes nothing; one whose maximum is NaN passes its gradient.
 template <typename T>
 CCT_HD float gather_grad(const T* gout, const T* out, const int8_t* index, PoolGeometry g, Strides4 os,
                          int64_t b, int64_t c, int64_t h, int64_t w, bool relu) {
@@ -68,7 +72,8 @@ CCT_HD float gather_grad(const T* gout, const T* out, const int8_t* index, PoolG
     for (int64_t pw = pw0; pw <= pw1; ++pw) {
       const int64_t off = b * os.b + c * os.c + ph * os.h + pw * os.w;
       const int8_t code = (int8_t)((h + g.pp - ph * g.ps) * g.pk + (w + g.pp - pw * g.ps));
-      if (index[off] == code && (!relu || static_cast<float>(out[off]) > 0.f)) acc += static_cast<float>(gout[off]);
+      if (index[off] == code && (!relu || relu_passes(static_cast<float>(out[off]))))
+        acc += static_cast<float>(gout[off]);
     }
   return acc;
 }

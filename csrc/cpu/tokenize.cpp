@@ -122,13 +122,13 @@ bool gather_grad_cl(const T* gout, const T* out, const int8_t* index, const Pool
         const bool norelu = !relu;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {  // float compare and bitwise ops: the form GCC vectorises
-          const bool hit = ((float)id[c] == codef) & ((to_f(o[c]) > 0.f) | norelu);
+          const bool hit = ((float)id[c] == codef) & (relu_passes(to_f(o[c])) | norelu);
           acc[c] += hit ? to_f(go[c]) : 0.f;
         }
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t k = c * os.c;
-          const bool hit = id[k] == code && (!relu || to_f(o[k]) > 0.f);
+          const bool hit = id[k] == code && (!relu || relu_passes(to_f(o[k])));
           acc[c] += hit ? to_f(go[k]) : 0.f;
         }
       }
