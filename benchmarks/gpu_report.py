@@ -1,50 +1,176 @@
-"""One command for a GPU machine: build the extension, run the tests, run every benchmark, write one report.
+"""One command for a GPU machine: build the extension, run the tests, benchmarks and compute-sanitizer, write a report.
 
-    python benchmarks/gpu_report.py                          # all stages, about 9.5 minutes at most
-    python benchmarks/gpu_report.py --skip-build --tests tests/test_ops.py --benchmarks benchmarks/test_bench_models.py
+    python3 benchmarks/gpu_report.py             # every stage, 535 s of budgets (under 9 minutes, build included)
+    python3 benchmarks/gpu_report.py --dry-run   # print the plan (for the lent GPU machine when none is here)
+    python3 benchmarks/gpu_report.py --skip-build --tests tests/test_ops.py --benchmarks benchmarks/test_bench_models.py
 
-Stages, each with a time budget; one that fails or runs out of time is recorded and the next one still runs:
-  wheels  pip install --no-deps .wheels/*.whl   when that (git-ignored) folder exists: the GPU image lacks
-          vit-pytorch, which tests/official.py needs. On a networked machine, before the GPU call:
-          pip download --no-deps -d .wheels vit-pytorch   and name .wheels in the device call's carry list.
-  build   pip install --no-build-isolation --no-deps -e .   (PIP_NO_INDEX=1: the GPU machine has no network)
-  tests   pytest tests -q --junitxml=junit.xml
-  bench   pytest <file> --benchmark-only --benchmark-json=...   per benchmark file, sharing what time is left
-          (benchmarks/conftest.py also streams each result to a JSON-lines file, so a file cut off by its
-          budget keeps what it measured)
-Writes report.md and report.json, with the logs, junit.xml and the raw benchmark JSON, into
-benchmarks/results/<date>-<gpu>/. It also runs without a GPU (the device is then "cpu"), for checking.
-Standard library only, so it reports even when torch or the package is broken.
+Runs on the preinstalled stack (python3 with a CUDA torch, triton, nvcc, pytest-benchmark; pytest-xdist,
+pytest-timeout and compute-sanitizer when present): no bootstrap, no network (PIP_NO_INDEX=1). Stages, in order,
+each with a time budget (at least its planned one while time is left, plus what earlier stages left unused; one
+that fails or runs out of time is recorded and the next one still runs):
+  wheels            pip install --no-index --no-deps --target <tmp>/cct_site .whl/*.whl .wheels/*.whl, then
+                    PYTHONPATH=<tmp>/cct_site for every later stage; only when such wheels were carried (vit-pytorch,
+                    which tests/official.py uses, is not on the GPU image: see README "GPU run").
+  build             pip install --no-build-isolation --no-deps -e .  with MAX_JOBS = all cores and
+                    TORCH_CUDA_ARCH_LIST = the visible GPU's compute capability (nvidia-smi).
+  probe             device, driver and versions (nvidia-smi, nvcc, torch/triton/cct_kernels in a subprocess).
+  tests             pytest tests, in parallel (pytest-xdist -n, sized from the cores) when xdist is importable, with a
+                    per-test timeout when pytest-timeout is; the CPU-only static checks (tests/test_triton_sm90.py,
+                    tests/test_cuda_sources.py: sm_90 compiles and nvcc, which CI runs on CPU) are left out.
+  bench ops         op benchmarks (every benchmarks/test_bench_*.py but the models), kernel and eager rows.
+  sanitize memcheck / racecheck   compute-sanitizer over benchmarks/sanitize_kernels.py (one small forward and
+                    backward of every Triton and CUDA kernel); its ERROR SUMMARY goes into the report.
+  bench models      whole-model benchmarks, kernel and eager rows.
+  bench compile     every torch.compile row (marker compile_row, benchmarks/conftest.py), last and bounded.
+Benchmarks run with a short --benchmark-max-time; benchmarks/conftest.py streams each result to JSON lines, so a
+stage cut off by its budget keeps what it measured. Writes report.md and report.json, with the logs, junit.xml and
+the raw benchmark JSON, into benchmarks/results/<date>-<gpu>/, and with --archive DIR (default: $OUT when that is a
+folder, as on the device tool) also DIR/<that folder's name>.tar.gz and DIR/report.md. It also runs without a GPU
+(the device is then "cpu"; the sanitizer stages are skipped), for checking. Standard library only, so it reports
+even when torch or the package is broken.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import glob
+import importlib.util
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
-import xml.etree.ElementTree as ET
+from typing import NamedTuple
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_render import (benchmark_rows, benchmark_table, junit_summary, load_benchmarks,  # noqa: E402,F401
+                           markdown, pytest_last_line, sanitizer_verdict)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-# Weight of each benchmark file in sharing the bench budget: whole models cost the most (compiles included).
-WEIGHTS = {"test_bench_models.py": 3.0}
-GRACE_S = 10  # after the budget: SIGINT (pytest still writes its JSON), then SIGKILL this much later
+WHEEL_DIRS = (".whl", ".wheels")  # git-ignored folders of carried wheels
+STATIC_CHECKS = ("tests/test_triton_sm90.py", "tests/test_cuda_sources.py")  # CPU-only, run by CI
+TOTAL_BUDGET_S = 540  # the device allows 10 minutes per command; the rest is the machine's start and transfers
+# Planned seconds per stage (sum 535). Measured on CPU only so far; the build is about 1-2 minutes on 16 cores.
+BUDGETS = {"wheels": 15, "build": 140, "probe": 25, "tests": 110, "bench ops": 70, "sanitize memcheck": 45,
+           "sanitize racecheck": 40, "bench models": 55, "bench compile": 35}
+# The lent GPU machine (device tool, nvidia-h200), assumed by --dry-run where no GPU is visible.
+LENT_MACHINE = {"gpu": "NVIDIA H200", "cuda_arch": "9.0", "cpu_count": 16, "xdist": True, "pytest_timeout": True,
+                "compute_sanitizer": "compute-sanitizer", "assumed": True}
+GRACE_S, KILL_S = 5, 3  # at the budget's end: SIGINT (pytest still writes its files), then SIGKILL GRACE_S later
+TEST_TIMEOUT_S = 90  # per test, with pytest-timeout: a hung kernel costs one test, not the stage
+BENCH_FLAGS = ["--benchmark-only", "--benchmark-max-time=0.2", "--benchmark-min-rounds=3", "-q", "-p",
+               "no:cacheprovider"]
+
+
+class Stage(NamedTuple):
+    """One step of the plan: `cmd` run in the repository root for at most `budget_s` seconds."""
+    name: str
+    cmd: list[str]
+    budget_s: float
+    needs: str
+    env: dict | None = None  # added to the environment
+    skip: str | None = None  # why it will not run here (recorded as skipped)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def machine_facts() -> dict:
+    """What this machine offers: cores, GPU and its arch (nvidia-smi), xdist, pytest-timeout, compute-sanitizer."""
+    facts = {"cpu_count": os.cpu_count() or 1, "xdist": importlib.util.find_spec("xdist") is not None,
+             "pytest_timeout": importlib.util.find_spec("pytest_timeout") is not None,
+             "compute_sanitizer": shutil.which("compute-sanitizer"), "gpu": None, "cuda_arch": None}
+    smi = _capture(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"])
+    if smi and "," in smi:
+        name, cap = smi.splitlines()[0].rsplit(",", 1)
+        facts.update(gpu=name.strip(), cuda_arch=cap.strip())
+    return facts
+
+
+def carried_wheels() -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for d in WHEEL_DIRS for p in (ROOT / d).glob("*.whl"))
+
+
+def xdist_workers(cpu_count: int) -> int:
+    """Test processes for pytest-xdist: all cores but two (Triton's compiles and ptxas use the rest), at most 12."""
+    return max(1, min(12, cpu_count - 2))
+
+
+def build_plan(facts: dict, args, wheels: list[str], site: str) -> list[Stage]:
+    python = sys.executable
+    stages = []
+    if wheels or args.dry_run:
+        cmd = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--upgrade", "--target", site, *(wheels or [f"{d}/*.whl" for d in WHEEL_DIRS])]
+        stages.append(Stage("wheels", cmd, BUDGETS["wheels"], "wheels carried in .whl/ or .wheels/ (README 'GPU "
+                            "run'); runs only when there are some", skip=None if wheels else "no wheels carried"))
+    if not args.skip_build:
+        env = {"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "MAX_JOBS": str(facts["cpu_count"])}
+        if facts["cuda_arch"]:
+            env["TORCH_CUDA_ARCH_LIST"] = facts["cuda_arch"]
+        stages.append(Stage("build", [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
+                            BUDGETS["build"], "the image's CUDA torch, nvcc, setuptools, ninja", env))
+    stages.append(Stage("probe", [python, "-c", "<environment probe>"], BUDGETS["probe"], "nothing (reports what is"
+                        " missing)"))
+    if not args.skip_tests:
+        cmd = [python, "-m", "pytest", *args.tests, "-q", "-p", "no:cacheprovider", "--junitxml=<out>/junit.xml",
+               *(f"--ignore={path}" for path in STATIC_CHECKS)]
+        if facts["xdist"]:
+            cmd += ["-n", str(xdist_workers(facts["cpu_count"]))]
+        if facts["pytest_timeout"]:
+            cmd += [f"--timeout={TEST_TIMEOUT_S}"]
+        stages.append(Stage("tests", cmd, BUDGETS["tests"], "pytest; pytest-xdist and pytest-timeout when present; "
+                            "vit-pytorch (carried wheel) or its tests skip"))
+    bench_files = args.benchmarks or sorted(str(p.relative_to(ROOT)) for p in
+                                            (ROOT / "benchmarks").glob("test_bench_*.py"))
+    model_files = [f for f in bench_files if Path(f).name == "test_bench_models.py"]
+    op_files = [f for f in bench_files if f not in model_files]
+    # (name, files or sanitizer tool, benchmark marker expression)
+    steps = [("bench ops", op_files, "not compile_row")]
+    if not args.skip_sanitize:
+        steps += [(f"sanitize {tool}", tool, None) for tool in ("memcheck", "racecheck")]
+    steps += [("bench models", model_files, "not compile_row"), ("bench compile", bench_files, "compile_row")]
+    for name, what, marker in steps:
+        if name.startswith("sanitize"):
+            cmd = [facts["compute_sanitizer"] or "compute-sanitizer", "--tool", what, "--target-processes", "all",
+                   "--print-limit", "20", python, "benchmarks/sanitize_kernels.py"]
+            skip = ("no GPU visible" if not facts["gpu"] else
+                    None if facts["compute_sanitizer"] else "compute-sanitizer is not on PATH")
+            stages.append(Stage(name, cmd, BUDGETS[name], "compute-sanitizer (CUDA toolkit) and a GPU",
+                                {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, skip))
+        elif not args.skip_bench and what:
+            stem = name.replace(" ", "_")
+            cmd = [python, "-m", "pytest", *what, "-m", marker, *BENCH_FLAGS, f"--benchmark-json=<out>/{stem}.json"]
+            stages.append(Stage(name, cmd, BUDGETS[name], "pytest-benchmark", {"CCT_BENCH_JSONL": f"<out>/{stem}"
+                                                                                                 ".jsonl"}))
+    return stages
+
+
+def print_plan(stages: list[Stage], facts: dict, archive: Path | None) -> int:
+    machine = (f"{facts['gpu'] or 'no GPU'} (arch {facts['cuda_arch']}), {facts['cpu_count']} cores, "
+               f"xdist {'yes' if facts['xdist'] else 'no'}, compute-sanitizer {facts['compute_sanitizer'] or 'no'}")
+    assumed = " [assumed: the lent GPU machine; no GPU is visible here]" if facts.get("assumed") else ""
+    print(f"gpu_report plan for {machine}{assumed}")
+    for i, s in enumerate(stages, 1):
+        env = " ".join(f"{k}={v}" for k, v in (s.env or {}).items())
+        skip = f"  [skipped here: {s.skip}]" if s.skip else ""
+        print(f"{i:2d}. {s.name:<18} budget {s.budget_s:4.0f} s  needs: {s.needs}{skip}\n"
+              f"      {env + ' ' if env else ''}{shlex.join(s.cmd)}")
+    total = sum(s.budget_s for s in stages)
+    print(f"total budget: {total:.0f} s ({total / 60:.1f} min; limit {TOTAL_BUDGET_S} s)")
+    print(f"results: {RESULTS.relative_to(ROOT)}/<date>-<gpu>/"
+          + (f"; archive: {archive}/<date>-<gpu>.tar.gz and {archive}/report.md" if archive else ""))
+    return 0 if total <= TOTAL_BUDGET_S else 1
 
 
 # ------------------------------------------------------------------------------------------------ running
 def run_stage(name: str, cmd: list[str], budget_s: float, log: Path, env: dict | None = None) -> dict:
-    """Run `cmd` in the repository root with output to `log`, stopped after `budget_s` seconds.
-
-    Returns {name, command, status: ok | failed | timeout | error, returncode, seconds, log}.
-    """
+    """Run `cmd` in the repository root with output to `log`, stopped within `budget_s` seconds (SIGINT, then
+    SIGKILL). Returns {name, command, status: ok | failed | timeout | error | skipped, returncode, seconds, log}."""
     started = time.monotonic()
     record = {"name": name, "command": shlex.join(cmd), "budget_s": round(budget_s, 1), "log": log.name}
     if budget_s <= 1:
@@ -56,7 +182,7 @@ def run_stage(name: str, cmd: list[str], budget_s: float, log: Path, env: dict |
         except OSError as e:
             return {**record, "status": "error", "returncode": None, "seconds": 0.0, "note": str(e)}
         try:
-            returncode = process.wait(timeout=budget_s)
+            returncode = process.wait(timeout=max(1.0, budget_s - GRACE_S - KILL_S))
             status = "ok" if returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
             status = "timeout"
@@ -67,7 +193,7 @@ def run_stage(name: str, cmd: list[str], budget_s: float, log: Path, env: dict |
 
 def _stop(process: subprocess.Popen):
     """Interrupt the stage's process group, then kill it if it has not ended after GRACE_S."""
-    for sig, wait in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, KILL_S)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
@@ -79,9 +205,10 @@ def _stop(process: subprocess.Popen):
             continue
 
 
-def _capture(cmd: list[str], timeout: float = 60) -> str | None:
+def _capture(cmd: list[str], timeout: float = 60, env: dict | None = None) -> str | None:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT).stdout.strip()
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, **(env or {})}).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -98,11 +225,13 @@ try:
                     gpu_count=torch.cuda.device_count(), cudnn=torch.backends.cudnn.version())
 except Exception as e:
     info["torch_error"] = repr(e)
-for module in ("triton", "pytest_benchmark"):
+import importlib.metadata
+for key, distribution in (("triton", "triton"), ("pytest_benchmark", "pytest-benchmark"), ("xdist", "pytest-xdist"),
+                          ("vit_pytorch", "vit-pytorch")):
     try:
-        info[module] = __import__(module).__version__
-    except Exception as e:
-        info[module] = None
+        info[key] = importlib.metadata.version(distribution)
+    except Exception:
+        info[key] = None
 try:
     from cct_kernels import backends, extension
     import torch
@@ -115,237 +244,129 @@ print(json.dumps(info))
 """
 
 
-def environment() -> dict:
+def environment(timeout: float, env: dict, facts: dict) -> dict:
     """Device, driver and versions: nvidia-smi, nvcc, and a probe of torch/triton/cct_kernels in a subprocess."""
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    probe = _capture([sys.executable, "-c", _ENV_PROBE], timeout=120)
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu_count": facts["cpu_count"], "compute_sanitizer": facts["compute_sanitizer"]}
+    probe = _capture([sys.executable, "-c", _ENV_PROBE], timeout=timeout, env=env)
     try:
-        env.update(json.loads(probe.splitlines()[-1]))
+        info.update(json.loads(probe.splitlines()[-1]))
     except (AttributeError, IndexError, ValueError):
-        env["probe_error"] = probe
+        info["probe_error"] = probe or f"no answer within {timeout:.0f} s"
     smi = _capture(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
                     "--format=csv,noheader"])
     if smi:
-        env["nvidia_smi"] = smi.splitlines()[0]
-        env["driver"] = smi.splitlines()[0].split(",")[1].strip()
+        info["nvidia_smi"] = smi.splitlines()[0]
+        info["driver"] = smi.splitlines()[0].split(",")[1].strip()
     nvcc = _capture(["nvcc", "--version"])
     if nvcc:
-        env["nvcc"] = nvcc.splitlines()[-1]
-    env["git_commit"] = _capture(["git", "rev-parse", "--short", "HEAD"])
-    env["git_dirty"] = bool(_capture(["git", "status", "--porcelain", "--untracked-files=no"]))
-    return env
+        info["nvcc"] = nvcc.splitlines()[-1]
+    info["git_commit"] = _capture(["git", "rev-parse", "--short", "HEAD"])
+    info["git_dirty"] = bool(_capture(["git", "status", "--porcelain", "--untracked-files=no"]))
+    return info
 
 
-# ------------------------------------------------------------------------------------------------ reading
-def junit_summary(path: Path) -> dict:
-    """Counts and the failed tests (with the first line of their message) from a pytest junit XML file."""
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    summary = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    summary["time_s"] = sum(float(s.get("time", 0)) for s in suites)
-    summary["passed"] = summary["tests"] - summary["failures"] - summary["errors"] - summary["skipped"]
-    summary["failed"] = []
-    for case in root.iter("testcase"):
-        for problem in list(case.findall("failure")) + list(case.findall("error")):
-            message = (problem.get("message") or "").strip().splitlines()
-            summary["failed"].append(f"{case.get('classname')}::{case.get('name')}: {message[0] if message else ''}")
-    return summary
-
-
-def _pytest_last_line(log: Path) -> str | None:
-    """pytest's closing line ("3 passed, 1 failed in 12.3s"), for a run that wrote no junit file."""
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    found = [line.strip("= ") for line in lines if re.search(r"\d+ (passed|failed|error)", line)]
-    return found[-1] if found else None
-
-
-def load_benchmarks(json_path: Path, jsonl_path: Path) -> list[dict]:
-    """A file's benchmarks: pytest-benchmark's JSON when it was written, else the streamed JSON lines."""
-    if json_path.exists():
-        try:
-            return json.loads(json_path.read_text())["benchmarks"]
-        except (ValueError, KeyError):
-            pass
-    if jsonl_path.exists():
-        return [json.loads(line) for line in jsonl_path.read_text().splitlines() if line.strip()]
-    return []
-
-
-def benchmark_rows(benchmarks: list[dict]) -> list[dict]:
-    """One flat row per benchmark, with its speedup over the eager run of the same case when there is one."""
-    rows = []
-    for b in benchmarks:
-        info, stats = b.get("extra_info") or {}, b["stats"]
-        params = dict(b.get("params") or {})
-        backend = info.get("backend") or params.get("backend")
-        params.pop("backend", None)
-        case = (b.get("group"), b["fullname"].split("[")[0], json.dumps(params, sort_keys=True, default=str))
-        rows.append({
-            "group": b.get("group") or "", "name": b["name"], "backend": backend, "case": case,
-            "median_ms": stats["median"] * 1e3, "rounds": stats.get("rounds"), "tflops": info.get("tflops"),
-            "gbps": info.get("gbps"), "peak_flops": info.get("fraction_of_peak_flops"),
-            "peak_bw": info.get("fraction_of_peak_bandwidth"), "items_per_s": info.get("items_per_s"),
-            "cuda_graph_ms": info.get("cuda_graph_ms"),
-        })
-    eager = {r["case"]: r["median_ms"] for r in rows if r["backend"] == "eager"}
-    for r in rows:
-        base = eager.get(r["case"]) if r["backend"] else None
-        r["vs_eager"] = base / r["median_ms"] if base else None
-    return rows
-
-
-def _num(value, spec: str, suffix: str = "") -> str:
-    return "" if value is None else format(value, spec) + suffix
-
-
-def benchmark_table(rows: list[dict]) -> str:
-    """A Markdown table of every benchmark, grouped as pytest-benchmark groups them."""
-    headers = ["group", "benchmark", "backend", "median ms", "rounds", "TFLOP/s", "GB/s", "% peak FLOP/s",
-               "% peak BW", "images/s", "vs eager", "graph ms"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * 3 + "---:|" * (len(headers) - 3)]
-    for r in sorted(rows, key=lambda r: (r["group"], r["name"])):
-        cells = [
-            r["group"], r["name"], r["backend"] or "", f"{r['median_ms']:.3f}", _num(r["rounds"], "d"),
-            _num(r["tflops"], ".1f" if (r["tflops"] or 0) >= 10 else ".3f"), _num(r["gbps"], ",.0f"),
-            _num(r["peak_flops"] and r["peak_flops"] * 100, ".1f", "%"),
-            _num(r["peak_bw"] and r["peak_bw"] * 100, ".1f", "%"), _num(r["items_per_s"], ",.0f"),
-            _num(r["vs_eager"], ".2f", "x"), _num(r["cuda_graph_ms"], ".3f"),
-        ]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def markdown(report: dict) -> str:
-    env = report["environment"]
-    device = env.get("gpu") or "cpu (no GPU)"
-    out = [f"# cct_kernels GPU report: {device}, {env['date'][:10]}", ""]
-    out += ["| | |", "|---|---|"]
-    for key, label in (("gpu", "GPU"), ("nvidia_smi", "nvidia-smi"), ("driver", "driver"), ("capability", "arch"),
-                       ("torch", "torch"), ("torch_cuda", "CUDA (torch)"), ("nvcc", "nvcc"), ("cudnn", "cuDNN"),
-                       ("triton", "triton"), ("python", "Python"), ("pytest_benchmark", "pytest-benchmark"),
-                       ("extension", "extension"), ("git_commit", "commit"), ("date", "date (UTC)")):
-        if env.get(key) is not None:
-            value = f"{env[key]}{' (uncommitted changes)' if key == 'git_commit' and env.get('git_dirty') else ''}"
-            out.append(f"| {label} | {value} |")
-    for name, reason in (env.get("backends") or {}).items():
-        out.append(f"| backend {name} | {reason} |")
-    out += ["", f"Command: `{report['command']}` (took {report['seconds']:.0f} s)", "", "## Stages", "",
-            "| stage | command | status | seconds | budget s |", "|---|---|---|---:|---:|"]
-    for s in report["stages"]:
-        note = f" ({s['note']})" if s.get("note") else ""
-        out.append(f"| {s['name']} | `{s['command']}` | {s['status']}{note} | {s['seconds']} | {s['budget_s']} |")
-    out += ["", "## Tests", ""]
-    tests = report.get("tests") or {}
-    if "tests" in tests:
-        out.append(f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
-                   f"{tests['skipped']} skipped of {tests['tests']} ({tests['time_s']:.0f} s).")
-        out += [f"- {line}" for line in tests["failed"][:50]]
-    else:
-        out.append(tests.get("note", "no test results"))
-    out += ["", "## Benchmarks", ""]
-    if report["benchmarks"]:
-        out.append("median ms: pytest-benchmark's median per call (device synchronised inside); graph ms: per "
-                   "CUDA-graph replay; vs eager: speedup over the eager backend on the same case.")
-        out += ["", benchmark_table(report["benchmarks"])]
-    else:
-        out.append("no benchmark results")
-    return "\n".join(out) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------ main
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def main(argv=None) -> int:
+def _results_folder(gpu: str | None) -> Path:
+    base = f"{datetime.date.today().isoformat()}-{_slug(gpu or 'cpu')}"
+    out, suffix = RESULTS / base, 2
+    while out.exists():
+        out, suffix = RESULTS / f"{base}-{suffix}", suffix + 1
+    return out
+
+
+def _archive(out: Path, archive: Path) -> None:
+    """out/ as archive/<name>.tar.gz, and report.md beside it (the device tool brings back only a few files)."""
+    archive.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive / f"{out.name}.tar.gz", "w:gz") as tar:
+        tar.add(out, arcname=out.relative_to(ROOT) if out.is_relative_to(ROOT) else out.name)
+    shutil.copy(out / "report.md", archive / "report.md")
+
+
+def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=570, help="seconds for everything (default 570)")
-    parser.add_argument("--build-budget", type=float, default=180, help="seconds for the build (default 180)")
-    parser.add_argument("--test-budget", type=float, default=150, help="seconds for the tests (default 150)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and run nothing")
+    parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help=f"seconds for everything "
+                        f"(default {TOTAL_BUDGET_S})")
     parser.add_argument("--skip-build", action="store_true", help="use the package as installed")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-sanitize", action="store_true")
     parser.add_argument("--tests", nargs="+", default=["tests"], help="pytest paths (default tests)")
     parser.add_argument("--benchmarks", nargs="+", help="benchmark files (default benchmarks/test_bench_*.py)")
     parser.add_argument("--out", help="report folder (default benchmarks/results/<date>-<gpu>/)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--archive", default=os.environ.get("OUT") if os.path.isdir(os.environ.get("OUT", "")) else
+                        None, help="also write <folder>.tar.gz and report.md here (default $OUT when a folder)")
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
     started = time.monotonic()
+    facts = machine_facts()
+    if args.dry_run and not facts["gpu"]:
+        facts = {**facts, **LENT_MACHINE}
+    site = str(Path(os.environ.get("TMPDIR", "/tmp")) / "cct_site")
+    stages = build_plan(facts, args, carried_wheels(), site)
+    if args.dry_run:
+        return print_plan(stages, facts, Path(args.archive) if args.archive else None)
+
     deadline = started + args.budget
-    left = lambda reserve=0.0: deadline - time.monotonic() - reserve  # noqa: E731
-    python = sys.executable
-    out = Path(args.out) if args.out else None
     logs_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cct_gpu_report_{os.getpid()}"
     logs_dir.mkdir(parents=True, exist_ok=True)  # stage outputs land here until the device name is known
-    stages = []
-    # No network on the GPU machine: never let pip try an index; build with every core.
-    build_env = {"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "MAX_JOBS": str(os.cpu_count() or 4)}
-
-    wheels = sorted(str(p) for p in Path(".wheels").glob("*.whl"))
-    if wheels:  # pure-Python test dependencies the GPU image lacks (vit-pytorch), carried from a networked machine
-        cmd = [python, "-m", "pip", "install", "--no-deps", *wheels]
-        stages.append(run_stage("wheels", cmd, left(30), logs_dir / "wheels.log", build_env))
-    if not args.skip_build:
-        cmd = [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
-        stages.append(run_stage("build", cmd, min(args.build_budget, left(30)), logs_dir / "build.log", build_env))
-        print(f"build: {stages[-1]['status']} in {stages[-1]['seconds']} s", flush=True)
-    env = environment()
-    if out is None:
-        day = datetime.date.today().isoformat()
-        out = RESULTS / f"{day}-{_slug(env.get('gpu') or 'cpu')}"
-        suffix = 2
-        while out.exists():
-            out = RESULTS / f"{day}-{_slug(env.get('gpu') or 'cpu')}-{suffix}"
-            suffix += 1
-    out.mkdir(parents=True, exist_ok=True)
-    for log in logs_dir.iterdir():
-        log.replace(out / log.name)
-    logs_dir.rmdir()
-
-    tests = {}
-    if not args.skip_tests:
-        junit = out / "junit.xml"
-        cmd = [python, "-m", "pytest", *args.tests, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-        stages.append(run_stage("tests", cmd, min(args.test_budget, left(30)), out / "tests.log"))
-        print(f"tests: {stages[-1]['status']} in {stages[-1]['seconds']} s", flush=True)
-        try:
-            tests = junit_summary(junit)
-        except (OSError, ET.ParseError):
-            tests = {"note": f"no junit file ({stages[-1]['status']}); last line: "
-                             f"{_pytest_last_line(out / 'tests.log')}"}
-
-    benchmarks = []
-    if not args.skip_bench:
-        files = args.benchmarks or sorted(glob.glob(str(ROOT / "benchmarks" / "test_bench_*.py")),
-                                          key=lambda f: Path(f).name in WEIGHTS)  # op-level files first
-        for i, path in enumerate(files):
-            stem = Path(path).stem
-            weights = [WEIGHTS.get(Path(f).name, 1.0) for f in files[i:]]
-            budget = left(15) * weights[0] / sum(weights)
-            json_path, jsonl_path = out / f"{stem}.json", out / f"{stem}.jsonl"
-            cmd = [python, "-m", "pytest", str(Path(path).relative_to(ROOT) if Path(path).is_absolute() else path),
-                   "--benchmark-only", f"--benchmark-json={json_path}", "-q", "-p", "no:cacheprovider"]
-            stages.append(run_stage(f"bench {stem}", cmd, budget, out / f"{stem}.log",
-                                    {"CCT_BENCH_JSONL": str(jsonl_path)}))
-            found = load_benchmarks(json_path, jsonl_path)
-            stages[-1]["benchmarks"] = len(found)
+    out, env, records, tests, benchmarks = logs_dir, {}, [], {}, []
+    for i, stage in enumerate(stages):
+        # Its planned budget at least (while time is left), plus what earlier stages left unused.
+        left = deadline - time.monotonic()
+        budget = min(left, max(stage.budget_s, left - sum(s.budget_s for s in stages[i + 1:] if not s.skip)))
+        if stage.name == "probe":
+            env_info = environment(max(1.0, budget), env, facts)
+            out = Path(args.out) if args.out else _results_folder(env_info.get("gpu"))
+            out.mkdir(parents=True, exist_ok=True)
+            for log in logs_dir.iterdir():
+                log.replace(out / log.name)
+            logs_dir.rmdir()
+            continue
+        stem = stage.name.replace(" ", "_")
+        cmd = [part.replace("<out>", str(out)) for part in stage.cmd]
+        stage_env = {**env, **{k: v.replace("<out>", str(out)) for k, v in (stage.env or {}).items()}}
+        if stage.skip:
+            record = {"name": stage.name, "command": shlex.join(cmd), "budget_s": 0, "log": None,
+                      "status": "skipped", "returncode": None, "seconds": 0.0, "note": stage.skip}
+        else:
+            record = run_stage(stage.name, cmd, budget, out / f"{stem}.log", stage_env)
+        records.append(record)
+        if stage.name == "wheels" and record["status"] == "ok":
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+        if stage.name == "tests":
+            try:
+                tests = junit_summary(out / "junit.xml")
+            except (OSError, ValueError, SyntaxError):  # ET.ParseError is a SyntaxError
+                tests = {"note": f"no junit file ({record['status']}); last line: "
+                                 f"{pytest_last_line(out / 'tests.log')}"}
+        if stage.name.startswith("sanitize") and record["log"]:
+            record["sanitizer"] = sanitizer_verdict((out / record["log"]).read_text(errors="replace"))
+        if stage.name.startswith("bench"):
+            found = load_benchmarks(out / f"{stem}.json", out / f"{stem}.jsonl")
+            record["benchmarks"] = len(found)
             benchmarks += found
-            print(f"bench {stem}: {stages[-1]['status']} in {stages[-1]['seconds']} s, {len(found)} results",
-                  flush=True)
+        extra = f", {record['benchmarks']} results" if "benchmarks" in record else ""
+        print(f"{stage.name}: {record['status']} in {record['seconds']} s{extra}", flush=True)
 
     report = {
-        "command": shlex.join([Path(sys.argv[0]).name if argv is None else "gpu_report.py",
-                               *(sys.argv[1:] if argv is None else argv)]),
-        "seconds": time.monotonic() - started, "environment": env, "stages": stages, "tests": tests,
+        "command": shlex.join(["gpu_report.py", *(sys.argv[1:] if argv is None else argv)]),
+        "seconds": time.monotonic() - started, "environment": env_info, "stages": records, "tests": tests,
         "benchmarks": benchmark_rows(benchmarks),
     }
     (out / "report.json").write_text(json.dumps({**report, "raw_benchmarks": benchmarks}, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))
+    if args.archive:
+        _archive(out, Path(args.archive))
     print(f"wrote {out / 'report.md'} ({time.monotonic() - started:.0f} s)")
-    return 0 if all(s["status"] == "ok" for s in stages) else 1
+    return 0 if all(r["status"] in ("ok", "skipped") for r in records) else 1
 
 
 if __name__ == "__main__":
