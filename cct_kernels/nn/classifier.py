@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cct_kernels.nn._checks import check_heads, check_int, check_probability, check_real
 from cct_kernels.nn.encoder import TransformerEncoderLayer
 from cct_kernels.nn.positional import sinusoidal_embedding
 from cct_kernels.nn.seqpool import SeqPool
@@ -16,6 +17,9 @@ class TransformerClassifier(nn.Module):
 
     seq_pool=True pools with SeqPool (CCT, CVT); False prepends a class token and reads it out (ViT-Lite).
     `sequence_length` is the token count the positional embedding is built for (tokens only, no class token).
+    num_classes=0 means no head (timm's convention): `fc` is nn.Identity and the output is the pooled (B, D)
+    features. Sizes are ints (embedding_dim, num_heads >= 1 with embedding_dim a multiple of num_heads;
+    num_layers, num_classes >= 0), mlp_ratio > 0, rates in [0, 1]; anything else raises TypeError / ValueError.
     """
 
     def __init__(
@@ -24,13 +28,28 @@ class TransformerClassifier(nn.Module):
         sequence_length=None,
     ):
         super().__init__()
-        if positional_embedding not in POSITIONAL_EMBEDDINGS:
+        check_int("embedding_dim", embedding_dim, 1)
+        check_int("num_layers", num_layers, 0)
+        check_int("num_heads", num_heads, 1)
+        check_heads("embedding_dim", embedding_dim, "num_heads", num_heads)
+        check_real("mlp_ratio", mlp_ratio, low=0.0, low_inclusive=False)
+        if int(embedding_dim * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio ({mlp_ratio}) times embedding_dim ({embedding_dim}) must give a hidden "
+                             f"size >= 1")
+        check_int("num_classes", num_classes, 0)
+        for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout),
+                           ("stochastic_depth", stochastic_depth)):
+            check_probability(name, rate)
+        if sequence_length is not None:
+            check_int("sequence_length", sequence_length, 1)
+        if not isinstance(positional_embedding, str) or positional_embedding not in POSITIONAL_EMBEDDINGS:
             raise ValueError(
                 f"positional_embedding must be one of {POSITIONAL_EMBEDDINGS}, got {positional_embedding!r}"
             )
         if positional_embedding != "none" and sequence_length is None:
             raise ValueError(f"a {positional_embedding!r} positional embedding needs sequence_length")
         self.embedding_dim = embedding_dim
+        self.num_classes = num_classes
         self.seq_pool = seq_pool
         self.sequence_length = sequence_length
         num_positions = None if sequence_length is None else sequence_length + (0 if seq_pool else 1)
@@ -55,7 +74,7 @@ class TransformerClassifier(nn.Module):
             for rate in rates
         ])
         self.norm = nn.LayerNorm(embedding_dim)
-        self.fc = nn.Linear(embedding_dim, num_classes)
+        self.fc = nn.Linear(embedding_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weight)
 
     def forward(self, x):

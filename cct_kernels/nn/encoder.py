@@ -5,31 +5,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cct_kernels.nn._checks import check_int, check_probability
 from cct_kernels.nn.attention import Attention
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample: zero whole samples with probability drop_prob, scale the rest."""
+    """Stochastic depth per sample: zero whole samples with probability drop_prob (in [0, 1]), scale the rest
+    by 1 / (1 - drop_prob). drop_prob 1 drops every sample: the result is zero (not 0/0)."""
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1 - drop_prob
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = (keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)).floor_()
+    if keep_prob == 0.0:
+        return x * mask  # all zeros, still in the graph (zero gradients, so DDP sees every parameter used)
     return x.div(keep_prob) * mask
 
 
 class DropPath(nn.Module):
+    """drop_path as a module: active in training mode only. drop_prob must be in [0, 1]."""
+
     def __init__(self, drop_prob: float):
         super().__init__()
-        self.drop_prob = drop_prob
+        self.drop_prob = check_probability("drop_prob", drop_prob)
 
     def forward(self, x):
         return drop_path(x, self.drop_prob, self.training)
 
 
 class TransformerEncoderLayer(nn.Module):
+    """(B, N, d_model) -> (B, N, d_model). Sizes are ints >= 1 (d_model a multiple of nhead), rates in [0, 1]."""
+
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, attention_dropout=0.1, drop_path_rate=0.1):
         super().__init__()
+        check_int("dim_feedforward", dim_feedforward, 1)
+        check_probability("dropout", dropout)
+        check_probability("drop_path_rate", drop_path_rate)
         self.pre_norm = nn.LayerNorm(d_model)
         self.self_attn = Attention(d_model, nhead, attention_dropout, dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)

@@ -5,13 +5,14 @@ from torch import nn
 
 from cct_kernels import ops
 from cct_kernels.nn._backend import UsesBackend
+from cct_kernels.nn._checks import check_int
 
 
 class SeqPool(UsesBackend, nn.Linear):
     """(B, N, D) -> (B, D): softmax over N of the Linear(D, 1) scores, then the weighted sum of the tokens."""
 
     def __init__(self, dim: int):
-        super().__init__(dim, 1)
+        super().__init__(check_int("dim", dim, 1), 1)
 
     def forward(self, x):
         return ops.seqpool(x, self.weight, self.bias, backend=self.backend)

@@ -5,6 +5,7 @@ from torch import nn
 
 from cct_kernels import ops
 from cct_kernels.nn._backend import UsesBackend
+from cct_kernels.nn._checks import check_int
 from cct_kernels.ops.tokenize import output_size
 
 
@@ -27,6 +28,8 @@ class Tokenizer(nn.Module):
     """n_conv_layers stages of conv -> act -> pool, then tokens (B, H*W, C) in row-major order.
 
     Channels: n_input_channels -> in_planes (each inner stage) -> n_output_channels. Official defaults.
+    Square kernels, strides and paddings (ints); activation is nn.ReLU or None (the fused op computes ReLU);
+    max pool padding at most half its kernel. A bad argument raises TypeError / ValueError naming it.
     """
 
     def __init__(
@@ -35,6 +38,22 @@ class Tokenizer(nn.Module):
         max_pool=True, conv_bias=False,
     ):
         super().__init__()
+        for name, value, minimum in (
+            ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+            ("n_conv_layers", n_conv_layers, 1), ("n_input_channels", n_input_channels, 1),
+            ("n_output_channels", n_output_channels, 1), ("in_planes", in_planes, 1),
+        ):
+            check_int(name, value, minimum)
+        if max_pool:
+            check_int("pooling_kernel_size", pooling_kernel_size, 1)
+            check_int("pooling_stride", pooling_stride, 1)
+            check_int("pooling_padding", pooling_padding, 0)
+            if 2 * pooling_padding > pooling_kernel_size:
+                raise ValueError(f"pooling_padding ({pooling_padding}) must be at most half of pooling_kernel_size "
+                                 f"({pooling_kernel_size})")
+        if activation not in (None, nn.ReLU):
+            raise ValueError(f"activation must be nn.ReLU or None (the fused tokenize op computes ReLU), got "
+                             f"{activation!r}")
         channels = [n_input_channels] + [in_planes] * (n_conv_layers - 1) + [n_output_channels]
         self.conv_layers = nn.Sequential(*[
             ConvStage(
