@@ -1,10 +1,13 @@
-"""load_checkpoint: official checkpoints load strictly; resolution and class-count changes are adapted."""
+"""load_checkpoint: official checkpoints load strictly; resolution and class-count changes are adapted; bad files
+and other architectures are reported clearly. Also convert()'s refusal of modules it cannot convert."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cct_kernels
-from cct_kernels.models.checkpoint import resize_positional_embedding
+from cct_kernels.models.checkpoint import CheckpointError, resize_positional_embedding
 
 
 def test_official_checkpoint_loads_from_a_file(tmp_path):
@@ -59,8 +62,116 @@ def test_new_class_count_keeps_a_fresh_head():
     assert torch.equal(model.classifier.norm.weight, source.classifier.norm.weight)
 
 
-def test_mismatched_checkpoint_is_refused():
-    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+def test_another_architecture_is_reported_as_such_not_as_a_resize_problem():
+    # cct_2_3x2_32 (2 blocks, dim 128, 64 tokens) into cct_7_3x1_32 (7 blocks, dim 256, 256 tokens): the PE width
+    # differs, so no resize is attempted; the message says which keys are missing and which shapes differ.
+    with pytest.raises(CheckpointError) as caught:
         cct_kernels.load_checkpoint(cct_kernels.cct_7_3x1_32(), cct_kernels.cct_2_3x2_32().state_dict())
+    message = str(caught.value)
+    assert "does not fit this CCT (saved from another architecture?" in message
+    assert "checkpoint: 2 encoder blocks, embedding_dim 128; model: 7 encoder blocks, embedding_dim 256" in message
+    assert "missing keys: classifier.blocks.2.pre_norm.weight" in message
+    assert "shape mismatches: tokenizer.conv_layers.0.0.weight checkpoint (64, 3, 3, 3) vs model (256, 3, 3, 3)" in message
+    assert "classifier.positional_emb checkpoint (1, 64, 128) vs model (1, 256, 256)" in message
+    assert "resize" not in message
+    assert isinstance(caught.value, RuntimeError) and isinstance(caught.value, ValueError)
+    # ViT-Lite weights into a CVT: same shapes, other keys.
+    with pytest.raises(CheckpointError, match=r"2 missing keys: classifier.attention_pool.weight, "
+                                              r"classifier.attention_pool.bias; 1 unexpected keys: classifier.class_emb"):
+        cct_kernels.load_checkpoint(cct_kernels.cvt_2_4_32(), cct_kernels.vit_lite_2_4_32().state_dict())
     with pytest.raises(TypeError, match="checkpoint path or a state_dict"):
         cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), 42)
+
+
+def test_non_strict_loading_skips_missing_keys_but_not_shape_mismatches():
+    source = cct_kernels.cct_2_3x2_32().state_dict()
+    del source["classifier.norm.weight"]
+    model = cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), dict(source), strict=False)
+    assert torch.equal(model.classifier.blocks[0].linear1.weight, source["classifier.blocks.0.linear1.weight"])
+    with pytest.raises(CheckpointError, match="1 missing keys: classifier.norm.weight"):
+        cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), dict(source))
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        cct_kernels.load_checkpoint(cct_kernels.cct_7_3x1_32(), cct_kernels.cct_2_3x2_32().state_dict(), strict=False)
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"", "is empty (0 bytes)"),
+    (b"this is not a checkpoint at all\n", "cannot read checkpoint"),
+    ("truncated", "cannot read checkpoint"),
+])
+def test_unreadable_files_name_the_file_and_what_was_expected(tmp_path, content, expected):
+    path = tmp_path / "weights.pth"
+    if content == "truncated":
+        torch.save(cct_kernels.cct_2_3x2_32().state_dict(), path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), path)
+    message = str(caught.value)
+    assert str(path) in message and expected in message and "torch.save(model.state_dict(), path)" in message
+
+
+@pytest.mark.parametrize("payload,expected", [
+    (torch.zeros(3), "holds a Tensor"),
+    ([1, 2, 3], "holds a list"),
+    ({}, "is empty"),
+    ({"epoch": 3, "classifier.fc.weight": torch.zeros(1)}, "entries that are not (name, tensor) pairs: 'epoch'"),
+])
+def test_files_that_are_not_state_dicts_are_refused(tmp_path, payload, expected):
+    path = tmp_path / "weights.pth"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=re.escape(expected)) as caught:
+        cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint {tmp_path / 'none.pth'} does not exist")):
+        cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match="is not a file"):
+        cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_ddp_and_compile_prefixes_are_stripped(prefix):
+    source = cct_kernels.cct_2_3x2_32()
+    wrapped = {prefix + key: value for key, value in source.state_dict().items()}
+    model = cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), {"model": wrapped, "step": 10})
+    assert torch.equal(model.classifier.fc.weight, source.classifier.fc.weight)
+
+
+def test_headless_model_ignores_the_checkpoint_head_and_headless_weights_get_a_fresh_head():
+    source = cct_kernels.cct_2_3x2_32()
+    headless = cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(num_classes=0), source.state_dict())
+    assert torch.equal(headless.classifier.norm.weight, source.classifier.norm.weight)
+    model = cct_kernels.cct_2_3x2_32()
+    fc = model.classifier.fc.weight.clone()
+    cct_kernels.load_checkpoint(model, headless.state_dict())
+    assert torch.equal(model.classifier.fc.weight, fc)
+    assert torch.equal(model.classifier.blocks[1].linear2.weight, source.classifier.blocks[1].linear2.weight)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the Linear(128, 0) built below
+def test_convert_refuses_modules_that_are_not_cct_style():
+    with pytest.raises(TypeError, match=r"convert\(\) accepts an official-style CCT / CVT / ViT-Lite nn.Module.*"
+                                        r"this Linear has no tokenizer.conv_layers"):
+        cct_kernels.convert(torch.nn.Linear(3, 4))
+    with pytest.raises(TypeError, match="got a OrderedDict, not an nn.Module"):
+        cct_kernels.convert(cct_kernels.cct_2_3x2_32().state_dict())
+    broken = cct_kernels.cct_2_3x2_32()
+    broken.classifier.blocks[1].linear1 = None
+    with pytest.raises(TypeError, match="classifier.blocks.1 has no linear1"):
+        cct_kernels.convert(broken)
+    zero_head = cct_kernels.cct_2_3x2_32()
+    zero_head.classifier.fc = torch.nn.Linear(128, 0)
+    with pytest.raises(ValueError, match="Linear with 0 outputs"):
+        cct_kernels.convert(zero_head)
+
+
+def test_convert_of_a_headless_model_gives_a_headless_model():
+    source = cct_kernels.cct_2_3x2_32(backend="eager").eval()
+    source.classifier.fc = torch.nn.Identity()
+    converted = cct_kernels.convert(source)
+    assert converted.num_classes == 0
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(converted(x), source(x))

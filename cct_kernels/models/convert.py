@@ -12,6 +12,42 @@ from torch import nn
 
 from cct_kernels.models.cct import CCT, CVT, ViTLite
 
+ACCEPTS = ("convert() accepts an official-style CCT / CVT / ViT-Lite nn.Module (SHI-Labs Compact-Transformers, "
+           "vit-pytorch's CCT, or ours): tokenizer.conv_layers (Sequential(Conv2d, activation, pool) stages) and "
+           "classifier.{blocks, norm, fc}")
+REQUIRED = ("tokenizer.conv_layers", "classifier.blocks", "classifier.dropout", "classifier.norm", "classifier.fc")
+BLOCK_REQUIRED = ("pre_norm", "self_attn.qkv", "self_attn.attn_drop", "self_attn.proj", "linear1", "norm1", "linear2")
+
+
+def _check_official_style(official) -> None:
+    if not isinstance(official, nn.Module):
+        raise TypeError(f"{ACCEPTS}; got a {type(official).__name__}, not an nn.Module")
+    missing = [path for path in REQUIRED if not _has_submodule(official, path)]
+    if missing:
+        raise TypeError(f"{ACCEPTS}; this {type(official).__name__} has no {', '.join(missing)}")
+    if not len(official.tokenizer.conv_layers):
+        raise TypeError(f"{ACCEPTS}; this {type(official).__name__} has no tokenizer stages")
+    for i, block in enumerate(official.classifier.blocks):
+        missing = [path for path in BLOCK_REQUIRED if not _has_submodule(block, path)]
+        if missing:
+            raise TypeError(f"{ACCEPTS}, each block with {', '.join(BLOCK_REQUIRED)}; classifier.blocks.{i} has "
+                            f"no {', '.join(missing)}")
+    fc = official.classifier.fc
+    if isinstance(fc, nn.Linear) and fc.out_features == 0:
+        raise ValueError("the model's classifier.fc is a Linear with 0 outputs (it returns (B, 0)); ours with "
+                         "num_classes=0 returns the pooled features instead: replace its fc by nn.Identity() "
+                         "to convert it as a feature extractor")
+    if not isinstance(fc, (nn.Linear, nn.Identity)):
+        raise TypeError(f"{ACCEPTS}; its classifier.fc is a {type(fc).__name__}, expected nn.Linear or nn.Identity")
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
 
 def _stage_config(stage: nn.Module) -> dict:
     conv = stage[0]
@@ -37,7 +73,12 @@ def _image_size(model_cls, config: dict, num_tokens: int | None) -> int:
 
 
 def convert(official: nn.Module, backend: str | None = None) -> nn.Module:
-    """Return our CCT / CVT / ViTLite equal to `official` (weights copied, same outputs, same train/eval mode)."""
+    """Return our CCT / CVT / ViTLite equal to `official` (weights copied, same outputs, same train/eval mode).
+
+    A classifier.fc that is nn.Identity (a headless model) gives num_classes=0. Raises TypeError for a module
+    that is not official-style (see ACCEPTS).
+    """
+    _check_official_style(official)
     tokenizer, classifier = official.tokenizer, official.classifier
     stages = [_stage_config(s) for s in tokenizer.conv_layers]
     first, last = stages[0], stages[-1]
@@ -48,7 +89,7 @@ def convert(official: nn.Module, backend: str | None = None) -> nn.Module:
     common = dict(
         embedding_dim=dim, n_input_channels=first["conv"].in_channels, num_heads=num_heads,
         mlp_ratio=blocks[0].linear1.out_features / dim if len(blocks) else 1.0,
-        num_classes=classifier.fc.out_features, dropout=classifier.dropout.p,
+        num_classes=getattr(classifier.fc, "out_features", 0), dropout=classifier.dropout.p,
         attention_dropout=attn.attn_drop.p if attn is not None else 0.0,
     )
     if first["pool"] is not None:  # CCT
