@@ -66,6 +66,20 @@ void check_launch(cudaError_t err, const char* what) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The attention and seqpool kernels load 16-byte vectors: t contiguous, copied when its data pointer is not
+// 16-byte aligned (a view at an odd offset).
+at::Tensor aligned16(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+void check_seqpool_cuda(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, "seqpool (cuda): x must be (B, N, D), got ", x.dim(), " dims");
+  const int64_t max_d = seqpool_cuda_max_d(x.element_size(), x.size(2));
+  TORCH_CHECK(x.size(2) <= max_d, "seqpool (cuda): D = ", x.size(2), " exceeds ", max_d, " for ", x.scalar_type(),
+              " (1024 when D * element size is a multiple of 16 bytes, else 256)");
+}
+
 Strides4 strides4(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 }  // namespace
@@ -73,8 +87,8 @@ Strides4 strides4(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1
 std::tuple<at::Tensor, at::Tensor> seqpool_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                         const at::Tensor& bias) {
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() == 3 && x.size(1) <= kSeqPoolMaxN, "seqpool (cuda): x (B, N, D) with N <= ", kSeqPoolMaxN);
-  const auto xc = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  check_seqpool_cuda(x);
+  const auto xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous();
   auto out = at::empty({x.size(0), x.size(2)}, x.options());
   auto lse = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   check_launch(seqpool_forward_cuda_launch(dtype_code(x), xc.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
@@ -88,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::T
                                                                      const at::Tensor& out, const at::Tensor& lse) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(N <= kSeqPoolMaxN, "seqpool (cuda): N <= ", kSeqPoolMaxN);
-  const auto g = grad_out.contiguous(), xc = x.contiguous(), w = weight.contiguous(), b = bias.contiguous(),
+  check_seqpool_cuda(x);
+  const auto g = grad_out.contiguous(), xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous(),
              o = out.contiguous(), l = lse.to(at::kFloat).contiguous();
   auto gx = at::empty_like(xc);
   auto gw_rows = at::empty({B, D}, x.options().dtype(at::kFloat));
@@ -146,11 +160,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cuda(
 }
 
 namespace {
-// The attention kernels load 16-byte chunks: copy a tensor whose data pointer is not 16-byte aligned.
-at::Tensor aligned16(const at::Tensor& t) {
-  auto c = t.contiguous();
-  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
-}
 void check_attention_cuda(const at::Tensor& qkv, int64_t num_heads, double dropout_p) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) == 3 * num_heads * 64, "attention (cuda): head dim 64 only");
   TORCH_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16,

@@ -1,19 +1,26 @@
 """SeqPool kernels of the extension: backend "cpu" (csrc/cpu/seqpool.cpp: one pass, online softmax, OpenMP over batch
-and sequence chunks) and "cuda" (csrc/cuda/seqpool.cu: one block per batch row). Interface: cct_kernels/ops/seqpool.py.
-x (B, N, D), weight (1, D), bias (1,), float32/float16/bfloat16; float32 accumulation; any B >= 0, N >= 1, D >= 1.
+and sequence chunks) and "cuda" (csrc/cuda/seqpool.cu: one block per batch row, x read once in 16-byte vectors,
+online softmax per warp). Interface: cct_kernels/ops/seqpool.py.
+x (B, N, D), weight (1, D), bias (1,), float32/float16/bfloat16; float32 accumulation; any B >= 0, N >= 1, D >= 1,
+except "cuda": D <= cuda_max_d(x) (1024, or 256 when a row is not a multiple of 16 bytes).
 """
 from __future__ import annotations
 
 from cct_kernels import extension
 
 
-CUDA_MAX_N = 8192  # the cuda kernel keeps the N scores in shared memory (kSeqPoolMaxN in csrc/cuda/kernels.h)
+def cuda_max_d(x) -> int:
+    """The largest D the cuda kernel takes for x (seqpool_cuda_max_d in csrc/cuda/kernels.h): a warp keeps its
+    rows' accumulators in registers, 32 floats per lane, read in 16-byte vectors when a row is a multiple of them."""
+    return 1024 if x.shape[2] % (16 // x.element_size()) == 0 else 256
 
 
 def unsupported(x, weight, bias, *, backend: str) -> str | None:
-    if backend == "cuda" and x.shape[1] > CUDA_MAX_N:
-        return f"the cuda seqpool kernel needs N <= {CUDA_MAX_N}, got {x.shape[1]}"
-    return extension.dtype_reason(x.dtype)
+    reason = extension.dtype_reason(x.dtype)
+    if reason is None and backend == "cuda" and x.shape[2] > cuda_max_d(x):
+        return (f"the cuda seqpool kernel needs D <= {cuda_max_d(x)} for this row size "
+                f"(D = {x.shape[2]}, {x.dtype}); triton and eager take any D")
+    return reason
 
 
 def forward(x, weight, bias):

@@ -14,8 +14,13 @@ namespace cct {
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 // SeqPool, x (B, N, D), weight (D), bias (1) on device. Forward: out (B, D) dtype, lse (B) float32.
-// Limits: N <= kSeqPoolMaxN (scores are kept in shared memory).
-constexpr int64_t kSeqPoolMaxN = 8192;
+// Limits: any N; D <= seqpool_cuda_max_d: 1024 when D is a multiple of 16 bytes (x read in 16-byte vectors; x and
+// grad_x 16-byte aligned), else 256 (a warp keeps its rows' accumulators in registers, kSeqPoolMaxPerLane floats
+// per lane). The launchers return cudaErrorInvalidValue beyond it.
+constexpr int64_t kSeqPoolMaxPerLane = 32;
+inline int64_t seqpool_cuda_max_d(int64_t element_size, int64_t D) {
+  return D % (16 / element_size) == 0 ? 32 * kSeqPoolMaxPerLane : 32 * 8;
+}
 cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias, void* out,
                                         float* lse, int64_t B, int64_t N, int64_t D, cudaStream_t stream);
 // Backward: grad_x (B, N, D) dtype; per-row partial grad_weight (B, D) and grad_bias (B) in float32 (summed by the
