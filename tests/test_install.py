@@ -141,3 +141,23 @@ def test_source_root_finds_the_sources_of_a_checkout():
     assert root is not None and (root / "ops.cpp").is_file()
     assert {p.name for p in build.cpu_sources(root)} >= {"ops.cpp", "attention.cpp", "seqpool.cpp", "tokenize.cpp"}
     assert all(p.suffix == ".cu" for p in build.cuda_sources(root))
+
+
+def test_bootstrap_stops_with_the_error_of_a_failed_extension_build(tmp_path):
+    # A copy of the repository's layout whose setup.py fails as a broken compile would, run against the ready
+    # venv: bootstrap must exit non-zero, show the error and not mark the extension built.
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "bootstrap.sh", tmp_path / "scripts" / "bootstrap.sh")
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "setup.py").write_text("raise SystemExit('error: planted compiler failure')\n")
+    venv, ready_venv = tmp_path / ".venv", Path(sys.prefix)
+    venv.mkdir()
+    for entry in ready_venv.iterdir():  # the ready venv's interpreter and packages; the marker file stays here
+        if not entry.name.startswith("."):
+            (venv / entry.name).symlink_to(entry)
+    result = subprocess.run(["bash", str(tmp_path / "scripts" / "bootstrap.sh")], env=clean_env(os.environ),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "planted compiler failure" in result.stderr
+    assert "bootstrap: building the C++ extension" in result.stderr
+    assert not (venv / ".cct_kernels_built").exists()
