@@ -1,4 +1,4 @@
-"""`python -m cct_kernels info|bench|profile`: see cct_kernels.cli."""
+"""`python -m cct_kernels info|bench|profile|train`: see cct_kernels.cli."""
 import sys
 
 from cct_kernels.cli import main

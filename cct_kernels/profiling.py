@@ -5,13 +5,16 @@ model, the bar a kernel library has to beat), each kernel backend ("triton", "cu
 Every model is built from the same seed, so all backends run the same weights on the same images.
 
     step = make_step(build_model("cct_7_3x1_32", "auto", device, dtype), "train", *make_inputs(...))
-    timing = time_step(step, device, warmup=1, min_time=10.0)
+    timings = time_interleaved({"auto": step, "eager": eager_step}, device, estimates_s=..., min_time=10.0)
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -143,7 +146,7 @@ def synchronize(device: torch.device):
 
 @dataclass
 class Timing:
-    """Per-iteration wall times of a timed loop (ms) and how long the warm-up took (s, compile included)."""
+    """Per-round wall times of one step (ms) and how long its warm-up took (s, compile included)."""
 
     times_ms: list[float] = field(default_factory=list)
     warmup_s: float = 0.0
@@ -153,60 +156,59 @@ class Timing:
         return statistics.median(self.times_ms)
 
     def summary(self) -> dict:
+        """min, median, mean, max, stdev and the spread (interquartile range over the median, in %)."""
+        times = self.times_ms
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         return {
-            "median_ms": self.median_ms, "mean_ms": statistics.fmean(self.times_ms), "min_ms": min(self.times_ms),
-            "max_ms": max(self.times_ms), "stdev_ms": statistics.stdev(self.times_ms) if len(self.times_ms) > 1
-            else 0.0, "iters": len(self.times_ms), "warmup_s": self.warmup_s,
+            "min_ms": min(times), "median_ms": self.median_ms, "mean_ms": statistics.fmean(times),
+            "max_ms": max(times), "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0,
+            "spread_pct": 100 * (quartiles[2] - quartiles[0]) / self.median_ms, "rounds": len(times),
+            "warmup_s": self.warmup_s,
         }
 
 
-def time_step(
-    step: Callable, device: torch.device, *, warmup: int, iters: int | None = None, min_time: float = 1.0,
-    min_iters: int = 3, max_iters: int = 1000, estimate_s: float | None = None,
-    on_iter: Callable[[], None] | None = None, on_plan: Callable[[int], None] | None = None,
-) -> Timing:
-    """Time `step`: `warmup` untimed calls, then `iters` timed ones.
+def time_interleaved(
+    steps: dict[str, Callable], device: torch.device, *, estimates_s: dict[str, float], rounds: int | None = None,
+    min_time: float = 1.0, min_rounds: int = 5, max_rounds: int = 1000, on_round: Callable[[], None] | None = None,
+) -> dict[str, Timing | Exception]:
+    """Time several already warmed-up steps fairly: in each round every step runs once, in an order that rotates
+    from round to round, so a change in machine load (another process, clocks) hits every step alike. Compare the
+    minimum and median over rounds; back-to-back loops per step let a load change decide the ratio.
 
-    Without `iters`, the count is chosen from the last warm-up call's time (or `estimate_s` when the caller has
-    already warmed the step up and passes warmup=0) so the timed loop lasts about `min_time` seconds, within
-    [min_iters, max_iters]; `on_plan(iters)` hears the count once it is known.
-    On CUDA each iteration is timed with CUDA events around it and the host waits only at the end, so the
-    figures are device time with the launch pipeline full; on CPU it is wall time.
+    Without `rounds`, the count makes the whole loop last about `min_time` seconds per step, from `estimates_s`
+    (one call's time per step), within [min_rounds, max_rounds]. A step that raises is dropped from later rounds
+    and its exception returned in its place. On CUDA each step is timed with CUDA events (device time).
     """
-    if warmup < 1 and estimate_s is None:
-        warmup = 1  # one call is needed to know how long a call takes
-    started = time.perf_counter()
-    last = estimate_s or 0.0
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        step()
+    if rounds is None:
+        per_round = max(sum(estimates_s[name] for name in steps), 1e-6)
+        rounds = min(max_rounds, max(min_rounds, math.ceil(min_time * len(steps) / per_round)))
+    results: dict[str, Timing | Exception] = {name: Timing() for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        shift = r % len(names) if names else 0
+        events = {}
+        for name in names[shift:] + names[:shift]:
+            if isinstance(results[name], Exception):
+                continue
+            try:
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    steps[name]()
+                    end.record()
+                    events[name] = (start, end)
+                else:
+                    t0 = time.perf_counter()
+                    steps[name]()
+                    results[name].times_ms.append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # one backend's failure must not end the others' timing
+                results[name] = e
         synchronize(device)
-        last = time.perf_counter() - t0
-        if on_iter:
-            on_iter()
-    timing = Timing(warmup_s=time.perf_counter() - started)
-    if iters is None:
-        iters = min(max_iters, max(min_iters, math.ceil(min_time / max(last, 1e-6))))
-    if on_plan:
-        on_plan(iters)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
-            if on_iter:
-                on_iter()
-        torch.cuda.synchronize(device)
-        timing.times_ms = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            step()
-            timing.times_ms.append((time.perf_counter() - t0) * 1e3)
-            if on_iter:
-                on_iter()
-    return timing
+        for name, (start, end) in events.items():
+            results[name].times_ms.append(start.elapsed_time(end))
+        if on_round:
+            on_round()
+    return results
 
 
 def model_flops(name: str, batch: int, mode: str) -> float:
@@ -268,10 +270,26 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {message[0] if message else ''}".strip()
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 for the enclosed calls: the profiler's C++ side (kineto) prints USDT / STAGE
+    lines at every start and stop, which no Python setting turns off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profile_step(step: Callable, device: torch.device, *, warmup: int, iters: int, trace_path=None):
     """Run `step` `iters` times under torch.profiler (after `warmup` calls); return the profiler.
 
     Records CPU ops (and CUDA kernels on a GPU) with memory; writes a Chrome trace to `trace_path` if given.
+    Only the profiler's own start and stop are silenced on stderr; what the steps print still shows.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -279,17 +297,44 @@ def profile_step(step: Callable, device: torch.device, *, warmup: int, iters: in
         step()
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
+    prof = profile(activities=activities, profile_memory=True, record_shapes=False)
+    with _quiet_native_stderr():
+        prof.__enter__()
+    try:
         for _ in range(iters):
             step()
         synchronize(device)
+    finally:
+        with _quiet_native_stderr():
+            prof.__exit__(None, None, None)
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
     return prof
 
 
+def memory_by_op(prof, device: torch.device) -> dict[str, tuple[int, int]]:
+    """Bytes allocated and bytes freed on `device`, per innermost operator (name -> (allocated, freed)).
+
+    torch.profiler's per-op memory is the net of both, negative when an op frees more than it allocates (the
+    backward ops free activations); kept apart, both are meaningful. Frees outside any op are under "(no op)".
+    """
+    from torch._C._profiler import _EventType
+
+    totals: dict[str, list[int]] = {}
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag != _EventType.Allocation or event.extra_fields.device.type != device.type:
+            continue
+        size = event.extra_fields.alloc_size
+        entry = totals.setdefault(event.parent.name if event.parent is not None else "(no op)", [0, 0])
+        entry[0 if size > 0 else 1] += abs(size)
+    return {name: (allocated, freed) for name, (allocated, freed) in totals.items()}
+
+
 def top_ops(prof, device: torch.device, top: int, by: str = "ops") -> list[dict]:
-    """The `top` entries by self time: name, self_ms, count, self_mb (memory allocated, net of frees).
+    """The `top` entries by self time: name, self_ms, count, allocated_mb and freed_mb (MiB on the device).
 
     by="ops": operators (aten::mm, cct_kernels::attention_forward, ...), with their self CPU time on a CPU and
     the device time of the kernels they launched directly on a GPU. by="kernels" (GPU only): the CUDA kernels
@@ -300,6 +345,7 @@ def top_ops(prof, device: torch.device, top: int, by: str = "ops") -> list[dict]
     on_gpu = device.type == "cuda"
     if by == "kernels" and not on_gpu:
         raise ValueError("by='kernels' needs a CUDA device; use by='ops' on CPU")
+    memory = memory_by_op(prof, device)
     rows = []
     for event in prof.key_averages():
         is_kernel = event.device_type == DeviceType.CUDA
@@ -308,9 +354,10 @@ def top_ops(prof, device: torch.device, top: int, by: str = "ops") -> list[dict]
         self_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
         if self_us <= 0:
             continue
-        memory = None if is_kernel else (event.self_device_memory_usage if on_gpu else event.self_cpu_memory_usage)
+        allocated, freed = (None, None) if is_kernel else memory.get(event.key, (0, 0))
         rows.append({"name": event.key, "self_ms": self_us / 1e3, "count": event.count,
-                     "self_mb": None if memory is None else memory / 2**20})
+                     "allocated_mb": None if is_kernel else allocated / 2**20,
+                     "freed_mb": None if is_kernel else freed / 2**20})
     rows.sort(key=lambda r: r["self_ms"], reverse=True)
     return rows[:top]
 

@@ -71,13 +71,14 @@ def test_another_architecture_is_reported_as_such_not_as_a_resize_problem():
     assert "does not fit this CCT (saved from another architecture?" in message
     assert "checkpoint: 2 encoder blocks, embedding_dim 128; model: 7 encoder blocks, embedding_dim 256" in message
     assert "missing keys: classifier.blocks.2.pre_norm.weight" in message
-    assert "shape mismatches: tokenizer.conv_layers.0.0.weight checkpoint (64, 3, 3, 3) vs model (256, 3, 3, 3)" in message
+    assert ("shape mismatches: tokenizer.conv_layers.0.0.weight checkpoint (64, 3, 3, 3) vs model (256, 3, 3, 3)"
+            in message)
     assert "classifier.positional_emb checkpoint (1, 64, 128) vs model (1, 256, 256)" in message
     assert "resize" not in message
     assert isinstance(caught.value, RuntimeError) and isinstance(caught.value, ValueError)
     # ViT-Lite weights into a CVT: same shapes, other keys.
-    with pytest.raises(CheckpointError, match=r"2 missing keys: classifier.attention_pool.weight, "
-                                              r"classifier.attention_pool.bias; 1 unexpected keys: classifier.class_emb"):
+    with pytest.raises(CheckpointError, match=r"2 missing keys: classifier.attention_pool.weight, classifier."
+                                              r"attention_pool.bias; 1 unexpected keys: classifier.class_emb"):
         cct_kernels.load_checkpoint(cct_kernels.cvt_2_4_32(), cct_kernels.vit_lite_2_4_32().state_dict())
     with pytest.raises(TypeError, match="checkpoint path or a state_dict"):
         cct_kernels.load_checkpoint(cct_kernels.cct_2_3x2_32(), 42)

@@ -1,7 +1,10 @@
-"""The command line (info, bench, profile) on a tiny model, and the GPU report's formatting on fake results."""
+"""The command line (info, bench, profile, train flags) on a tiny model, and the GPU report's formatting on fake
+results."""
+import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cct_kernels import cli, profiling
+from cct_kernels import cli, cli_bench, profiling
+from cct_kernels.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "cct_2_3x2_32", "--batch", "2", "--device", "cpu"]
@@ -42,22 +46,25 @@ def test_default_backends_never_time_the_triton_interpreter(monkeypatch):
     assert "interpreter" in profiling.backend_reason("triton", cpu)
 
 
-def test_bench_writes_json_and_png_and_reports_failures(tmp_path, capsys):
-    # "cuda" cannot run here: it must show up as a failed row, not end the run.
-    argv = ["bench", *TINY, "--mode", "both", "--backends", "eager,auto,cuda", "--iters", "2", "--warmup", "1",
+def test_bench_writes_json_and_png_and_fails_when_a_row_failed(tmp_path, capsys):
+    # "cuda" cannot run here: it must show up as a failed row, not end the run, and make the exit status 1.
+    argv = ["bench", *TINY, "--mode", "both", "--backends", "eager,auto,cuda", "--rounds", "2", "--warmup", "1",
             "--no-progress", "--out", str(tmp_path)]
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "FAILED" in out and "images/s" in out
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "images/s" in captured.out and "median ms" in captured.out
+    assert "2 of 6 rows failed: cuda inference, cuda train" in captured.err
     report = json.loads((tmp_path / "bench_cct_2_3x2_32_cpu_fp32.json").read_text())
-    assert report["command"].startswith("cct-kernels bench") and report["device"]["type"] == "cpu"
+    assert report["command"] == "cct-kernels " + " ".join(argv) and report["device"]["type"] == "cpu"
     assert report["versions"]["torch"] == torch.__version__ and report["date"]
+    assert report["config"]["rounds"] == 2 and "interleaved" in report["config"]["timing"]
     rows = {(r["backend"], r["mode"]): r for r in report["results"]}
     assert set(rows) == {(b, m) for b in ("eager", "auto", "cuda") for m in ("inference", "train")}
     for backend in ("eager", "auto"):
         for mode in ("inference", "train"):
             row = rows[backend, mode]
-            assert row["error"] is None and row["iters"] == 2 and row["median_ms"] > 0
+            assert row["error"] is None and row["rounds"] == 2
+            assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["spread_pct"] >= 0
             assert row["images_per_s"] == pytest.approx(2 / (row["median_ms"] / 1e3))
     assert rows["eager", "inference"]["speedup_vs_eager"] == 1.0
     assert rows["auto", "inference"]["max_abs_diff"] < 1e-4  # same weights, same images
@@ -65,30 +72,145 @@ def test_bench_writes_json_and_png_and_reports_failures(tmp_path, capsys):
     assert (tmp_path / "bench_cct_2_3x2_32_cpu_fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_rejects_an_unknown_backend(tmp_path):
-    with pytest.raises(SystemExit, match="unknown backend 'fast'"):
-        cli.main(["bench", *TINY, "--backends", "eager,fast", "--out", str(tmp_path)])
+def test_bench_run_as_a_module_exits_0_and_records_its_real_command_line(tmp_path):
+    argv = [sys.executable, "-m", "cct_kernels", "bench", *TINY, "--mode", "inference", "--backends", "eager",
+            "--rounds", "1", "--warmup", "0", "--no-progress", "--out", str(tmp_path)]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "bench_cct_2_3x2_32_cpu_fp32.json").read_text())
+    assert report["command"] == shlex.join(argv)  # not "__main__.py bench ..."
 
 
-def test_profile_prints_top_ops_and_writes_a_trace(tmp_path, capsys):
-    argv = ["profile", *TINY, "--backends", "eager,auto", "--top", "5", "--iters", "1", "--warmup", "0",
-            "--out", str(tmp_path)]
-    assert cli.main(argv) == 0
+BAD_FLAGS = [
+    (["bench", "--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    (["bench", "--device", "cuda"], "argument --device: 'cuda': torch sees no CUDA device"),
+    (["bench", "--batch", "0"], "argument --batch: must be an int >= 1, got 0"),
+    (["bench", "--batch", "-2"], "argument --batch: must be an int >= 1, got -2"),
+    (["bench", "--batch", "two"], "argument --batch: must be an int >= 1, got 'two'"),
+    (["bench", "--iters", "0"], "argument --rounds/--iters: must be an int >= 1, got 0"),
+    (["bench", "--min-time", "-1"], "argument --min-time: must be a number in (0, inf), got -1"),
+    (["bench", "--backends", "eager,fast"], "argument --backends: unknown backend 'fast'"),
+    (["bench", "--model", "cct_7_3x1"], "unknown model 'cct_7_3x1'; did you mean cct_7_3x1_32"),
+    (["profile", "--iters", "0"], "argument --iters: must be an int >= 1, got 0"),
+    (["profile", "--top", "0"], "argument --top: must be an int >= 1, got 0"),
+    (["profile", "--warmup", "-1"], "argument --warmup: must be an int >= 0, got -1"),
+    (["train", "--epochs", "0"], "argument --epochs: must be an int >= 1, got 0"),
+    (["train", "--batch-size", "0"], "argument --batch-size: must be an int >= 1, got 0"),
+    (["train", "--train-subset", "0"], "argument --train-subset: must be an int >= 1, got 0"),
+    (["train", "--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+    (["train", "--lr", "nan"], "argument --lr: must be a number in (0, inf), got nan"),
+    (["train", "--label-smoothing", "1"], "argument --label-smoothing: must be a number in [0, 1), got 1"),
+    (["train", "--time-limit", "0"], "argument --time-limit: must be a number in (0, inf), got 0"),
+    (["train", "--augment", "False"], "unrecognized arguments: False"),
+    (["train", "--backend", "fast"], "argument --backend: invalid choice: 'fast'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_every_bad_flag_is_a_one_line_error_with_status_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "error:" in err, err
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/below"])
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, out, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", *TINY, "--out", str(tmp_path / out)])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "argument --out: cannot write into" in captured.err and "building" not in captured.err
+
+
+def test_a_bad_flag_in_a_real_process_has_no_traceback():
+    run = subprocess.run([sys.executable, "-m", "cct_kernels", "bench", "--batch", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.splitlines() == ["cct-kernels bench: error: argument --batch: must be an int >= 1, got 0 "
+                                       "(see cct-kernels bench --help)"]
+
+
+def test_train_boolean_flags_are_flags():
+    parse = cli.build_parser().parse_args
+    assert parse(["train"]).augment is False
+    assert parse(["train", "--augment"]).augment is True
+    assert parse(["train", "--augment", "--no-augment"]).augment is False
+    assert parse(["train", "--resume"]).resume is True and parse(["train"]).resume is False
+
+
+def test_train_help_describes_every_option_with_units(capsys):
+    for field in dataclasses.fields(TrainConfig):
+        if field.name != "progress":
+            assert len(cli.TRAIN_OPTIONS[field.name]["help"]) > 20, field.name
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "eager: op" in out and "auto: op" in out and "aten::" in out
+    assert "--time-limit MINUTES" in out and "in minutes" in out and "--augment, --no-augment" in out
+    assert "images per optimizer step" in out and "(default: 128)" in out
+
+
+def test_train_without_its_dataset_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    def missing(config):
+        raise FileNotFoundError("Fashion-MNIST not found under /nowhere: `apt-get install dataset-fashion-mnist`")
+
+    monkeypatch.setattr(cli, "train", missing)
+    assert cli.main(["train", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("cct-kernels train: error: Fashion-MNIST not found under /nowhere: "
+                                       "`apt-get install dataset-fashion-mnist`\n")
+
+
+def test_profile_prints_fitting_tables_allocated_and_freed_memory_and_paths(tmp_path, capfd):
+    argv = ["profile", *TINY, "--backends", "eager,auto", "--mode", "both", "--top", "5", "--iters", "1",
+            "--warmup", "0", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out, err = capfd.readouterr()
+    assert "USDT" not in err and "STAGE" not in err  # kineto's start/stop lines are silenced
+    assert "aten::" in out and "alloc MB" in out and "freed MB" in out
+    assert max(len(line) for line in out.splitlines()) <= 120
+    for path in [tmp_path / "profile_cct_2_3x2_32_cpu.json", tmp_path / "trace_cct_2_3x2_32_eager_train.json"]:
+        assert str(path) in out and path.exists()
     trace = json.loads((tmp_path / "trace_cct_2_3x2_32_eager_inference.json").read_text())
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
     summary = json.loads((tmp_path / "profile_cct_2_3x2_32_cpu.json").read_text())
-    top = summary["modes"]["inference"]["top"]["eager"]
+    top = summary["modes"]["train"]["top"]["eager"]
     assert 0 < len(top) <= 5 and top == sorted(top, key=lambda r: -r["self_ms"])
+    entries = [e for mode in summary["modes"].values() for rows in mode["top"].values() for e in rows]
+    assert all(e["allocated_mb"] >= 0 and e["freed_mb"] >= 0 for e in entries)
+    assert any(e["allocated_mb"] > 0 for e in entries)
 
 
-def test_time_step_plans_iterations_from_the_budget():
+def test_profile_table_shortens_op_names_to_fit_120_columns():
+    entries = [{"name": "cct_kernels::" + "x" * 200, "self_ms": 12345.678, "count": 100000, "allocated_mb": 1e4,
+                "freed_mb": 0.0}]
+    table = cli_bench.profile_table(entries)
+    assert max(len(line) for line in table.splitlines()) <= 120 and "..." in table
+
+
+def test_time_interleaved_rotates_the_order_and_drops_a_failing_step():
     calls = []
-    timing = profiling.time_step(lambda: calls.append(1), torch.device("cpu"), warmup=2, min_time=0.0,
-                                 min_iters=4, max_iters=10)
-    assert len(timing.times_ms) == 4 and len(calls) == 6
-    assert profiling.time_step(lambda: None, torch.device("cpu"), warmup=1, iters=3).summary()["iters"] == 3
+
+    def step(name):
+        def run():
+            calls.append(name)
+            if name == "bad" and calls.count("bad") == 2:
+                raise RuntimeError("broken on its second call")
+        return run
+
+    steps = {name: step(name) for name in ("a", "b", "bad")}
+    timings = profiling.time_interleaved(steps, torch.device("cpu"), estimates_s={"a": 0.0, "b": 0.0, "bad": 0.0},
+                                         rounds=4)
+    assert calls[:3] == ["a", "b", "bad"] and calls[3:5] == ["b", "bad"] and calls.count("bad") == 2
+    assert len(timings["a"].times_ms) == 4 and len(timings["b"].times_ms) == 4
+    assert isinstance(timings["bad"], RuntimeError)
+    summary = timings["a"].summary()
+    assert summary["rounds"] == 4 and summary["min_ms"] <= summary["median_ms"] <= summary["max_ms"]
+    # Without a round count: about min_time per step from the estimates, within the bounds.
+    planned = profiling.time_interleaved({"a": lambda: None}, torch.device("cpu"), estimates_s={"a": 0.1},
+                                         min_time=0.35, min_rounds=2)
+    assert len(planned["a"].times_ms) == 4
 
 
 def test_model_flops_counts_the_matmuls_of_the_small_model():
