@@ -43,7 +43,7 @@ cudaError_t pool_backward_cuda_launch(int dtype, const void* grad_out, const voi
 cudaError_t attention_forward_cuda_launch(int dtype, const void* qkv, void* out, float* lse, int64_t B, int64_t N,
                                           int64_t H, float scale, cudaStream_t stream);
 // Backward: grad_qkv (B, N, 3*H*64). Workspaces: delta (B, H, N) float32 and dq_accum (B, N, H*64) float32, which
-// the caller zero-fills.
+// the caller zero-fills (16-byte aligned: dQ is added in 16-byte vectors). Needs sm_80+ (sm_90 for vector atomics).
 cudaError_t attention_backward_cuda_launch(int dtype, const void* grad_out, const void* qkv, const void* out,
                                            const float* lse, void* grad_qkv, float* delta, float* dq_accum, int64_t B,
                                            int64_t N, int64_t H, float scale, cudaStream_t stream);
