@@ -54,8 +54,8 @@ class Case:
     def inputs(self, device, dtype, requires_grad=False):
         generator = torch.Generator().manual_seed(0)
         tensors = []
-        for shape in self.shapes:
-            scale = shape[-1] ** -0.5 if len(shape) > 1 and self.op == "seqpool" else 1.0  # O(1) scores
+        for i, shape in enumerate(self.shapes):
+            scale = shape[-1] ** -0.5 if self.op == "seqpool" and i == 1 else 1.0  # weight: O(1) scores
             t = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device, dtype)
             tensors.append(t.requires_grad_(requires_grad))
         return tensors

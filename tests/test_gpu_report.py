@@ -1,0 +1,192 @@
+"""The GPU report's plan, checked on CPU so it cannot rot: benchmarks/gpu_report.py (--dry-run, stages, budgets,
+a small real run), compute-sanitizer verdicts, benchmarks/sanitize_kernels.py, and the benchmark timing helpers."""
+import importlib.util
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report_render, sanitize_kernels
+from benchmarks import conftest as bench_conftest
+from benchmarks.conftest import rates
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_ORDER = ["wheels", "build", "probe", "tests", "bench ops", "sanitize memcheck", "sanitize racecheck",
+               "bench models", "bench compile"]
+
+
+def _gpu_report():
+    spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "benchmarks" / "gpu_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_prints_the_gpu_plan_within_nine_minutes():
+    result = _run("benchmarks/gpu_report.py", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    stages = re.findall(r"^\s*\d+\. (.+?)\s+budget\s+(\d+) s  needs: (.+)$", result.stdout, re.M)
+    assert [name for name, _, _ in stages] == STAGE_ORDER
+    total = int(re.search(r"^total budget: (\d+) s", result.stdout, re.M).group(1))
+    assert total == sum(int(budget) for _, budget, _ in stages) <= 540
+    assert all(needs.strip() for _, _, needs in stages)
+    assert "results: benchmarks/results/<date>-<gpu>/" in result.stdout
+
+
+def test_plan_on_the_lent_gpu_machine():
+    report = _gpu_report()
+    args = report._parse_args(["--dry-run"])
+    plan = {s.name: s for s in report.build_plan(report.LENT_MACHINE, args, [".whl/vit_pytorch.whl"], "/tmp/site")}
+    assert list(plan) == STAGE_ORDER and not any(s.skip for s in plan.values())
+    wheels = plan["wheels"].cmd
+    assert {"--no-index", "--no-deps", "--target", "/tmp/site", ".whl/vit_pytorch.whl"} <= set(wheels)
+    assert plan["build"].env == {"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "MAX_JOBS": "16",
+                                 "TORCH_CUDA_ARCH_LIST": "9.0"}
+    tests = plan["tests"].cmd
+    assert "--ignore=tests/test_triton_sm90.py" in tests and "--ignore=tests/test_cuda_sources.py" in tests
+    assert tests[tests.index("-n") + 1] == "12" and "--timeout=90" in tests
+    for tool in ("memcheck", "racecheck"):
+        cmd = plan[f"sanitize {tool}"].cmd
+        assert cmd[:3] == ["compute-sanitizer", "--tool", tool] and cmd[-1] == "benchmarks/sanitize_kernels.py"
+        assert plan[f"sanitize {tool}"].env == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    for name, marker in (("bench ops", "not compile_row"), ("bench models", "not compile_row"),
+                         ("bench compile", "compile_row")):
+        cmd = plan[name].cmd
+        assert cmd[cmd.index("-m", cmd.index("pytest")) + 1] == marker and "--benchmark-max-time=0.2" in cmd
+    assert "benchmarks/test_bench_models.py" not in plan["bench ops"].cmd
+    assert "benchmarks/test_bench_models.py" in plan["bench models"].cmd
+    assert sum(s.budget_s for s in plan.values()) <= report.TOTAL_BUDGET_S
+
+
+def test_plan_without_carried_wheels_or_a_gpu_skips_with_reasons():
+    report = _gpu_report()
+    facts = {**report.LENT_MACHINE, "gpu": None, "compute_sanitizer": None}
+    plan = {s.name: s for s in report.build_plan(facts, report._parse_args([]), [], "/tmp/site")}
+    assert "wheels" not in plan  # only a dry run shows the wheels step when none are carried
+    assert plan["sanitize memcheck"].skip == "no GPU visible"
+    facts["gpu"] = "NVIDIA H200"
+    plan = {s.name: s for s in report.build_plan(facts, report._parse_args(["--skip-sanitize"]), [], "/tmp/site")}
+    assert "sanitize memcheck" not in plan and list(plan)[-1] == "bench compile"
+
+
+def test_a_small_real_run_writes_the_report_and_the_archive(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    result = _run("benchmarks/gpu_report.py", "--skip-build", "--skip-bench", "--budget", "200", "--out", str(out),
+                  "--archive", str(archive), "--tests", "tests/test_convert.py::test_convert_round_trips_our_own_models")
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (out / "report.md").read_text()
+    assert "3 passed, 0 failed, 0 errors, 0 skipped of 3" in text
+    assert "| sanitize memcheck |" in text and "skipped (no GPU visible)" in text
+    assert (archive / "report.md").read_text() == text
+    with tarfile.open(archive / "out.tar.gz") as tar:
+        assert {Path(name).name for name in tar.getnames()} >= {"report.md", "report.json", "junit.xml"}
+
+
+MEMCHECK_CLEAN = """========= COMPUTE-SANITIZER
+ok          seqpool   triton bfloat16 B2_N197_D96: max relative error 3.1e-03 (out)
+sanitize_kernels: 31 passed, 0 failed of 31 cases
+========= ERROR SUMMARY: 0 errors
+"""
+MEMCHECK_ERRORS = """========= Invalid __global__ read of size 2 bytes
+=========     at _attention_fwd+0x1f0
+FAILED      attention triton bfloat16 B2_H2_N197_d64: RuntimeError: CUDA error: unspecified launch failure
+sanitize_kernels: 30 passed, 1 failed of 31 cases
+========= ERROR SUMMARY: 3 errors
+"""
+RACECHECK = """sanitize_kernels: 31 passed, 0 failed of 31 cases
+========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)
+"""
+REFUSED = """========= Error: Device not supported
+"""
+
+
+def test_sanitizer_verdicts():
+    assert report_render.sanitizer_verdict(MEMCHECK_CLEAN) == {
+        "errors": 0, "cases": "sanitize_kernels: 31 passed, 0 failed of 31 cases", "verdict": "clean"}
+    bad = report_render.sanitizer_verdict(MEMCHECK_ERRORS)
+    assert bad["verdict"] == "errors" and bad["errors"] == 3 and len(bad["failed_cases"]) == 1
+    race = report_render.sanitizer_verdict(RACECHECK)
+    assert (race["verdict"], race["hazards"], race["errors"], race["warnings"]) == ("errors", 2, 1, 1)
+    refused = report_render.sanitizer_verdict(REFUSED)
+    assert refused["verdict"] == "incomplete" and refused["note"] == "Error: Device not supported"
+    assert report_render.sanitizer_verdict("sanitize_kernels: 3 passed")["verdict"] == "incomplete"  # cut off
+
+
+def test_benchmark_rows_compare_device_times_when_both_rows_have_one():
+    def bench(backend, median, device_ms=None):
+        return {"name": f"t[{backend}]", "fullname": "f::t[x]", "group": "g", "params": {"backend": backend},
+                "stats": {"median": median}, "extra_info": {"backend": backend, "device_ms": device_ms}}
+
+    rows = report_render.benchmark_rows([bench("eager", 0.004, 2.0), bench("triton", 0.002, 0.5),
+                                         bench("cuda", 0.001)])
+    assert [r["vs_eager"] for r in rows] == [1.0, 4.0, 4.0]  # device 2.0/0.5; cuda has none: wall 4/1
+    assert "| 0.500 |" in report_render.benchmark_table(rows)
+
+
+def test_sanitize_kernels_lists_every_op_and_gpu_backend_without_a_gpu():
+    result = _run("benchmarks/sanitize_kernels.py", "--list", "--device", "cuda")
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = re.findall(r"^case +(\w+) +(\w+) +(\w+) +(\S+)$", result.stdout, re.M)
+    assert {(op, backend) for op, backend, _, _ in cases} == {
+        (op, backend) for op in ("tokenize", "attention", "seqpool") for backend in ("triton", "cuda")}
+    assert {dtype for _, _, dtype, _ in cases} == {"bfloat16", "float32"}
+    assert f"sanitize_kernels: {len(cases)} cases on cuda" in result.stdout
+    assert re.search(r"^not served +attention cuda +float32 .*float32", result.stdout, re.M)
+
+
+def test_sanitize_kernels_runs_its_cases_on_cpu(capsys):
+    assert sanitize_kernels.main(["--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^ok ", out, re.M)) == len(sanitize_kernels.CASES)
+    assert f"{len(sanitize_kernels.CASES)} passed, 0 failed" in out
+
+
+def test_sanitize_kernels_fails_a_wrong_result(monkeypatch):
+    case = next(c for c in sanitize_kernels.CASES if c.op == "seqpool")
+    wrong = sanitize_kernels.ops.seqpool
+    monkeypatch.setattr(sanitize_kernels.ops, "seqpool", lambda *a, **k: wrong(*a, **k) * 1.1)
+    with pytest.raises(AssertionError, match="relative error"):
+        sanitize_kernels.run_case(case, "cpu", sanitize_kernels.torch.float32, sanitize_kernels.torch.device("cpu"))
+
+
+def test_rates_and_floors():
+    peaks = {"gbps": 4000.0, "tflops": 1000.0}
+    info = rates(1e-3, flops=2e12 * 1e-3, bytes_moved=8e9 * 1e-3, items=64, peaks=peaks)
+    assert info["tflops"] == pytest.approx(2.0) and info["gbps"] == pytest.approx(8.0)
+    assert info["floor_flops_us"] == pytest.approx(2.0) and info["floor_bytes_us"] == pytest.approx(2.0)
+    assert info["floor_us"] == pytest.approx(2.0) and info["fraction_of_floor"] == pytest.approx(2e-3)
+    assert info["fraction_of_peak_bandwidth"] == pytest.approx(2e-3) and info["items_per_s"] == pytest.approx(64e3)
+    assert set(rates(1.0, flops=1.0)) == {"tflops"}  # unknown device: no fractions, no floors
+
+
+def test_compile_rows_are_marked_and_moved_last(pytestconfig):
+    bench_conftest.pytest_configure(pytestconfig)  # registers the marker, as in a benchmark session
+
+    class Item:
+        def __init__(self, backend):
+            self.callspec = type("CallSpec", (), {"params": {"backend": backend, "shape": "B8"}})()
+            self.markers = []
+
+        def add_marker(self, marker):
+            self.markers.append(marker.name)
+
+    items = [Item(b) for b in ("eager", "compile", "triton", "compile", "cuda")]
+    bench_conftest.pytest_collection_modifyitems(items)
+    assert [i.callspec.params["backend"] for i in items] == ["eager", "triton", "cuda", "compile", "compile"]
+    assert [i.markers for i in items] == [[], [], [], ["compile_row"], ["compile_row"]]
+
+
+def test_compile_row_marker_selects_the_compile_rows():
+    files = ["benchmarks/test_bench_seqpool.py", "benchmarks/test_bench_models.py"]
+    result = _run("-m", "pytest", *files, "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "compile_row")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
+    assert {Path(i.split("::")[0]).name for i in ids} == {Path(f).name for f in files}
+    assert all(re.search(r"[\[-]compile\]", i) for i in ids), ids
