@@ -1,8 +1,9 @@
 """The official model factories (cct_7_3x1_32, cct_14_7x2_224, cvt_*, vit_lite_*, their _sine twins, ...).
 
 Each factory takes (pretrained=False, progress=False, *, img_size, positional_embedding, num_classes, **kwargs):
-kwargs go to the model class (dropout, stochastic_depth, backend, ...). `pretrained` may be a checkpoint path or
-state_dict, loaded by load_checkpoint; True is refused, since there is no download here.
+kwargs go to the model class (dropout, stochastic_depth, backend, ...). `pretrained` may be True (the official
+checkpoint, downloaded once through torch.hub's cache: cct_kernels.models.pretrained; `progress` shows a bar), or
+a checkpoint path or state_dict, loaded by load_checkpoint.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from cct_kernels.models.cct import CCT, CVT, ViTLite
 from cct_kernels.models.checkpoint import load_checkpoint
+from cct_kernels.models.pretrained import checkpoint_for, load_pretrained
 
 # size -> (num_layers, num_heads, embedding_dim, mlp_ratio); head dim 64 throughout.
 SIZES = {2: (2, 2, 128, 1), 4: (4, 2, 128, 1), 6: (6, 4, 256, 2), 7: (7, 4, 256, 2), 14: (14, 6, 384, 3)}
@@ -44,16 +46,15 @@ def _make_factory(name, cls, size, arch, img_size, num_classes, positional_embed
     def factory(pretrained=False, progress=False, *, img_size=img_size, positional_embedding=positional_embedding,
                 num_classes=num_classes, **kwargs):
         if pretrained is True:
-            raise ValueError(
-                f"{name}: no weights are downloaded; pass pretrained=<checkpoint path or state_dict>, or call "
-                f"cct_kernels.load_checkpoint(model, path)"
-            )
+            checkpoint_for(name)  # before building the model: a name without weights is an error at once
         model = cls(
             img_size=img_size, num_layers=num_layers, num_heads=num_heads, embedding_dim=embedding_dim,
             mlp_ratio=mlp_ratio, num_classes=num_classes, positional_embedding=positional_embedding,
             **{**arch, **kwargs},
         )
-        if pretrained is not False and pretrained is not None:
+        if pretrained is True:
+            load_pretrained(model, name, progress)
+        elif pretrained is not False and pretrained is not None:
             load_checkpoint(model, pretrained)
         return model
 
@@ -87,7 +88,11 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, pretrained=False, **kwargs) -> nn.Module:
-    """Build a model by factory name, e.g. create_model("cct_7_3x1_32", num_classes=100, backend="triton")."""
+    """Build a model by factory name, e.g. create_model("cct_7_3x1_32", num_classes=100, backend="triton").
+
+    pretrained: False, True (the official checkpoint through torch.hub's cache, see cct_kernels.models.pretrained),
+    or a checkpoint path or state_dict.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; cct_kernels.list_models() lists the {len(MODELS)} known names")
     return MODELS[name](pretrained, **kwargs)
