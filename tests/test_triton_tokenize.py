@@ -114,6 +114,20 @@ def test_pool_index_is_the_window_offset_of_the_max(device):
     torch.testing.assert_close(out, pooled, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["k3_rgb_33x31", "k7_stage2_15x13", "patch4_bias_nopool"], ids=str)
+def test_nan_input_propagates_like_the_reference(case, device):
+    """A NaN pixel makes NaN exactly where the reference has NaN (pool: max_pool2d lets NaN win; no pool: the
+    conv); everything else matches. A strict running max (acc > best from -inf) never took a NaN."""
+    x, weight, bias = _inputs(CASES[case], torch.float32, device)
+    x[0, 0, 2, 3] = float("nan")
+    kw = _kwargs(CASES[case])
+    expected = reference.tokenize(x, weight, bias, **kw)
+    out = ops.tokenize(x, weight, bias, **kw, backend="triton")
+    assert expected.isnan().any()
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out.nan_to_num(0.0), expected.nan_to_num(0.0), rtol=1e-5, atol=1e-5)
+
+
 def test_unsupported_cases_give_reasons(device):
     x, weight, _ = _inputs(CASES["k3_rgb_33x31"], torch.float32, device)
     with pytest.raises(backends.BackendUnavailable, match="int8"):
