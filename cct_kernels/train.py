@@ -3,7 +3,9 @@ where it fits (AdamW, linear warmup then cosine, label smoothing 0.1), checkpoin
 flips and shifts) is off by default: in a CPU budget of ~10 epochs the model underfits, and without augmentation it
 learns faster (benchmarks/NOTES.md, "Fashion-MNIST").
 
-Run it as `cct-kernels train` (or `python -m cct_kernels train`); `train(TrainConfig(...))` from Python.
+Run it as `cct-kernels train` (or `python -m cct_kernels train`); `train(TrainConfig(...))` from Python; on several
+processes or GPUs as `torchrun --nproc_per_node=N -m cct_kernels train ...` (DistributedDataParallel: gloo on CPU,
+nccl on CUDA; cct_kernels/distributed.py).
 The model is any factory adapted to the data: e.g. cct_2_3x2_32 with img_size=28, n_input_channels=1.
 Falls back to scikit-learn's 8x8 digits (upsampled to 28x28) when the Fashion-MNIST files are not there.
 """
@@ -20,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 
 import cct_kernels
+from cct_kernels.distributed import DistributedContext, distributed_context
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -43,8 +47,9 @@ class TrainConfig:
     seed: int = 0
     out: str = "cct_train"
     resume: bool = False
-    time_limit: float | None = None  # minutes; stop after the epoch that passes it (--resume continues)
+    time_limit: float | None = None  # minutes, checked after every step; --resume continues exactly
     threads: int | None = None
+    device: str | None = None  # default: cuda (this process's GPU under torchrun) when available, else cpu
     progress: bool = True
 
 
@@ -103,73 +108,127 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, x, y, batch_size=512) -> float:
+def evaluate(model, x, y, ctx: DistributedContext | None = None, batch_size=512) -> float:
+    """Accuracy of `model` on (x, y); under torch.distributed each rank scores its share and the counts are summed."""
+    ctx = ctx or DistributedContext()
     model.eval()
-    correct = sum((model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum().item()
+    x, y = x[ctx.rank:: ctx.world_size], y[ctx.rank:: ctx.world_size]
+    correct = sum((model(x[i: i + batch_size].to(ctx.device)).argmax(1).cpu() == y[i: i + batch_size]).sum().item()
                   for i in range(0, len(y), batch_size))
-    return correct / len(y)
+    return ctx.sum(correct) / ctx.sum(len(y))
 
 
 def train(config: TrainConfig) -> dict:
-    """Train, checkpoint every epoch into config.out, and return the history with the final test accuracy."""
+    """Train, checkpoint every epoch into config.out, and return the history with the final test accuracy.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) every process trains a DistributedDataParallel replica on
+    its shard of each epoch (DistributedSampler): config.batch_size is per process, so one step sees
+    batch_size * world_size images. Rank 0 alone prints, writes the checkpoint and history.json; every rank returns
+    the same history. history["losses"] holds the step losses averaged over the processes.
+    """
+    with distributed_context(config.device) as ctx:
+        return _train(config, ctx)
+
+
+def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     train_x, train_y, test_x, test_y = load_dataset(config.dataset)
     train_x, train_y = train_x[: config.train_subset], train_y[: config.train_subset]
     test_x, test_y = test_x[: config.test_subset], test_y[: config.test_subset]
     model = cct_kernels.create_model(
         config.model, img_size=train_x.shape[-1], n_input_channels=1, num_classes=int(train_y.max()) + 1,
         backend=config.backend,
-    )
+    ).to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_y) / config.batch_size)
+    sampler = DistributedSampler(range(len(train_y)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=config.seed)
+    steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
     total, warmup = config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed + ctx.rank)  # dropout and stochastic depth differ per rank
+    generator = torch.Generator().manual_seed(config.seed + ctx.rank)  # augmentation, per rank
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    history, start_epoch = {"config": dataclasses.asdict(config), "epochs": [], "losses": []}, 0
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    history, step = {"config": dataclasses.asdict(config), "world_size": ctx.world_size, "epochs": [],
+                     "losses": []}, 0
     checkpoint = out / "checkpoint.pt"
     if config.resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != ctx.world_size:
+            raise ValueError(f"{checkpoint} was written by {state.get('world_size', 1)} processes; resume it with "
+                             f"as many (got world size {ctx.world_size}): the batch order depends on it")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, start_epoch = state["history"], state["epoch"] + 1
+        generator.set_state(state["generators"][ctx.rank])
+        torch.set_rng_state(state["torch_rngs"][ctx.rank])
+        history, step = state["history"], state["step"]
+    trained = ctx.wrap(model)
 
-    bar = _progress(total, start_epoch * steps_per_epoch, config.progress)
-    run_started = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
+    if ctx.rank == 0:
+        print(banner(config, ctx, len(train_y), len(test_y)), flush=True)
+    bar = _progress(total, step, config.progress and ctx.rank == 0)
+    run_started = started = time.perf_counter()
+    order_epoch, order = None, None
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:  # this rank's share of the epoch's permutation (the same on every run)
+            sampler.set_epoch(epoch)
+            order_epoch, order = epoch, torch.tensor(list(sampler))
+            started = time.perf_counter() if i == 0 else started
         model.train()
-        started = time.perf_counter()
-        order = torch.randperm(len(train_y), generator=generator)
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, config.lr)
-            idx = order[i * config.batch_size: (i + 1) * config.batch_size]
-            images = augment(train_x[idx], generator) if config.augment else train_x[idx]
-            loss = F.cross_entropy(model(images), train_y[idx], label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history["losses"].append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-        accuracy = evaluate(model, test_x, test_y)
-        history["epochs"].append({"epoch": epoch, "test_accuracy": accuracy,
-                                  "seconds": time.perf_counter() - started})
-        bar.write(f"epoch {epoch}: test accuracy {accuracy:.4f} ({history['epochs'][-1]['seconds']:.0f} s)")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history},
-                   checkpoint)
-        if config.time_limit is not None and time.perf_counter() - run_started >= 60 * config.time_limit:
+        idx = order[i * config.batch_size: (i + 1) * config.batch_size]
+        images = augment(train_x[idx], generator) if config.augment else train_x[idx]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, warmup, config.lr)
+        loss = F.cross_entropy(trained(images.to(ctx.device)), train_y[idx].to(ctx.device),
+                               label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        history["losses"].append(ctx.mean(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{history['losses'][-1]:.3f}")
+        if step % steps_per_epoch == 0 or step == total:
+            accuracy = evaluate(model, test_x, test_y, ctx)
+            history["epochs"].append({"epoch": epoch, "test_accuracy": accuracy,
+                                      "seconds": time.perf_counter() - started})
+            if ctx.rank == 0:
+                bar.write(f"epoch {epoch}: test accuracy {accuracy:.4f} ({history['epochs'][-1]['seconds']:.0f} s)")
+        out_of_time = config.time_limit is not None and time.perf_counter() - run_started >= 60 * config.time_limit
+        out_of_time = ctx.any(out_of_time)  # every rank stops at the same step
+        if step % steps_per_epoch == 0 or step == total or out_of_time:
+            _save(checkpoint, model, optimizer, generator, history, step, ctx)
+        if out_of_time:
             break
     bar.close()
+    history["steps"], history["stopped_early"] = step, step < total
     history["test_accuracy"] = history["epochs"][-1]["test_accuracy"] if history["epochs"] else None
-    (out / "history.json").write_text(json.dumps(history, indent=1))
+    if ctx.rank == 0:
+        (out / "history.json").write_text(json.dumps(history, indent=1))
     return history
+
+
+def _save(path: Path, model, optimizer, generator, history, step: int, ctx: DistributedContext) -> None:
+    """Checkpoint after `step` steps: weights, optimizer, and every rank's random state (for an exact resume)."""
+    generators, torch_rngs = ctx.gather(generator.get_state()), ctx.gather(torch.get_rng_state())
+    if ctx.rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "world_size": ctx.world_size, "generators": generators, "torch_rngs": torch_rngs,
+                    "history": history}, path)
+    ctx.barrier()
+
+
+def banner(config: TrainConfig, ctx: DistributedContext, n_train: int, n_test: int) -> str:
+    """One line saying what is about to run: model, data, backend, threads or device, world size."""
+    where = (f"{torch.cuda.get_device_name(ctx.device)} ({ctx.device})" if ctx.device.type == "cuda"
+             else f"cpu, {torch.get_num_threads()} threads per process")
+    return (f"train: {config.model} on {config.dataset} ({n_train} train / {n_test} test images), backend "
+            f"{config.backend or cct_kernels.backends.requested_backend()}, {where}, world size {ctx.world_size} "
+            f"({ctx.backend or 'single process'}), {config.batch_size} images per step per process, "
+            f"{config.epochs} epochs")
 
 
 def _progress(total: int, initial: int, enabled: bool):

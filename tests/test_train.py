@@ -3,6 +3,7 @@ import pytest
 
 import torch
 
+import cct_kernels
 from cct_kernels.train import FASHION_MNIST_DIR, TrainConfig, augment, load_dataset, train
 from tests.cases import KERNEL_BACKENDS_HERE
 
@@ -11,8 +12,24 @@ DATASET = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").
 
 def short(tmp_path, **kw):
     base = dict(dataset=DATASET, epochs=2, batch_size=64, train_subset=640, test_subset=500, out=str(tmp_path),
-                progress=False, warmup_epochs=0.5, lr=2e-3, augment=True)
+                progress=False, warmup_epochs=0.5, lr=2e-3, augment=True, device="cpu")
     return TrainConfig(**{**base, **kw})
+
+
+def backends_serving_training(model_name="cct_2_3x2_32"):
+    """Kernel backends (but triton: too slow interpreted) that serve every op of train()'s model on CPU float32 in
+    train mode: an explicitly named backend raises BackendUnavailable on the first op it cannot serve."""
+    serving = []
+    for backend in KERNEL_BACKENDS_HERE:
+        if backend == "triton":
+            continue
+        model = cct_kernels.create_model(model_name, img_size=28, n_input_channels=1, backend=backend).train()
+        try:
+            model(torch.randn(2, 1, 28, 28)).sum().backward()
+        except cct_kernels.BackendUnavailable:
+            continue
+        serving.append(backend)
+    return serving
 
 
 def test_dataset_shapes_and_normalisation():
@@ -39,17 +56,21 @@ def test_augment_flips_and_shifts_each_image_on_its_own():
     assert len(seen) > 10  # per image, not one draw for the batch
 
 
-def test_it_learns_and_resumes_exactly(tmp_path):
+def test_it_learns_and_resumes_exactly_after_a_time_limit_in_mid_epoch(tmp_path, capsys):
     straight = train(short(tmp_path / "straight"))
     assert straight["test_accuracy"] > 0.25, straight["epochs"]  # chance is 0.10; 20 steps reach 0.30
-    interrupted = train(short(tmp_path / "resumed", time_limit=0.0))  # stops after its first epoch
-    assert len(interrupted["epochs"]) == 1
+    assert straight["steps"] == 20 and not straight["stopped_early"]
+    banner = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train: ")]
+    assert len(banner) == 1 and "cct_2_3x2_32 on" in banner[0] and "world size 1" in banner[0]
+    interrupted = train(short(tmp_path / "resumed", time_limit=0.0))  # the limit is checked after every step
+    assert interrupted["steps"] == 1 and interrupted["stopped_early"] and interrupted["epochs"] == []
     resumed = train(short(tmp_path / "resumed", resume=True))
+    assert resumed["steps"] == 20 and len(resumed["losses"]) == 20
     assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-6)
     assert resumed["test_accuracy"] == straight["test_accuracy"]
 
 
-@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS_HERE if b != "triton"])
+@pytest.mark.parametrize("backend", backends_serving_training())
 def test_kernel_backend_follows_the_eager_loss_curve(tmp_path, backend):
     eager = train(short(tmp_path / "eager", epochs=1, train_subset=320, test_subset=100, backend="eager"))
     kernel = train(short(tmp_path / backend, epochs=1, train_subset=320, test_subset=100, backend=backend))
