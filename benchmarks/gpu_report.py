@@ -24,7 +24,8 @@ that fails or runs out of time is recorded and the next one still runs):
   bench compile     every torch.compile row (marker compile_row, benchmarks/conftest.py), last and bounded.
 Benchmarks run with a short --benchmark-max-time; benchmarks/conftest.py streams each result to JSON lines, so a
 stage cut off by its budget keeps what it measured. Writes report.md and report.json, with the logs, junit.xml and
-the raw benchmark JSON, into benchmarks/results/<date>-<gpu>/, and with --archive DIR (default: $OUT when that is a
+the raw benchmark JSON and a copy of benchmarks/results/sm90_static.json (the static sm_90 figures), into
+benchmarks/results/<date>-<gpu>/, and with --archive DIR (default: $OUT when that is a
 folder, as on the device tool) also DIR/<that folder's name>.tar.gz and DIR/report.md. It also runs without a GPU
 (the device is then "cpu"; the sanitizer stages are skipped), for checking. Standard library only, so it reports
 even when torch or the package is broken.
@@ -55,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WHEEL_DIRS = (".whl", ".wheels")  # git-ignored folders of carried wheels
 STATIC_CHECKS = ("tests/test_triton_sm90.py", "tests/test_cuda_sources.py")  # CPU-only, run by CI
+STATIC_FIGURES = RESULTS / "sm90_static.json"  # committed static sm_90 figures: registers, spills, shared memory
 TOTAL_BUDGET_S = 540  # the device allows 10 minutes per command; the rest is the machine's start and transfers
 # Planned seconds per stage (sum 535). Measured on CPU only so far; the build is about 1-2 minutes on 16 cores.
 BUDGETS = {"wheels": 15, "build": 140, "probe": 25, "tests": 110, "bench ops": 70, "sanitize memcheck": 45,
@@ -329,6 +331,8 @@ def main(argv=None) -> int:
             for log in logs_dir.iterdir():
                 log.replace(out / log.name)
             logs_dir.rmdir()
+            if STATIC_FIGURES.exists():  # the committed static figures beside the measurements they predict
+                shutil.copy(STATIC_FIGURES, out / STATIC_FIGURES.name)
             continue
         stem = stage.name.replace(" ", "_")
         cmd = [part.replace("<out>", str(out)) for part in stage.cmd]
@@ -360,6 +364,7 @@ def main(argv=None) -> int:
         "command": shlex.join(["gpu_report.py", *(sys.argv[1:] if argv is None else argv)]),
         "seconds": time.monotonic() - started, "environment": env_info, "stages": records, "tests": tests,
         "benchmarks": benchmark_rows(benchmarks),
+        "static_figures": STATIC_FIGURES.name if (out / STATIC_FIGURES.name).exists() else None,
     }
     (out / "report.json").write_text(json.dumps({**report, "raw_benchmarks": benchmarks}, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))

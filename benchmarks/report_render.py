@@ -151,6 +151,9 @@ def markdown(report: dict) -> str:
             out.append(f"| {label} | {value} |")
     for name, reason in (env.get("backends") or {}).items():
         out.append(f"| backend {name} | {reason} |")
+    if report.get("static_figures"):
+        out += ["", f"Static sm_90 figures of the kernels (registers, spills, shared memory per config), as committed: "
+                    f"`{report['static_figures']}` in this folder."]
     out += ["", f"Command: `{report['command']}` (took {report['seconds']:.0f} s)", "", "## Stages", "",
             "| stage | command | status | seconds | budget s |", "|---|---|---|---:|---:|"]
     for s in report["stages"]:

@@ -78,12 +78,15 @@ def test_plan_without_carried_wheels_or_a_gpu_skips_with_reasons():
 
 def test_a_small_real_run_writes_the_report_and_the_archive(tmp_path):
     out, archive = tmp_path / "out", tmp_path / "archive"
-    result = _run("benchmarks/gpu_report.py", "--skip-build", "--skip-bench", "--budget", "200", "--out", str(out),
-                  "--archive", str(archive), "--tests", "tests/test_convert.py::test_convert_round_trips_our_own_models")
+    result = _run("benchmarks/gpu_report.py", "--skip-build", "--skip-bench", "--skip-sanitize", "--budget", "200",
+                  "--out", str(out), "--archive", str(archive),
+                  "--tests", "tests/test_convert.py::test_convert_round_trips_our_own_models")
     assert result.returncode == 0, result.stdout + result.stderr
     text = (out / "report.md").read_text()
     assert "3 passed, 0 failed, 0 errors, 0 skipped of 3" in text
-    assert "| sanitize memcheck |" in text and "skipped (no GPU visible)" in text
+    assert "| tests |" in text and "| sanitize" not in text
+    static = (ROOT / "benchmarks/results/sm90_static.json").exists()
+    assert (out / "sm90_static.json").exists() == static and ("`sm90_static.json` in this folder" in text) == static
     assert (archive / "report.md").read_text() == text
     with tarfile.open(archive / "out.tar.gz") as tar:
         assert {Path(name).name for name in tar.getnames()} >= {"report.md", "report.json", "junit.xml"}
@@ -142,7 +145,7 @@ def test_sanitize_kernels_lists_every_op_and_gpu_backend_without_a_gpu():
 
 
 def test_sanitize_kernels_runs_its_cases_on_cpu(capsys):
-    assert sanitize_kernels.main(["--backend", "cpu"]) == 0
+    assert sanitize_kernels.main(["--device", "cpu", "--backend", "cpu"]) == 0
     out = capsys.readouterr().out
     assert len(re.findall(r"^ok ", out, re.M)) == len(sanitize_kernels.CASES)
     assert f"{len(sanitize_kernels.CASES)} passed, 0 failed" in out
