@@ -139,7 +139,7 @@ def build_plan(facts: dict, args, wheels: list[str], site: str) -> list[Stage]:
     for name, what, marker in steps:
         if name.startswith("sanitize"):
             cmd = [facts["compute_sanitizer"] or "compute-sanitizer", "--tool", what, "--target-processes", "all",
-                   "--print-limit", "20", python, "benchmarks/sanitize_kernels.py"]
+                   "--print-limit", "20", "--error-exitcode", "1", python, "benchmarks/sanitize_kernels.py"]
             skip = ("no GPU visible" if not facts["gpu"] else
                     None if facts["compute_sanitizer"] else "compute-sanitizer is not on PATH")
             stages.append(Stage(name, cmd, BUDGETS[name], "compute-sanitizer (CUDA toolkit) and a GPU",
