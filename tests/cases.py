@@ -1,4 +1,7 @@
-"""Shared test helpers: which (op, kernel backend) pairs run on this machine, and the tolerance rule."""
+"""Shared test helpers: which (op, kernel backend) pairs run on this machine, which backends can serve a whole
+model, and the tolerance rule."""
+from unittest import mock
+
 import torch
 
 from cct_kernels import backends
@@ -36,6 +39,28 @@ def runnable_pairs():
 
 RUNNABLE = runnable_pairs()
 KERNEL_BACKENDS_HERE = sorted({b for _, b in RUNNABLE})
+
+
+def backends_serving_model(model, x, *, train: bool) -> list[str]:
+    """Every backend name that can serve every op call of `model` on input `x` in train or eval mode: "eager",
+    "auto", and each kernel backend whose own unsupported() accepts every call (the cuda attention, for one,
+    refuses float32 and dropout). The calls are recorded from one eager forward pass."""
+    calls = []
+
+    def record(op, explicit, device, *inputs):
+        calls.append((op, device, inputs))
+        return "eager"
+
+    was_training = model.training
+    try:
+        model.train(train)
+        with torch.no_grad(), mock.patch.object(backends, "select", record):
+            model(x)
+    finally:
+        model.train(was_training)
+    kernels = [b for b in backends.KERNEL_BACKENDS
+               if all(backends.unsupported_reason(b, op, device, *inputs) is None for op, device, inputs in calls)]
+    return ["eager", "auto"] + kernels
 
 
 def assert_close_to_reference(out, ref64, eager_same_dtype, name="output", factor=2.0, floor=None):
