@@ -9,11 +9,13 @@ import importlib.util
 import json
 import os
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
+from cct_kernels.extension import attention as ext_attention
 from cct_kernels.extension import seqpool as ext_seqpool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,21 @@ EXPECTED_KERNELS = {
 NVCC = cuda_static.find_tool("nvcc")
 CUOBJDUMP = cuda_static.find_tool("cuobjdump")
 REQUIRE = os.environ.get("CCT_KERNELS_REQUIRE_NVCC", "1") != "0"
+
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (9, 0)])
+def test_cuda_attention_declines_gpus_below_sm80(capability, monkeypatch):
+    """attention.cu stops at #error below sm_80, so the extension has no attention kernel for such a GPU: the
+    adapter says so (and "auto" picks another backend) instead of failing at launch."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    qkv = types.SimpleNamespace(shape=(2, 70, 3 * 2 * 64), dtype=torch.float16, is_cuda=True,
+                                device=torch.device("cuda", 0))
+    reason = ext_attention.unsupported(qkv, 2, 0.125, 0.0, backend="cuda")
+    if capability < (8, 0):
+        assert reason is not None and "8.0" in reason and "7.5" in reason
+    else:
+        assert reason is None
 
 
 if NVCC is not None:

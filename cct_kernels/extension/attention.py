@@ -2,9 +2,10 @@
 
 "cpu" (csrc/cpu/attention.cpp): float32/float16/bfloat16 (computed in float32), any head dim, N < 65536, dropout
     from a counter-based hash of the seed (the same mask in backward; attention_dropout_mask() returns it).
-"cuda" (csrc/cuda/attention.cu): tensor-core flash attention (mma.sync, float32 accumulation) for head dim 64,
-    float16/bfloat16 only, no dropout (training with attention dropout falls back under "auto"). Its backward
-    accumulates dQ with float atomics, so it declines while torch.use_deterministic_algorithms(True) is on.
+"cuda" (csrc/cuda/attention.cu): tensor-core flash attention (mma.sync, float32 accumulation, double-buffered
+    cp.async loads) for head dim 64, float16/bfloat16 only, GPUs of compute capability 8.0 or newer, no dropout
+    (training with attention dropout falls back under "auto"). Its backward accumulates dQ with float atomics
+    (16-byte vector atomics on sm_90), so it declines while torch.use_deterministic_algorithms(True) is on.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def unsupported(qkv, num_heads, scale, dropout_p, *, backend: str) -> str | None
         reason = extension.dtype_reason(qkv.dtype, (torch.float16, torch.bfloat16))
         if reason is not None:
             return reason + " by the cuda attention kernel (tensor cores); use the triton backend for float32"
+        if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device) < (8, 0):
+            major, minor = torch.cuda.get_device_capability(qkv.device)
+            return f"the cuda attention kernel needs compute capability 8.0+ (cp.async, bf16 mma), got {major}.{minor}"
         if head_dim != CUDA_HEAD_DIM:
             return f"the cuda attention kernel needs head dim {CUDA_HEAD_DIM}, got {head_dim}"
         if qkv.shape[0] * num_heads > 65535:
