@@ -41,6 +41,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.peaks import device_peaks, quick_mode  # noqa: E402
+from cct_kernels.profiling import error_text  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = quick_mode()
@@ -60,8 +61,10 @@ def _sync():
 
 def loop_ms(fn, call_seconds: float, seconds: float = LOOP_SECONDS, repeats: int = LOOP_REPEATS) -> float:
     """Milliseconds per call of `fn` called back to back with no host sync, timed with CUDA events: the median
-    over `repeats` loops of about `seconds` each (`call_seconds`, a synchronised call's wall time, sizes them)."""
-    calls = max(3, min(1000, int(seconds / max(call_seconds, 1e-6))))
+    over `repeats` loops of about `seconds` each (`call_seconds`, a synchronised call's wall time, sizes them).
+    A call slower than `seconds` (a whole training step) gets 3 loops of 2 calls: event timing needs no more."""
+    calls = max(2, min(1000, int(seconds / max(call_seconds, 1e-6))))
+    repeats = repeats if call_seconds < seconds else 3
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -107,7 +110,7 @@ def _device_times(fn, call_seconds: float, graph: bool) -> dict:
         try:
             times["graph_ms"] = cuda_graph_ms(fn)
         except Exception as e:  # not every call is capturable; the loop timing still stands
-            times["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            times["graph_error"] = error_text(e)[:200]
             torch.cuda.synchronize()
     times["device_ms"] = times.get("graph_ms", times["loop_ms"])
     return times

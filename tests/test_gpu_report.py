@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,47 @@ def test_compile_row_marker_selects_the_compile_rows():
     ids = [line for line in result.stdout.splitlines() if "::" in line]
     assert {Path(i.split("::")[0]).name for i in ids} == {Path(f).name for f in files}
     assert all(re.search(r"[\[-]compile\]", i) for i in ids), ids
+
+
+class _HostEvent:
+    """Stands in for torch.cuda.Event on CPU: record() reads the host clock."""
+
+    def __init__(self, enable_timing=False):
+        self.at = None
+
+    def record(self):
+        self.at = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.at - self.at) * 1e3
+
+
+def test_device_timing_loops_and_records_why_a_graph_failed(monkeypatch):
+    monkeypatch.setattr(bench_conftest.torch.cuda, "Event", _HostEvent)
+    monkeypatch.setattr(bench_conftest.torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.001)
+
+    ms = bench_conftest.loop_ms(fn, call_seconds=0.001, seconds=0.02, repeats=5)
+    assert len(calls) == 5 * 20 and ms >= 1.0  # 20 calls per loop of 20 ms, per-call time
+    calls.clear()
+    bench_conftest.loop_ms(fn, call_seconds=0.5, seconds=0.02, repeats=5)
+    assert len(calls) == 3 * 2  # a slow call: 3 loops of 2
+    calls.clear()
+
+    def uncapturable(fn):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(bench_conftest, "cuda_graph_ms", uncapturable)
+    times = bench_conftest._device_times(fn, 0.001, graph=True)
+    assert times["device_ms"] == times["loop_ms"] >= 1.0 and "graph_ms" not in times
+    assert times["graph_error"] == "RuntimeError: operation not permitted when stream is capturing"
+    monkeypatch.setattr(bench_conftest, "cuda_graph_ms", lambda fn: 0.25)
+    assert bench_conftest._device_times(fn, 0.001, graph=True)["device_ms"] == 0.25
+    assert set(bench_conftest._device_times(fn, 0.001, graph=False)) == {"loop_ms", "device_ms"}
