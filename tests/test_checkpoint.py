@@ -176,3 +176,39 @@ def test_convert_of_a_headless_model_gives_a_headless_model():
     assert converted.num_classes == 0
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(converted(x), source(x))
+
+
+def _cct_with(change):
+    model = cct_kernels.cct_2_3x2_32(backend="eager")
+    change(model)
+    return model
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m.tokenizer.conv_layers[0].__setitem__(1, torch.nn.GELU()),
+     "tokenizer.conv_layers.0 has GELU; our tokenizer computes Conv2d, then ReLU or nothing"),
+    (lambda m: setattr(m.tokenizer.conv_layers[1][0], "dilation", (2, 2)),
+     "tokenizer.conv_layers.1.0 has groups 1, dilation (2, 2)"),
+    (lambda m: setattr(m.tokenizer.conv_layers[1][0], "stride", (2, 2)),
+     "tokenizer.conv_layers.1 differs from stage 0"),
+    (lambda m: setattr(m.tokenizer.conv_layers[0][0], "stride", (1, 2)),
+     "tokenizer.conv_layers.0 has stride (1, 2); our tokenizer supports square ones only"),
+    (lambda m: setattr(m.tokenizer.conv_layers[0][2], "ceil_mode", True),
+     "max pool has dilation 1, ceil_mode True"),
+])
+def test_convert_refuses_tokenizers_it_would_compute_differently(change, message):
+    # Each of these loads the same weights into our model and would silently give other outputs.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cct_kernels.convert(_cct_with(change))
+
+
+def test_convert_refuses_a_patch_embedding_with_overlapping_patches():
+    model = cct_kernels.cvt_2_4_32(backend="eager")
+    model.tokenizer.conv_layers[0][0].stride = (2, 2)
+    with pytest.raises(ValueError, match="patch embedding .* stride = kernel_size"):
+        cct_kernels.convert(model)
+
+
+def test_load_checkpoint_into_a_model_that_is_not_ours_is_a_type_error():
+    with pytest.raises(TypeError, match="load_checkpoint loads into a CCT, CVT or ViTLite"):
+        cct_kernels.load_checkpoint(torch.nn.Linear(2, 2), {"weight": torch.zeros(2, 2)})

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cct_kernels.models.cct import _TokenizerClassifier
+
 PE_KEY = "classifier.positional_emb"
 FC_KEYS = ("classifier.fc.weight", "classifier.fc.bias")
 # Prefixes that wrappers add to every key: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
@@ -131,10 +133,13 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
     - classifier head of another class count: the checkpoint's fc is dropped and the model keeps its fresh fc
       (a model built with num_classes=0 has no head and ignores the checkpoint's).
     Everything else must match the model, key for key (strict=True) as in load_state_dict.
-    Raises FileNotFoundError for a missing file and CheckpointError (a ValueError and RuntimeError) for a file
+    Raises TypeError for a model that is not one of ours, FileNotFoundError for a missing file and CheckpointError (a ValueError and RuntimeError) for a file
     that cannot be read, is not a state_dict, or comes from another architecture (the message lists the missing
     and unexpected keys and the shape mismatches).
     """
+    if not isinstance(model, _TokenizerClassifier):
+        raise TypeError(f"load_checkpoint loads into a CCT, CVT or ViTLite model (cct_kernels.create_model(...)), "
+                        f"got {type(model).__name__}; use model.load_state_dict for other modules")
     state, source = _read(path_or_state_dict)
     own = model.state_dict()
     problems = _mismatch(state, own, strict)

@@ -49,12 +49,61 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
     return True
 
 
-def _stage_config(stage: nn.Module) -> dict:
-    conv = stage[0]
+def _square(name: str, value, where: str) -> int:
+    """An int, or a pair of equal ints (what our tokenizer supports), as one int."""
+    values = value if isinstance(value, tuple) else (value, value)
+    if values[0] != values[1]:
+        raise ValueError(f"convert(): {where} has {name} {value}; our tokenizer supports square ones only")
+    return values[0]
+
+
+def _stage_config(stage: nn.Module, i: int) -> dict:
+    """One tokenizer stage's settings; anything our fused tokenize op would compute differently is refused
+    (it would load the same weights and silently give other outputs)."""
+    where = f"tokenizer.conv_layers.{i}"
+    conv = stage[0] if isinstance(stage, nn.Sequential) and len(stage) else stage
     if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"expected tokenizer.conv_layers[i][0] to be nn.Conv2d, got {type(conv).__name__}")
-    pool = next((m for m in stage if isinstance(m, nn.MaxPool2d)), None)
-    return {"conv": conv, "pool": pool}
+        raise TypeError(f"{ACCEPTS}; {where} starts with {type(conv).__name__}, expected nn.Conv2d")
+    if conv.groups != 1 or _square("dilation", conv.dilation, where) != 1 or conv.padding_mode != "zeros":
+        raise ValueError(f"convert(): {where}.0 has groups {conv.groups}, dilation {conv.dilation}, padding_mode "
+                         f"{conv.padding_mode!r}; our tokenizer computes groups 1, dilation 1, zero padding")
+    rest = list(stage)[1:]
+    pools = [m for m in rest if isinstance(m, nn.MaxPool2d)]
+    others = [m for m in rest if not isinstance(m, (nn.MaxPool2d, nn.ReLU, nn.Identity))]
+    if others or len(pools) > 1:
+        offending = others + (pools if len(pools) > 1 else [])
+        raise ValueError(f"convert(): {where} has {', '.join(type(m).__name__ for m in offending)}; our "
+                         f"tokenizer computes Conv2d, then ReLU or nothing, then one MaxPool2d or nothing")
+    pool = pools[0] if pools else None
+    if pool is not None and (_square("pool dilation", pool.dilation, where) != 1 or pool.ceil_mode):
+        raise ValueError(f"convert(): {where} max pool has dilation {pool.dilation}, ceil_mode {pool.ceil_mode}; "
+                         f"our tokenizer computes dilation 1, ceil_mode False")
+    return {
+        "conv": conv,
+        "settings": (_square("kernel_size", conv.kernel_size, where), _square("stride", conv.stride, where),
+                     _square("padding", conv.padding, where), conv.bias is not None,
+                     any(isinstance(m, nn.ReLU) for m in rest),
+                     None if pool is None else tuple(_square(name, getattr(pool, name), where)
+                                                      for name in ("kernel_size", "stride", "padding"))),
+    }
+
+
+def _check_tokenizer(stages: list[dict]):
+    """Our tokenizers apply one setting to every stage: CCT conv (no bias) -> ReLU -> max pool; CVT / ViT-Lite one
+    patch conv (bias, stride = kernel, no padding) and nothing else."""
+    first = stages[0]["settings"]
+    for i, stage in enumerate(stages[1:], 1):
+        if stage["settings"] != first:
+            raise ValueError(f"convert(): tokenizer.conv_layers.{i} differs from stage 0 (kernel, stride, padding, "
+                             f"bias, relu, pool: {stage['settings']} vs {first}); our tokenizer uses one setting "
+                             f"for every stage")
+    kernel, stride, padding, bias, relu, pool = first
+    if pool is not None and not relu:
+        raise ValueError("convert(): a tokenizer with max pooling but no ReLU; our CCT tokenizer computes ReLU")
+    if pool is None and (relu or len(stages) != 1 or stride != kernel or padding != 0 or not bias):
+        raise ValueError(f"convert(): a tokenizer without pooling is a patch embedding (CVT / ViT-Lite): one conv "
+                         f"with bias, stride = kernel_size and no padding, no ReLU; this one has {len(stages)} "
+                         f"stage(s), (kernel, stride, padding, bias, relu) = {first[:5]}")
 
 
 def _image_size(model_cls, config: dict, num_tokens: int | None) -> int:
@@ -80,7 +129,8 @@ def convert(official: nn.Module, backend: str | None = None) -> nn.Module:
     """
     _check_official_style(official)
     tokenizer, classifier = official.tokenizer, official.classifier
-    stages = [_stage_config(s) for s in tokenizer.conv_layers]
+    stages = [_stage_config(s, i) for i, s in enumerate(tokenizer.conv_layers)]
+    _check_tokenizer(stages)
     first, last = stages[0], stages[-1]
     blocks = classifier.blocks
     dim = last["conv"].out_channels
@@ -92,17 +142,16 @@ def convert(official: nn.Module, backend: str | None = None) -> nn.Module:
         num_classes=getattr(classifier.fc, "out_features", 0), dropout=classifier.dropout.p,
         attention_dropout=attn.attn_drop.p if attn is not None else 0.0,
     )
-    if first["pool"] is not None:  # CCT
-        pool = first["pool"]
+    kernel, stride, padding, _, _, pool = first["settings"]
+    if pool is not None:  # CCT
         cls = CCT
         config = dict(
-            common, n_conv_layers=len(stages), kernel_size=first["conv"].kernel_size[0],
-            stride=first["conv"].stride[0], padding=first["conv"].padding[0],
-            pooling_kernel_size=pool.kernel_size, pooling_stride=pool.stride, pooling_padding=pool.padding,
+            common, n_conv_layers=len(stages), kernel_size=kernel, stride=stride, padding=padding,
+            pooling_kernel_size=pool[0], pooling_stride=pool[1], pooling_padding=pool[2],
         )
     else:
         cls = CVT if hasattr(classifier, "attention_pool") else ViTLite
-        config = dict(common, kernel_size=first["conv"].kernel_size[0])
+        config = dict(common, kernel_size=kernel)
     pe = classifier.positional_emb
     if pe is None:
         positional_embedding, num_tokens = "none", None
