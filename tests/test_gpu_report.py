@@ -39,6 +39,11 @@ def test_dry_run_prints_the_gpu_plan_within_nine_minutes():
     assert total == sum(int(budget) for _, budget, _ in stages) <= 540
     assert all(needs.strip() for _, _, needs in stages)
     assert "results: benchmarks/results/<date>-<gpu>/" in result.stdout
+    assert "--ignore=tests/test_triton_sm90.py --ignore=tests/test_cuda_sources.py" in result.stdout
+    for tool in ("memcheck", "racecheck"):
+        assert f"compute-sanitizer --tool {tool} " in result.stdout
+    last_command = result.stdout.split(" bench compile ")[1].splitlines()[1]
+    assert " -m compile_row " in last_command and "--benchmark-max-time=0.2" in last_command
 
 
 def test_plan_on_the_lent_gpu_machine():
