@@ -8,9 +8,10 @@ Runs on the preinstalled stack (python3 with a CUDA torch, triton, nvcc, pytest-
 pytest-timeout and compute-sanitizer when present): no bootstrap, no network (PIP_NO_INDEX=1). Stages, in order,
 each with a time budget (at least its planned one while time is left, plus what earlier stages left unused; one
 that fails or runs out of time is recorded and the next one still runs):
-  wheels            pip install --no-index --no-deps --target <tmp>/cct_site .whl/*.whl .wheels/*.whl, then
-                    PYTHONPATH=<tmp>/cct_site for every later stage; only when such wheels were carried (vit-pytorch,
-                    which tests/official.py uses, is not on the GPU image: see README "GPU run").
+  wheels            pip install --no-index --no-deps --target <tmp>/cct_site_<pid> .whl/*.whl .wheels/*.whl, then
+                    PYTHONPATH=<that folder> for every later stage; only when such wheels were carried (vit-pytorch,
+                    which tests/official.py uses, is not on the GPU image: see README "GPU run"). A folder per run:
+                    a report run inside the tests must not replace files that other test processes import.
   build             pip install --no-build-isolation --no-deps -e .  with MAX_JOBS = all cores and
                     TORCH_CUDA_ARCH_LIST = the visible GPU's compute capability (nvidia-smi).
   probe             device, driver and versions (nvidia-smi, nvcc, torch/triton/cct_kernels in a subprocess).
@@ -45,8 +46,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_render import (benchmark_rows, benchmark_table, junit_summary, load_benchmarks,  # noqa: E402,F401
@@ -311,7 +312,7 @@ def main(argv=None) -> int:
     facts = machine_facts()
     if args.dry_run and not facts["gpu"]:
         facts = {**facts, **LENT_MACHINE}
-    site = str(Path(os.environ.get("TMPDIR", "/tmp")) / "cct_site")
+    site = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"cct_site_{os.getpid()}")
     stages = build_plan(facts, args, carried_wheels(), site)
     if args.dry_run:
         return print_plan(stages, facts, Path(args.archive) if args.archive else None)

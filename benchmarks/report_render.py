@@ -137,7 +137,8 @@ _ENV_ROWS = (("gpu", "GPU"), ("nvidia_smi", "nvidia-smi"), ("driver", "driver"),
              ("torch", "torch"), ("torch_cuda", "CUDA (torch)"), ("nvcc", "nvcc"), ("cudnn", "cuDNN"),
              ("triton", "triton"), ("python", "Python"), ("pytest_benchmark", "pytest-benchmark"),
              ("compute_sanitizer", "compute-sanitizer"), ("cpu_count", "CPU cores"), ("extension", "extension"),
-             ("vit_pytorch", "vit-pytorch"), ("xdist", "pytest-xdist"), ("git_commit", "commit"), ("date", "date (UTC)"),
+             ("vit_pytorch", "vit-pytorch"), ("xdist", "pytest-xdist"), ("git_commit", "commit"),
+             ("date", "date (UTC)"),
              ("probe_error", "probe error"), ("torch_error", "torch error"), ("cct_kernels_error", "cct_kernels error"))
 
 

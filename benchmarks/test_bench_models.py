@@ -3,8 +3,9 @@
 Models: cct_7_3x1_32 (the main one), cct_2_3x2_32, cct_7_7x2_224, cct_14_7x2_224. Throughput batch: 128 at
 32x32, 64 at 224x224 (8 at 224x224 in quick mode, the default without a GPU: see peaks.quick_mode).
 Backends: eager, compile (torch.compile of the eager model), each kernel backend that can run on this device
-(never the Triton interpreter on CPU), auto (only when some kernel backend can run: otherwise it is eager). All share weights (same seed) and images. A training step is
-forward, cross-entropy, backward and an AdamW update (cct_kernels.profiling.make_step).
+(never the Triton interpreter on CPU), auto (only when some kernel backend can run: otherwise it is eager). All
+share weights (same seed) and images. A training step is forward, cross-entropy, backward and an AdamW update
+(cct_kernels.profiling.make_step).
 
 Group "<model> <case> <mode>" holds one row per backend, so the table reads as a comparison:
     pytest benchmarks/test_bench_models.py --benchmark-only

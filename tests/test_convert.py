@@ -54,7 +54,8 @@ def test_convert_round_trips_our_own_models(factory):
 
 # Runs pytest in a child process where `import vit_pytorch` fails as it does on an image without the package:
 # None in sys.modules is how the import system marks a module as unavailable (find_spec returns None too).
-_WITHOUT_VIT_PYTORCH = "import sys; sys.modules['vit_pytorch'] = None; import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+_WITHOUT_VIT_PYTORCH = ("import sys; sys.modules['vit_pytorch'] = None; "
+                        "import pytest; sys.exit(pytest.main(sys.argv[1:]))")
 
 
 def _pytest_without_vit_pytorch(*args):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report_render, sanitize_kernels
 from benchmarks import conftest as bench_conftest
+from benchmarks import report_render, sanitize_kernels
 from benchmarks.conftest import rates
 
 ROOT = Path(__file__).resolve().parents[1]
