@@ -122,8 +122,9 @@ def build_plan(facts: dict, args, wheels: list[str], site: str) -> list[Stage]:
     if not args.skip_tests:
         cmd = [python, "-m", "pytest", *args.tests, "-q", "-p", "no:cacheprovider", "--junitxml=<out>/junit.xml",
                *(f"--ignore={path}" for path in STATIC_CHECKS)]
-        if facts["xdist"]:
-            cmd += ["-n", str(xdist_workers(facts["cpu_count"]))]
+        workers = xdist_workers(facts["cpu_count"]) if args.workers is None else args.workers
+        if facts["xdist"] and workers > 0:
+            cmd += ["-n", str(workers)]
         if facts["pytest_timeout"]:
             cmd += [f"--timeout={TEST_TIMEOUT_S}"]
         stages.append(Stage("tests", cmd, BUDGETS["tests"], "pytest; pytest-xdist and pytest-timeout when present; "
@@ -299,6 +300,8 @@ def _parse_args(argv):
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--skip-sanitize", action="store_true")
     parser.add_argument("--tests", nargs="+", default=["tests"], help="pytest paths (default tests)")
+    parser.add_argument("--workers", type=int, help="pytest-xdist processes for the tests (default: all cores but "
+                        "two, at most 12; 0: no xdist)")
     parser.add_argument("--benchmarks", nargs="+", help="benchmark files (default benchmarks/test_bench_*.py)")
     parser.add_argument("--out", help="report folder (default benchmarks/results/<date>-<gpu>/)")
     parser.add_argument("--archive", default=os.environ.get("OUT") if os.path.isdir(os.environ.get("OUT", "")) else

@@ -76,6 +76,7 @@ def test_plan_without_carried_wheels_or_a_gpu_skips_with_reasons():
     facts = {**report.LENT_MACHINE, "gpu": None, "compute_sanitizer": None}
     plan = {s.name: s for s in report.build_plan(facts, report._parse_args([]), [], "/tmp/site")}
     assert "wheels" not in plan  # only a dry run shows the wheels step when none are carried
+    assert "-n" not in report.build_plan(facts, report._parse_args(["--workers", "0"]), [], "/s")[2].cmd
     assert plan["sanitize memcheck"].skip == "no GPU visible"
     facts["gpu"] = "NVIDIA H200"
     plan = {s.name: s for s in report.build_plan(facts, report._parse_args(["--skip-sanitize"]), [], "/tmp/site")}
@@ -84,8 +85,8 @@ def test_plan_without_carried_wheels_or_a_gpu_skips_with_reasons():
 
 def test_a_small_real_run_writes_the_report_and_the_archive(tmp_path):
     out, archive = tmp_path / "out", tmp_path / "archive"
-    result = _run("benchmarks/gpu_report.py", "--skip-build", "--skip-bench", "--skip-sanitize", "--budget", "200",
-                  "--out", str(out), "--archive", str(archive),
+    result = _run("benchmarks/gpu_report.py", "--skip-build", "--skip-bench", "--skip-sanitize", "--workers", "0",
+                  "--budget", "200", "--out", str(out), "--archive", str(archive),
                   "--tests", "tests/test_convert.py::test_convert_round_trips_our_own_models")
     assert result.returncode == 0, result.stdout + result.stderr
     text = (out / "report.md").read_text()
