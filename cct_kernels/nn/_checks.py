@@ -15,20 +15,22 @@ def check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def check_real(name: str, value, *, low: float, high: float = math.inf, low_inclusive: bool = True) -> float:
-    """`value` is a finite real number (not a bool) in [low, high] (or (low, high] when low_inclusive is False)."""
-    interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+def check_real(name: str, value, *, low: float, high: float = math.inf, low_inclusive: bool = True,
+               high_inclusive: bool = True) -> float:
+    """`value` is a finite real number (not a bool) in [low, high], ends excluded where told."""
+    closed_high = high_inclusive and math.isfinite(high)
+    interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number in {interval}, got {value!r} ({type(value).__name__})")
-    inside = (value >= low if low_inclusive else value > low) and value <= high
+    inside = (value >= low if low_inclusive else value > low) and (value <= high if closed_high else value < high)
     if not inside or not math.isfinite(value):
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
 
 
-def check_probability(name: str, value) -> float:
-    """A dropout-style rate in [0, 1]."""
-    return check_real(name, value, low=0.0, high=1.0)
+def check_probability(name: str, value, *, one_allowed: bool = True) -> float:
+    """A dropout-style rate in [0, 1] (or [0, 1) where a rate of 1 has no meaning for the op)."""
+    return check_real(name, value, low=0.0, high=1.0, high_inclusive=one_allowed)
 
 
 def check_heads(dim_name: str, dim: int, heads_name: str, heads: int):

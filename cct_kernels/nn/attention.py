@@ -10,14 +10,14 @@ from cct_kernels.nn._checks import check_heads, check_int, check_probability
 
 class Attention(UsesBackend, nn.Module):
     """(B, N, dim) -> (B, N, dim). dim and num_heads are ints >= 1 with dim a multiple of num_heads; the dropout
-    rates are in [0, 1] (ValueError / TypeError otherwise)."""
+    rates are in [0, 1], attention_dropout in [0, 1) (ValueError / TypeError otherwise)."""
 
     def __init__(self, dim, num_heads=8, attention_dropout=0.1, projection_dropout=0.1):
         super().__init__()
         check_int("dim", dim, 1)
         check_int("num_heads", num_heads, 1)
         check_heads("dim", dim, "num_heads", num_heads)
-        check_probability("attention_dropout", attention_dropout)
+        check_probability("attention_dropout", attention_dropout, one_allowed=False)  # the op takes p < 1
         check_probability("projection_dropout", projection_dropout)
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5

@@ -19,7 +19,8 @@ class TransformerClassifier(nn.Module):
     `sequence_length` is the token count the positional embedding is built for (tokens only, no class token).
     num_classes=0 means no head (timm's convention): `fc` is nn.Identity and the output is the pooled (B, D)
     features. Sizes are ints (embedding_dim, num_heads >= 1 with embedding_dim a multiple of num_heads;
-    num_layers, num_classes >= 0), mlp_ratio > 0, rates in [0, 1]; anything else raises TypeError / ValueError.
+    num_layers, num_classes >= 0), mlp_ratio > 0, rates in [0, 1] (attention_dropout in [0, 1)); anything else
+    raises TypeError / ValueError.
     """
 
     def __init__(
@@ -37,9 +38,9 @@ class TransformerClassifier(nn.Module):
             raise ValueError(f"mlp_ratio ({mlp_ratio}) times embedding_dim ({embedding_dim}) must give a hidden "
                              f"size >= 1")
         check_int("num_classes", num_classes, 0)
-        for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout),
-                           ("stochastic_depth", stochastic_depth)):
-            check_probability(name, rate)
+        check_probability("dropout", dropout)
+        check_probability("attention_dropout", attention_dropout, one_allowed=False)  # the attention op takes p < 1
+        check_probability("stochastic_depth", stochastic_depth)
         if sequence_length is not None:
             check_int("sequence_length", sequence_length, 1)
         if not isinstance(positional_embedding, str) or positional_embedding not in POSITIONAL_EMBEDDINGS:
