@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out = writable_folder(args.parser, args.out)
     if args.command in ("bench", "profile"):
         _resolve_bench_arguments(args)
+    if args.command == "profile" and args.by == "kernels" and args.device.type != "cuda":
+        args.parser.error(f"argument --by: 'kernels' ranks CUDA kernels and needs a CUDA device, got --device "
+                          f"{args.device}; use --by ops")
     return args.func(args)
 
 

@@ -94,6 +94,7 @@ BAD_FLAGS = [
     (["profile", "--iters", "0"], "argument --iters: must be an int >= 1, got 0"),
     (["profile", "--top", "0"], "argument --top: must be an int >= 1, got 0"),
     (["profile", "--warmup", "-1"], "argument --warmup: must be an int >= 0, got -1"),
+    (["profile", "--by", "kernels", "--device", "cpu"], "argument --by: 'kernels' ranks CUDA kernels and needs a CUDA"),
     (["train", "--epochs", "0"], "argument --epochs: must be an int >= 1, got 0"),
     (["train", "--batch-size", "0"], "argument --batch-size: must be an int >= 1, got 0"),
     (["train", "--train-subset", "0"], "argument --train-subset: must be an int >= 1, got 0"),
