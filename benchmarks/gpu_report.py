@@ -24,12 +24,12 @@ that fails or runs out of time is recorded and the next one still runs):
   bench models      whole-model benchmarks, kernel and eager rows.
   bench compile     every torch.compile row (marker compile_row, benchmarks/conftest.py), last and bounded.
 Benchmarks run with a short --benchmark-max-time; benchmarks/conftest.py streams each result to JSON lines, so a
-stage cut off by its budget keeps what it measured. Writes report.md and report.json, with the logs, junit.xml and
-the raw benchmark JSON and a copy of benchmarks/results/sm90_static.json (the static sm_90 figures), into
-benchmarks/results/<date>-<gpu>/, and with --archive DIR (default: $OUT when that is a
-folder, as on the device tool) also DIR/<that folder's name>.tar.gz and DIR/report.md. It also runs without a GPU
-(the device is then "cpu"; the sanitizer stages are skipped), for checking. Standard library only, so it reports
-even when torch or the package is broken.
+stage cut off by its budget keeps what it measured. Writes report.md and report.json (again after every stage, so a
+run stopped from outside keeps what it had), with the logs, junit.xml, the raw benchmark JSON and a copy of
+benchmarks/results/sm90_static.json (the static sm_90 figures), into benchmarks/results/<date>-<gpu>/; with
+--archive DIR (default: $OUT when that is a folder, as on the device tool) also DIR/<that folder's name>.tar.gz and
+DIR/report.md. It also runs without a GPU (the device is then "cpu"; the sanitizer stages are skipped), for
+checking. Standard library only, so it reports even when torch or the package is broken.
 """
 from __future__ import annotations
 
@@ -309,6 +309,32 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _read_outputs(stage: Stage, record: dict, out: Path) -> tuple[dict | None, list[dict]]:
+    """After a stage: its test summary (tests stage) and benchmarks; adds the sanitizer verdict to `record`."""
+    stem, tests, found = stage.name.replace(" ", "_"), None, []
+    if stage.name == "tests":
+        try:
+            tests = junit_summary(out / "junit.xml")
+        except (OSError, ValueError, SyntaxError):  # ET.ParseError is a SyntaxError
+            tests = {"note": f"no junit file ({record['status']}); last line: {pytest_last_line(out / 'tests.log')}"}
+    if stage.name.startswith("sanitize") and record["log"]:
+        record["sanitizer"] = sanitizer_verdict((out / record["log"]).read_text(errors="replace"))
+    if stage.name.startswith("bench"):
+        found = load_benchmarks(out / f"{stem}.json", out / f"{stem}.jsonl")
+        record["benchmarks"] = len(found)
+    return tests, found
+
+
+def _write_report(out: Path, report: dict, benchmarks: list[dict], archive: str | None) -> None:
+    """report.json and report.md (and the archive): after every stage, so a run stopped from outside keeps them."""
+    report = {**report, "benchmarks": benchmark_rows(benchmarks),
+              "static_figures": STATIC_FIGURES.name if (out / STATIC_FIGURES.name).exists() else None}
+    (out / "report.json").write_text(json.dumps({**report, "raw_benchmarks": benchmarks}, indent=2, default=str))
+    (out / "report.md").write_text(markdown(report))
+    if archive:
+        _archive(out, Path(archive))
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     started = time.monotonic()
@@ -323,14 +349,16 @@ def main(argv=None) -> int:
     deadline = started + args.budget
     logs_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cct_gpu_report_{os.getpid()}"
     logs_dir.mkdir(parents=True, exist_ok=True)  # stage outputs land here until the device name is known
-    out, env, records, tests, benchmarks = logs_dir, {}, [], {}, []
+    out, env, benchmarks = logs_dir, {}, []
+    report = {"command": shlex.join(["gpu_report.py", *(sys.argv[1:] if argv is None else argv)]), "seconds": 0.0,
+              "environment": None, "stages": [], "tests": {}}
     for i, stage in enumerate(stages):
         # Its planned budget at least (while time is left), plus what earlier stages left unused.
         left = deadline - time.monotonic()
         budget = min(left, max(stage.budget_s, left - sum(s.budget_s for s in stages[i + 1:] if not s.skip)))
         if stage.name == "probe":
-            env_info = environment(max(1.0, budget), env, facts)
-            out = Path(args.out) if args.out else _results_folder(env_info.get("gpu"))
+            report["environment"] = environment(max(1.0, budget), env, facts)
+            out = Path(args.out) if args.out else _results_folder(report["environment"].get("gpu"))
             out.mkdir(parents=True, exist_ok=True)
             for log in logs_dir.iterdir():
                 log.replace(out / log.name)
@@ -338,44 +366,28 @@ def main(argv=None) -> int:
             if STATIC_FIGURES.exists():  # the committed static figures beside the measurements they predict
                 shutil.copy(STATIC_FIGURES, out / STATIC_FIGURES.name)
             continue
-        stem = stage.name.replace(" ", "_")
         cmd = [part.replace("<out>", str(out)) for part in stage.cmd]
         stage_env = {**env, **{k: v.replace("<out>", str(out)) for k, v in (stage.env or {}).items()}}
         if stage.skip:
             record = {"name": stage.name, "command": shlex.join(cmd), "budget_s": 0, "log": None,
                       "status": "skipped", "returncode": None, "seconds": 0.0, "note": stage.skip}
         else:
-            record = run_stage(stage.name, cmd, budget, out / f"{stem}.log", stage_env)
-        records.append(record)
+            record = run_stage(stage.name, cmd, budget, out / f"{stage.name.replace(' ', '_')}.log", stage_env)
+        report["stages"].append(record)
         if stage.name == "wheels" and record["status"] == "ok":
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
-        if stage.name == "tests":
-            try:
-                tests = junit_summary(out / "junit.xml")
-            except (OSError, ValueError, SyntaxError):  # ET.ParseError is a SyntaxError
-                tests = {"note": f"no junit file ({record['status']}); last line: "
-                                 f"{pytest_last_line(out / 'tests.log')}"}
-        if stage.name.startswith("sanitize") and record["log"]:
-            record["sanitizer"] = sanitizer_verdict((out / record["log"]).read_text(errors="replace"))
-        if stage.name.startswith("bench"):
-            found = load_benchmarks(out / f"{stem}.json", out / f"{stem}.jsonl")
-            record["benchmarks"] = len(found)
-            benchmarks += found
+        tests, found = _read_outputs(stage, record, out)
+        report["tests"] = tests or report["tests"]
+        benchmarks += found
         extra = f", {record['benchmarks']} results" if "benchmarks" in record else ""
         print(f"{stage.name}: {record['status']} in {record['seconds']} s{extra}", flush=True)
-
-    report = {
-        "command": shlex.join(["gpu_report.py", *(sys.argv[1:] if argv is None else argv)]),
-        "seconds": time.monotonic() - started, "environment": env_info, "stages": records, "tests": tests,
-        "benchmarks": benchmark_rows(benchmarks),
-        "static_figures": STATIC_FIGURES.name if (out / STATIC_FIGURES.name).exists() else None,
-    }
-    (out / "report.json").write_text(json.dumps({**report, "raw_benchmarks": benchmarks}, indent=2, default=str))
-    (out / "report.md").write_text(markdown(report))
-    if args.archive:
-        _archive(out, Path(args.archive))
+        if report["environment"] is not None:
+            report["seconds"] = time.monotonic() - started
+            _write_report(out, report, benchmarks, args.archive)
+    report["seconds"] = time.monotonic() - started
+    _write_report(out, report, benchmarks, args.archive)
     print(f"wrote {out / 'report.md'} ({time.monotonic() - started:.0f} s)")
-    return 0 if all(r["status"] in ("ok", "skipped") for r in records) else 1
+    return 0 if all(r["status"] in ("ok", "skipped") for r in report["stages"]) else 1
 
 
 if __name__ == "__main__":
