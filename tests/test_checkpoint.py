@@ -212,3 +212,12 @@ def test_convert_refuses_a_patch_embedding_with_overlapping_patches():
 def test_load_checkpoint_into_a_model_that_is_not_ours_is_a_type_error():
     with pytest.raises(TypeError, match="load_checkpoint loads into a CCT, CVT or ViTLite"):
         cct_kernels.load_checkpoint(torch.nn.Linear(2, 2), {"weight": torch.zeros(2, 2)})
+
+
+def test_convert_keeps_a_declared_rectangular_image_size():
+    source = cct_kernels.CCT(img_size=(32, 48), embedding_dim=16, num_layers=1, num_heads=2, kernel_size=3, stride=1,
+                             padding=1, num_classes=3, backend="eager").eval()
+    converted = cct_kernels.convert(source)
+    assert converted.img_size == (32, 48) and converted.token_grid == (16, 24)
+    x = torch.randn(1, 3, 32, 48)
+    torch.testing.assert_close(converted(x), source(x))

@@ -106,10 +106,18 @@ def _check_tokenizer(stages: list[dict]):
                          f"stage(s), (kernel, stride, padding, bias, relu) = {first[:5]}")
 
 
-def _image_size(model_cls, config: dict, num_tokens: int | None) -> int:
-    """A square image size for the model: the largest whose token grid has num_tokens tokens (the factories'
-    natural size), or with no positional embedding (any size works) the smallest that gives a token."""
+def _image_size(model_cls, config: dict, num_tokens: int | None, declared) -> int | tuple[int, int]:
+    """The model's image size: `declared` (the module's own img_size, which ours and some official-style models
+    keep, rectangular ones included) when its token grid has num_tokens tokens; otherwise a square size, the
+    largest whose grid has num_tokens tokens (the factories' natural size), or with no positional embedding (any
+    size works) the smallest that gives a token."""
     tokenizer = model_cls(img_size=4096, positional_embedding="none", num_layers=0, **config).tokenizer
+    if isinstance(declared, int):
+        declared = (declared, declared)
+    if isinstance(declared, tuple) and len(declared) == 2 and all(isinstance(side, int) for side in declared):
+        rows, cols = tokenizer.output_grid(*declared)
+        if rows >= 1 and cols >= 1 and (num_tokens is None or rows * cols == num_tokens):
+            return declared
     step = config["kernel_size"] if model_cls is not CCT else 1  # patch models need a multiple of the patch
     if num_tokens is None:
         candidates, accept = range(step, 4097, step), lambda rows: rows >= 1
@@ -161,7 +169,8 @@ def convert(official: nn.Module, backend: str | None = None) -> nn.Module:
     # The official schedule is linspace(0, stochastic_depth, num_layers): its last rate is stochastic_depth.
     last_drop_path = blocks[-1].drop_path if len(blocks) else None
     stochastic_depth = float(getattr(last_drop_path, "drop_prob", 0.0) or 0.0)
-    ours = cls(img_size=_image_size(cls, config, num_tokens), num_layers=len(blocks),
+    img_size = _image_size(cls, config, num_tokens, getattr(official, "img_size", None))
+    ours = cls(img_size=img_size, num_layers=len(blocks),
                positional_embedding=positional_embedding, stochastic_depth=stochastic_depth, backend=backend,
                **config)
     ours.load_state_dict(official.state_dict(), strict=True)
