@@ -91,8 +91,11 @@ std::tuple<at::Tensor, at::Tensor> seqpool_forward_cuda(const at::Tensor& x, con
   const auto xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous();
   auto out = at::empty({x.size(0), x.size(2)}, x.options());
   auto lse = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  auto workspace = at::empty({seqpool_cuda_workspace_floats(x.size(0), x.size(1), x.size(2))},
+                             x.options().dtype(at::kFloat));
   check_launch(seqpool_forward_cuda_launch(dtype_code(x), xc.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
-                                           lse.data_ptr<float>(), x.size(0), x.size(1), x.size(2), stream()),
+                                           lse.data_ptr<float>(), workspace.data_ptr<float>(), x.size(0), x.size(1),
+                                           x.size(2), stream()),
                "seqpool forward");
   return {out, lse};
 }
@@ -106,8 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::T
   const auto g = grad_out.contiguous(), xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous(),
              o = out.contiguous(), l = lse.to(at::kFloat).contiguous();
   auto gx = at::empty_like(xc);
-  auto gw_rows = at::empty({B, D}, x.options().dtype(at::kFloat));
-  auto gb_rows = at::empty({B}, x.options().dtype(at::kFloat));
+  const int64_t parts = B * seqpool_cuda_splits(B, N);  // one partial row per block
+  auto gw_rows = at::empty({parts, D}, x.options().dtype(at::kFloat));
+  auto gb_rows = at::empty({parts}, x.options().dtype(at::kFloat));
   check_launch(seqpool_backward_cuda_launch(dtype_code(x), g.data_ptr(), xc.data_ptr(), w.data_ptr(), b.data_ptr(),
                                             o.data_ptr(), l.data_ptr<float>(), gx.data_ptr(), gw_rows.data_ptr<float>(),
                                             gb_rows.data_ptr<float>(), B, N, D, stream()),

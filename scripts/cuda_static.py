@@ -28,7 +28,8 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cuda_sm90_static.json"
 # Threads per CTA of each kernel (its __launch_bounds__ in the source), for the occupancy estimate.
 THREADS = {
     "attn_fwd_kernel": 128, "attn_bwd_kernel": 128, "attn_bwd_delta_kernel": 128, "attn_bwd_dq_kernel": 256,
-    "seqpool_fwd_kernel": 512, "seqpool_bwd_kernel": 512, "pool_fwd_kernel": 256, "pool_bwd_kernel": 256,
+    "seqpool_fwd_kernel": 512, "seqpool_bwd_kernel": 512, "seqpool_combine_kernel": 256,
+    "pool_fwd_kernel": 256, "pool_bwd_kernel": 256,
 }
 # Dynamic shared memory per CTA that ptxas does not see (kBwdSmem in attention.cu); seqpool's is 8*D (forward) or
 # 16*D (backward) bytes, at most 32 KB, and its 512-thread CTAs are limited by threads first.

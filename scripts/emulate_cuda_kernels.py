@@ -134,71 +134,110 @@ def check_attention(rng):
     print("attention: forward S, PV; backward halves dV, dK, dS store, dQ halves + quad exchange match")
 
 
-# ---- seqpool: 16 warps per batch row, lane columns j*32*V + lane*V (+0..V-1) for chunks j < C
+# ---- seqpool: blocks (b, s) of 16 warps take rows [s*rows, (s+1)*rows); lane columns j*32*V + lane*V (+0..V-1)
 WARPS = 16
+
+
+def splits(B, N):  # seqpool_cuda_splits in csrc/cuda/kernels.h
+    want, most = -(-256 // B), N // 32
+    return want if want < most else max(most, 1)
+
+
 def cols(V, C, D):
     # per lane: list of (chunk j, column start) with the whole vector in range
     return [[(j, j*32*V + lane*V) for j in range(C) if j*32*V + lane*V < D] for lane in range(32)]
-def seqpool_fwd(x, w, b, V, C):
-    N, D = x.shape
+
+
+def seqpool_fwd_block(x, w, b, V, C, n0, n1):
+    """One block: its max M, sum L and D accumulators relative to M (the partial, or the row when S == 1)."""
+    D = x.shape[1]
     cl = cols(V, C, D)
     ms, ls, accs = [], [], []
     for warp in range(WARPS):
         m, l = -np.inf, 0.0
         acc = np.zeros((32, C, V))
-        for n in range(warp, N, WARPS):
+        for n in range(n0 + warp, n1, WARPS):
             xv = np.zeros((32, C, V))
             for lane in range(32):
-                for j, c in cl[lane]: xv[lane, j] = x[n, c:c+V]
+                for j, c in cl[lane]:
+                    xv[lane, j] = x[n, c:c+V]
             s = sum(xv[lane, j] @ w[c:c+V] for lane in range(32) for j, c in cl[lane]) + b
             if s > m:
-                r = np.exp(m - s); l *= r; acc *= r; m = s
-            p = np.exp(s - m); l += p; acc += p * xv
-        ms.append(m); ls.append(l); accs.append(acc)
-    M = max(ms); L = sum(0.0 if lv == 0 else lv*np.exp(mv - M) for mv, lv in zip(ms, ls))
-    out = np.zeros(D)
-    for warp in range(WARPS):
+                r = np.exp(m - s)
+                l, acc, m = l * r, acc * r, s
+            p = np.exp(s - m)
+            l, acc = l + p, acc + p * xv
+        ms.append(m), ls.append(l), accs.append(acc)
+    M = max(ms)
+    L = sum(0.0 if lv == 0 else lv*np.exp(mv - M) for mv, lv in zip(ms, ls))
+    sacc = np.zeros(D)
+    for warp in range(WARPS):  # the fixed-order warp merge
         r = 0.0 if ls[warp] == 0 else np.exp(ms[warp] - M)
         for lane in range(32):
-            for j, c in cl[lane]: out[c:c+V] += r * accs[warp][lane, j]
-    return out / L, M + np.log(L)
-def seqpool_bwd(g, x, w, b, out, lse, V, C):
+            for j, c in cl[lane]:
+                sacc[c:c+V] += r * accs[warp][lane, j]
+    return M, L, sacc
+
+
+def seqpool_fwd(x, w, b, V, C, S):
+    N = x.shape[0]
+    rows = -(-N // S)
+    parts = [seqpool_fwd_block(x, w, b, V, C, s * rows, min(N, (s + 1) * rows)) for s in range(S)]
+    M = max(p[0] for p in parts)  # seqpool_combine_kernel
+    L = sum(0.0 if p[1] == 0 else p[1] * np.exp(p[0] - M) for p in parts)
+    acc = sum(0.0 if p[1] == 0 else p[2] * np.exp(p[0] - M) for p in parts)
+    return acc / L, M + np.log(L)
+
+
+def seqpool_bwd(g, x, w, b, out, lse, V, C, S):
     N, D = x.shape
-    cl = cols(V, C, D)
-    gx = np.full_like(x, np.nan); gw = np.zeros(D); gb = 0.0
-    for warp in range(WARPS):
-        gwa = np.zeros((32, C, V)); db = 0.0
-        for n in range(warp, N, WARPS):
-            s = cd = 0.0
+    cl, rows = cols(V, C, D), -(-N // S)
+    gx = np.full_like(x, np.nan)
+    gw_rows, gb_rows = np.zeros((S, D)), np.zeros(S)  # one partial row per block, summed by the caller
+    for blk in range(S):
+        for warp in range(WARPS):
+            gwa, db = np.zeros((32, C, V)), 0.0
+            for n in range(blk * rows + warp, min(N, (blk + 1) * rows), WARPS):
+                s = cd = 0.0
+                for lane in range(32):
+                    for j, c in cl[lane]:
+                        s += x[n, c:c+V] @ w[c:c+V]
+                        cd += g[c:c+V] @ (x[n, c:c+V] - out[c:c+V])
+                p = np.exp(s + b - lse)
+                ds = p * cd
+                db += ds
+                for lane in range(32):
+                    for j, c in cl[lane]:
+                        gx[n, c:c+V] = p * g[c:c+V] + ds * w[c:c+V]
+                        gwa[lane, j] += ds * x[n, c:c+V]
             for lane in range(32):
                 for j, c in cl[lane]:
-                    s += x[n, c:c+V] @ w[c:c+V]; cd += g[c:c+V] @ (x[n, c:c+V] - out[c:c+V])
-            p = np.exp(s + b - lse); ds = p * cd; db += ds
-            for lane in range(32):
-                for j, c in cl[lane]:
-                    gx[n, c:c+V] = p * g[c:c+V] + ds * w[c:c+V]; gwa[lane, j] += ds * x[n, c:c+V]
-        for lane in range(32):
-            for j, c in cl[lane]: gw[c:c+V] += gwa[lane, j]
-        gb += db
-    return gx, gw, gb
+                    gw_rows[blk, c:c+V] += gwa[lane, j]
+            gb_rows[blk] += db
+    return gx, gw_rows.sum(0), gb_rows.sum()
 
 
 def check_seqpool(rng):
-    # (N, D, V, C) as the launcher picks them: scalar rows (D not a multiple of the vector), float32 and 16-bit
-    # vectors, fewer rows than warps
-    for N, D, V, C in [(5, 100, 1, 4), (37, 130, 1, 8), (40, 384, 8, 2), (20, 1024, 4, 8), (3, 1024, 8, 4),
-                       (70, 256, 8, 1)]:
-        x = rng.standard_normal((N, D)); w = rng.standard_normal(D) / np.sqrt(D); b = 0.3
+    # (B, N, D, V, C) as the launchers pick V, C: scalar rows (D not a multiple of the vector), float32 and 16-bit
+    # vectors, fewer rows than warps; S from splits(B, N): 1 to 4 blocks per row
+    for B, N, D, V, C in [(1, 5, 100, 1, 4), (64, 37, 130, 1, 8), (128, 40, 384, 8, 2), (64, 20, 1024, 4, 8),
+                          (2, 3, 1024, 8, 4), (128, 70, 256, 8, 1), (64, 196, 384, 8, 2), (8, 100, 64, 8, 1)]:
+        S = splits(B, N)
+        x = rng.standard_normal((N, D))
+        w = rng.standard_normal(D) / np.sqrt(D)
+        b = 0.3
         assert C * V * 32 >= D
-        out, lse = seqpool_fwd(x, w, b, V, C)
-        s = x @ w + b; p = np.exp(s - s.max()); p /= p.sum()
+        out, lse = seqpool_fwd(x, w, b, V, C, S)
+        s = x @ w + b
+        p = np.exp(s - s.max())
+        p /= p.sum()
         assert np.allclose(out, p @ x) and np.isclose(lse, np.log(np.exp(s - s.max()).sum()) + s.max())
         g = rng.standard_normal(D)
-        gx, gw, gb = seqpool_bwd(g, x, w, b, out, lse, V, C)
+        gx, gw, gb = seqpool_bwd(g, x, w, b, out, lse, V, C, S)
         ds = p * ((x - out) @ g)
         assert np.allclose(gx, p[:, None] * g[None] + ds[:, None] * w[None])
         assert np.allclose(gw, ds @ x) and np.isclose(gb, ds.sum())
-    print("seqpool: forward, lse and backward match for every width instantiation")
+    print("seqpool: forward (split over blocks and combined), lse and backward match for every width")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ SOURCES = cuda_static.SOURCES
 # Kernels each file must define (mangled names contain these); a file that silently compiles nothing fails.
 EXPECTED_KERNELS = {
     "attention.cu": ["attn_fwd_kernel", "attn_bwd_kernel", "attn_bwd_delta_kernel", "attn_bwd_dq_kernel"],
-    "seqpool.cu": ["seqpool_fwd_kernel", "seqpool_bwd_kernel"],
+    "seqpool.cu": ["seqpool_fwd_kernel", "seqpool_bwd_kernel", "seqpool_combine_kernel"],
     "tokenize.cu": ["pool_fwd_kernel", "pool_bwd_kernel"],
 }
 NVCC = cuda_static.find_tool("nvcc")

@@ -21,10 +21,22 @@ constexpr int64_t kSeqPoolMaxPerLane = 32;
 inline int64_t seqpool_cuda_max_d(int64_t element_size, int64_t D) {
   return D % (16 / element_size) == 0 ? 32 * kSeqPoolMaxPerLane : 32 * 8;
 }
+// Blocks per batch row: about 256 blocks in all (one wave on 132 SMs: registers let 2 of 512 threads reside per SM),
+// at least 32 rows (2 per warp) each.
+inline int64_t seqpool_cuda_splits(int64_t B, int64_t N) {
+  const int64_t want = B > 0 ? (256 + B - 1) / B : 1, most = N / 32;
+  return want < most ? want : (most > 1 ? most : 1);
+}
+// Forward workspace (float32, caller-allocated, uninitialised): the per-split partials when there are several.
+inline int64_t seqpool_cuda_workspace_floats(int64_t B, int64_t N, int64_t D) {
+  const int64_t S = seqpool_cuda_splits(B, N);
+  return S > 1 ? B * S * (D + 2) : 0;
+}
 cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias, void* out,
-                                        float* lse, int64_t B, int64_t N, int64_t D, cudaStream_t stream);
-// Backward: grad_x (B, N, D) dtype; per-row partial grad_weight (B, D) and grad_bias (B) in float32 (summed by the
-// caller, so the result does not depend on atomics' order).
+                                        float* lse, float* workspace, int64_t B, int64_t N, int64_t D,
+                                        cudaStream_t stream);
+// Backward: grad_x (B, N, D) dtype; partial grad_weight (B * S, D) and grad_bias (B * S) in float32, one row per
+// block, S = seqpool_cuda_splits(B, N) (summed by the caller, so the result does not depend on atomics' order).
 cudaError_t seqpool_backward_cuda_launch(int dtype, const void* grad_out, const void* x, const void* weight,
                                          const void* bias, const void* out, const float* lse, void* grad_x,
                                          float* grad_weight_rows, float* grad_bias_rows, int64_t B, int64_t N,

@@ -1,9 +1,11 @@
-// SeqPool on CUDA: one block of kThreads per batch row b, x (B, N, D) float32/float16/bfloat16, float32 math.
+// SeqPool on CUDA: x (B, N, D) float32/float16/bfloat16, float32 math. Block (b, s) of a (B, S) grid takes rows
+// [s * rows, (s + 1) * rows) of batch row b (S = seqpool_cuda_splits(B, N): enough blocks to fill the GPU).
 // x is read from memory once, in 16-byte vectors (kVec elements) when D is a multiple of kVec, else element-wise.
 // A warp handles rows n = warp, warp + kWarps, ...; its lanes own columns lane*V + j*32*V (+ 0..V-1) for chunks
 // j < C, so a row is one coalesced sweep and the warp's accumulators stay in registers (C*V floats per lane).
 // Forward: per row s_n = x_n . w + bias (warp all-reduce), then an online softmax: a larger s_n rescales the
-// warp's (l, acc) by exp(m - s_n); warps are merged in a fixed order (deterministic) through shared memory.
+// warp's (l, acc) by exp(m - s_n); warps are merged in a fixed order (deterministic) through shared memory, and
+// with S > 1 the blocks' partials (max, sum, accumulators) by seqpool_combine_kernel, also in a fixed order.
 // Backward: per row, p_n = exp(s_n - lse), ds_n = p_n g.(x_n - out) (one sum: g.x_n - g.out would cancel),
 // grad_x[n] = p_n g + ds_n w written at once, and the warp accumulates grad_w += ds_n x_n, grad_b += ds_n.
 // NaN propagates as in the reference: a NaN score makes p_n NaN (never a max candidate: `s > m` is false).
@@ -54,10 +56,13 @@ __device__ __forceinline__ void stage(float* dst, const T* src, int n) {
   for (int k = threadIdx.x; k < n; k += kThreads) dst[k] = ld_f(src + k);
 }
 
+// With part == nullptr (S == 1) the block writes out and lse; else part[(b * S + s) * (D + 2) + ...] = its max,
+// its sum of exp(score - max), then its D accumulators (relative to that max), for seqpool_combine_kernel.
 template <typename T, int V, int C>
 __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                const T* __restrict__ bias, T* __restrict__ out,
-                                                               float* __restrict__ lse, int N, int D) {
+                                                               float* __restrict__ lse, float* __restrict__ part,
+                                                               int N, int D, int rows) {
   extern __shared__ float smem[];  // w (D floats), the merged accumulator (D floats)
   float* sw = smem;
   float* sacc = smem + D;
@@ -73,7 +78,8 @@ __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restri
   for (int j = 0; j < C; ++j)
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
-  for (int n = warp; n < N; n += kWarps) {
+  const int n0 = (int)blockIdx.y * rows, n_end = min(N, n0 + rows);  // this block's rows
+  for (int n = n0 + warp; n < n_end; n += kWarps) {
     float xv[C][V], s = 0.f;
 #pragma unroll
     for (int j = 0; j < C; ++j) {  // all C loads issued before any use: C 16-byte loads in flight per lane
@@ -123,8 +129,42 @@ __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restri
           for (int i = 0; i < V; ++i) sacc[col<V>(lane, j) + i] += r * acc[j][i];
     __syncthreads();
   }
+  if (part != nullptr) {
+    float* dst = part + ((int64_t)b * gridDim.y + blockIdx.y) * (D + 2);
+    for (int k = threadIdx.x; k < D; k += kThreads) dst[2 + k] = sacc[k];
+    if (threadIdx.x == 0) {
+      dst[0] = M;
+      dst[1] = L;
+    }
+    return;
+  }
   const float inv = 1.f / L;
   for (int k = threadIdx.x; k < D; k += kThreads) st_f(out + (int64_t)b * D + k, sacc[k] * inv);
+  if (threadIdx.x == 0) lse[b] = M + logf(L);
+}
+
+// out[b] and lse[b] from the S partials of batch row b (one block per row, threads over D; splits in order).
+template <typename T>
+__global__ void __launch_bounds__(256) seqpool_combine_kernel(const float* __restrict__ part, T* __restrict__ out,
+                                                              float* __restrict__ lse, int S, int D) {
+  const int b = blockIdx.x;
+  const float* row = part + (int64_t)b * S * (D + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, row[(int64_t)s * (D + 2)]);
+  float L = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float l = row[(int64_t)s * (D + 2) + 1];
+    L += l == 0.f ? 0.f : l * __expf(row[(int64_t)s * (D + 2)] - M);
+  }
+  const float inv = 1.f / L;
+  for (int k = threadIdx.x; k < D; k += 256) {
+    float acc = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float* p = row + (int64_t)s * (D + 2);
+      acc += p[1] == 0.f ? 0.f : p[2 + k] * __expf(p[0] - M);
+    }
+    st_f(out + (int64_t)b * D + k, acc * inv);
+  }
   if (threadIdx.x == 0) lse[b] = M + logf(L);
 }
 
@@ -134,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) seqpool_bwd_kernel(const T* __restri
                                                                const T* __restrict__ out,
                                                                const float* __restrict__ lse, T* __restrict__ gx,
                                                                float* __restrict__ gw_rows,
-                                                               float* __restrict__ gb_rows, int N, int D) {
+                                                               float* __restrict__ gb_rows, int N, int D, int rows) {
   extern __shared__ float smem[];  // w, g, out, the merged grad_w (D floats each)
   float* sw = smem;
   float* sg = smem + D;
@@ -155,7 +195,8 @@ __global__ void __launch_bounds__(kThreads) seqpool_bwd_kernel(const T* __restri
   for (int j = 0; j < C; ++j)
 #pragma unroll
     for (int i = 0; i < V; ++i) gwa[j][i] = 0.f;
-  for (int n = warp; n < N; n += kWarps) {
+  const int n0 = (int)blockIdx.y * rows, n_end = min(N, n0 + rows);  // this block's rows
+  for (int n = n0 + warp; n < n_end; n += kWarps) {
     float xv[C][V], s = 0.f, cd = 0.f;
 #pragma unroll
     for (int j = 0; j < C; ++j) {
@@ -200,11 +241,12 @@ __global__ void __launch_bounds__(kThreads) seqpool_bwd_kernel(const T* __restri
           for (int i = 0; i < V; ++i) sgw[col<V>(lane, j) + i] += gwa[j][i];
     __syncthreads();
   }
-  for (int k = threadIdx.x; k < D; k += kThreads) gw_rows[(int64_t)b * D + k] = sgw[k];
+  const int64_t prow = (int64_t)b * gridDim.y + blockIdx.y;  // this block's partial row
+  for (int k = threadIdx.x; k < D; k += kThreads) gw_rows[prow * D + k] = sgw[k];
   if (threadIdx.x == 0) {
     float total = 0.f;
     for (int v = 0; v < kWarps; ++v) total += sdb[v];
-    gb_rows[b] = total;
+    gb_rows[prow] = total;
   }
 }
 
@@ -240,30 +282,38 @@ bool dispatch_width(int64_t D, const void* a, const void* b, F&& launch) {
   return true;
 }
 
-// Shared memory: 2 (forward) or 4 (backward) x D floats <= 4 x 2048 x 4 bytes = 32 KB: under the 48 KB default.
+// Shared memory: 2 (forward) or 4 (backward) x D floats <= 4 x 1024 x 4 bytes = 16 KB: under the 48 KB default.
 template <typename T>
-cudaError_t launch_fwd(const void* x, const void* w, const void* bias, void* out, float* lse, int64_t B, int64_t N,
-                       int64_t D, cudaStream_t stream) {
+cudaError_t launch_fwd(const void* x, const void* w, const void* bias, void* out, float* lse, float* part,
+                       int64_t B, int64_t N, int64_t D, cudaStream_t stream) {
+  const int64_t S = seqpool_cuda_splits(B, N), rows = (N + S - 1) / S;
   const size_t smem = 2 * D * sizeof(float);
+  const dim3 grid((unsigned)B, (unsigned)S);
+  float* partials = S > 1 ? part : nullptr;
   const bool ok = dispatch_width<T>(D, x, x, [&](auto width) {
     using W = decltype(width);
-    seqpool_fwd_kernel<T, W::kV, W::kC><<<(unsigned)B, kThreads, smem, stream>>>(
+    seqpool_fwd_kernel<T, W::kV, W::kC><<<grid, kThreads, smem, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), lse,
-        (int)N, (int)D);
+        partials, (int)N, (int)D, (int)rows);
   });
-  return ok ? cudaGetLastError() : cudaErrorInvalidValue;
+  if (!ok) return cudaErrorInvalidValue;
+  if (S > 1)
+    seqpool_combine_kernel<T><<<(unsigned)B, 256, 0, stream>>>(part, static_cast<T*>(out), lse, (int)S, (int)D);
+  return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_bwd(const void* g, const void* x, const void* w, const void* bias, const void* out,
                        const float* lse, void* gx, float* gw_rows, float* gb_rows, int64_t B, int64_t N, int64_t D,
                        cudaStream_t stream) {
+  const int64_t S = seqpool_cuda_splits(B, N), rows = (N + S - 1) / S;
   const size_t smem = 4 * D * sizeof(float);
+  const dim3 grid((unsigned)B, (unsigned)S);
   const bool ok = dispatch_width<T>(D, x, gx, [&](auto width) {
     using W = decltype(width);
-    seqpool_bwd_kernel<T, W::kV, W::kC><<<(unsigned)B, kThreads, smem, stream>>>(
+    seqpool_bwd_kernel<T, W::kV, W::kC><<<grid, kThreads, smem, stream>>>(
         static_cast<const T*>(g), static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias),
-        static_cast<const T*>(out), lse, static_cast<T*>(gx), gw_rows, gb_rows, (int)N, (int)D);
+        static_cast<const T*>(out), lse, static_cast<T*>(gx), gw_rows, gb_rows, (int)N, (int)D, (int)rows);
   });
   return ok ? cudaGetLastError() : cudaErrorInvalidValue;
 }
@@ -271,12 +321,13 @@ cudaError_t launch_bwd(const void* g, const void* x, const void* w, const void* 
 }  // namespace
 
 cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias, void* out,
-                                        float* lse, int64_t B, int64_t N, int64_t D, cudaStream_t stream) {
+                                        float* lse, float* workspace, int64_t B, int64_t N, int64_t D,
+                                        cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   switch (dtype) {
-    case kF32: return launch_fwd<float>(x, weight, bias, out, lse, B, N, D, stream);
-    case kF16: return launch_fwd<__half>(x, weight, bias, out, lse, B, N, D, stream);
-    case kBF16: return launch_fwd<__nv_bfloat16>(x, weight, bias, out, lse, B, N, D, stream);
+    case kF32: return launch_fwd<float>(x, weight, bias, out, lse, workspace, B, N, D, stream);
+    case kF16: return launch_fwd<__half>(x, weight, bias, out, lse, workspace, B, N, D, stream);
+    case kBF16: return launch_fwd<__nv_bfloat16>(x, weight, bias, out, lse, workspace, B, N, D, stream);
   }
   return cudaErrorInvalidValue;
 }
