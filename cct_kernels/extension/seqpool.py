@@ -1,6 +1,6 @@
 """SeqPool kernels of the extension: backend "cpu" (csrc/cpu/seqpool.cpp: one pass, online softmax, OpenMP over batch
-and sequence chunks) and "cuda" (csrc/cuda/seqpool.cu: one block per batch row, x read once in 16-byte vectors,
-online softmax per warp). Interface: cct_kernels/ops/seqpool.py.
+and sequence chunks) and "cuda" (csrc/cuda/seqpool.cu: rows split over ~256 blocks, x read once in 16-byte
+vectors, online softmax per warp, partials merged in a fixed order). Interface: cct_kernels/ops/seqpool.py.
 x (B, N, D), weight (1, D), bias (1,), float32/float16/bfloat16; float32 accumulation; any B >= 0, N >= 1, D >= 1,
 except "cuda": D <= cuda_max_d(x) (1024, or 256 when a row is not a multiple of 16 bytes).
 """
