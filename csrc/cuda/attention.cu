@@ -12,6 +12,8 @@
 // shared memory into a float32 accumulator (16-byte vector atomics on sm_90; converted at the end).
 // Loads are double-buffered: the cp.async copies of the next K/V block (forward) or Q/dO block (backward) are issued
 // before the current one is computed, and waited for with cp.async.wait_group 1 (all but the newest group done).
+#include <atomic>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -455,6 +457,21 @@ cudaError_t fwd(const void* qkv, void* out, float* lse, int64_t B, int64_t N, in
   return cudaGetLastError();
 }
 
+// The backward's 57 KB of shared memory is above the 48 KB a launch gets without opting in. The opt-in is a
+// per-device attribute of the function: set once per device (not per call, so that a CUDA-graph capture of the
+// backward sees only launches); a benign race sets it twice.
+template <typename T>
+cudaError_t opt_in_bwd_smem() {
+  static std::atomic<uint64_t> done_devices{0};  // bit d: device d has opted in (devices >= 64: every call)
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 64 && ((done_devices.load() >> device) & 1)) return cudaSuccess;
+  err = cudaFuncSetAttribute(attn_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBwdSmem);
+  if (err == cudaSuccess && device < 64) done_devices.fetch_or(uint64_t{1} << device);
+  return err;
+}
+
 template <typename T>
 cudaError_t bwd(const void* gout, const void* qkv, const void* out, const float* lse, void* gqkv, float* delta,
                 float* dq_accum, int64_t B, int64_t N, int64_t H, float scale, cudaStream_t stream) {
@@ -462,11 +479,11 @@ cudaError_t bwd(const void* gout, const void* qkv, const void* out, const float*
   attn_bwd_delta_kernel<T><<<(unsigned)((rows + 3) / 4), kThreads, 0, stream>>>(
       static_cast<const T*>(gout), static_cast<const T*>(out), delta, rows, (int)N, (int)H);
   const dim3 grid((unsigned)((N + kBlock - 1) / kBlock), (unsigned)(B * H));
-  // 57 KB of shared memory: above the 48 KB a launch gets without opting in (per device, so set every call).
-  cudaFuncSetAttribute(attn_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBwdSmem);
+  const cudaError_t opt_in = opt_in_bwd_smem<T>();
+  if (opt_in != cudaSuccess) return opt_in;
   attn_bwd_kernel<T><<<grid, kThreads, kBwdSmem, stream>>>(static_cast<const T*>(gout), static_cast<const T*>(qkv), lse,
-                                                     delta, static_cast<T*>(gqkv), dq_accum, (int)N, (int)H, scale,
-                                                     scale * kLog2e);
+                                                           delta, static_cast<T*>(gqkv), dq_accum, (int)N, (int)H,
+                                                           scale, scale * kLog2e);
   const int64_t total = rows * kD;
   attn_bwd_dq_kernel<T><<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(dq_accum, static_cast<T*>(gqkv), total,
                                                                             (int)(H * kD), scale);
