@@ -5,6 +5,7 @@ Plain PyTorch with autograd, written to be the same function as the official CCT
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 
@@ -31,12 +32,18 @@ def attention(qkv, num_heads, *, scale=None, dropout_p=0.0, dropout_mask=None):
     `qkv(x).reshape(B, N, 3, H, d)`; returns (B, N, D) with heads merged, ready for the output projection.
     Dropout on the attention probabilities: with `dropout_mask` (B, H, N, N) of 0/1 values it is applied as
     given (scaled by 1/(1-p)), else drawn by F.dropout when dropout_p > 0.
+    float16/bfloat16: scores and softmax are computed in float32 (as the kernels do; half-precision scores
+    overflow to inf, and the softmax to NaN, once |q . k| passes 65504), the probabilities are rounded to the input
+    dtype for the product with v. float32 and float64 run exactly the official computation.
     """
     B, N, three_d = qkv.shape
     head_dim = three_d // (3 * num_heads)
     q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     scale = head_dim**-0.5 if scale is None else scale
-    attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    if qkv.dtype in (torch.float16, torch.bfloat16):
+        attn = ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1).to(qkv.dtype)
+    else:
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
     if dropout_mask is not None:
         attn = attn * dropout_mask.to(attn.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0:

@@ -6,7 +6,7 @@ import torch
 import cct_kernels
 from cct_kernels import ops
 
-from tests.cases import DEVICE as HERE, KERNEL_BACKENDS_HERE, OPS, RUNNABLE, sample
+from tests.cases import DEVICE as HERE, OPS, RUNNABLE, backends_serving_model, sample
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -50,7 +50,13 @@ def test_empty_batch_works():
     assert ops.seqpool(torch.randn(0, 5, 8), torch.randn(1, 8), torch.randn(1)).shape == (0, 8)
 
 
-@pytest.mark.parametrize("backend", ["eager", "auto"] + KERNEL_BACKENDS_HERE)
+def _serving_eval_and_train():
+    """Backends that serve cct_2_3x2_32 in eval and in train mode (dropout on) here."""
+    model, x = cct_kernels.cct_2_3x2_32().to(HERE), torch.randn(2, 3, 32, 32, device=HERE)
+    return [b for b in backends_serving_model(model, x, train=False) if b in backends_serving_model(model, x, train=True)]
+
+
+@pytest.mark.parametrize("backend", _serving_eval_and_train())
 def test_model_compiles_fullgraph_with_backward(backend):
     torch._dynamo.reset()
     model = cct_kernels.cct_2_3x2_32(backend=backend).to(HERE)

@@ -7,8 +7,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import cct_kernels
 from cct_kernels import backends, ops, reference
-from tests.cases import DEVICE, RUNNABLE, assert_close_to_reference
+from tests.cases import DEVICE, RUNNABLE, assert_close_to_reference, backends_serving_model
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 EXAMPLES = int(os.environ.get("CCT_HYPOTHESIS_EXAMPLES", "6"))
@@ -138,11 +139,15 @@ def _resident_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.parametrize("backend", [b for b in ("eager", *sorted({b for _, b in RUNNABLE})) if b != "triton"
-                                     or DEVICE.type == "cuda"])
-def test_no_memory_growth_over_many_calls(backend):
-    import cct_kernels
+def _serving_training():
+    """Backends that serve cct_2_3x2_32 in train mode (dropout on) here; not triton under the slow interpreter."""
+    model, x = cct_kernels.cct_2_3x2_32().to(DEVICE), torch.randn(2, 3, 32, 32, device=DEVICE)
+    return [b for b in backends_serving_model(model, x, train=True)
+            if b != "auto" and (b != "triton" or DEVICE.type == "cuda")]
 
+
+@pytest.mark.parametrize("backend", _serving_training())
+def test_no_memory_growth_over_many_calls(backend):
     model = cct_kernels.cct_2_3x2_32(backend=backend).to(DEVICE)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
 
@@ -216,3 +221,23 @@ def test_tokenize_allocates_less_than_eager(backend):
     assert eager >= 2 * activation and fused < eager
     if backend == "triton":  # fully fused: the conv activation never exists
         assert fused < activation
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_attention_reference_is_finite_near_the_float16_max(dtype):
+    """|q . k| far beyond 65504: half-precision scores would be inf and the softmax NaN; the reference computes
+    scores and softmax in float32, as the kernels do, and matches the float64 computation."""
+    qkv = (torch.rand(2, 12, 3 * 2 * 16) * 2 - 1) * 3e4
+    qkv = qkv.to(dtype)
+    out = reference.attention(qkv, 2, scale=0.25)
+    ref = reference.attention(qkv.double(), 2, scale=0.25)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    torch.testing.assert_close(ops.attention(qkv, 2, scale=0.25, backend="eager"), out, rtol=0, atol=0)
+
+
+def test_float32_attention_reference_is_the_official_computation():
+    qkv = torch.randn(2, 9, 3 * 3 * 8)
+    q, k, v = qkv.reshape(2, 9, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    official = ((q @ k.transpose(-2, -1)) * 8**-0.5).softmax(dim=-1) @ v
+    assert torch.equal(reference.attention(qkv, 3), official.transpose(1, 2).reshape(2, 9, 24))
