@@ -184,8 +184,6 @@ def test_errors_are_clear():
         model(torch.randn(1, 3, 30, 30))
     with pytest.raises(ValueError, match="input channels"):
         model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="no weights are downloaded"):
-        cct_kernels.cct_7_3x1_32(pretrained=True)
     with pytest.raises(ValueError, match="unknown model"):
         cct_kernels.create_model("cct_9_3x1_32")
     with pytest.raises(ValueError, match="unknown backend"):
