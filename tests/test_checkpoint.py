@@ -221,3 +221,12 @@ def test_convert_keeps_a_declared_rectangular_image_size():
     assert converted.img_size == (32, 48) and converted.token_grid == (16, 24)
     x = torch.randn(1, 3, 32, 48)
     torch.testing.assert_close(converted(x), source(x))
+
+
+def test_learned_embedding_into_a_sine_model_of_another_size_is_resized_not_replaced():
+    # The PE's values decide, not the model's kind: learned values are resized; only a sine table is recomputed.
+    source = cct_kernels.cct_7_3x1_32()  # learned, 16x16 grid
+    model = cct_kernels.cct_7_3x1_32_sine(img_size=48)  # 24x24
+    cct_kernels.load_checkpoint(model, source.state_dict())
+    expected = resize_positional_embedding(source.classifier.positional_emb.detach(), (24, 24))
+    torch.testing.assert_close(model.classifier.positional_emb.detach(), expected)

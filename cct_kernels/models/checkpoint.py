@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cct_kernels.models.cct import _TokenizerClassifier
+from cct_kernels.nn import sinusoidal_embedding
 
 PE_KEY = "classifier.positional_emb"
 FC_KEYS = ("classifier.fc.weight", "classifier.fc.bias")
@@ -41,6 +42,11 @@ def resize_positional_embedding(pe: torch.Tensor, grid: tuple[int, int], num_pre
     table = F.interpolate(table, size=grid, mode="bilinear")
     table = table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
     return torch.cat([prefix, table], dim=1)
+
+
+def _is_sine_table(pe: torch.Tensor) -> bool:
+    """Whether a (1, n, D) positional embedding is the fixed sine table (the _sine models' PE), not learned values."""
+    return torch.allclose(pe.float(), sinusoidal_embedding(pe.shape[1], pe.shape[2]), atol=1e-2, rtol=0)  # bf16-safe
 
 
 def _load_file(path: Path):
@@ -129,7 +135,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
     `path_or_state_dict`: a file written by torch.save (a state_dict, or a dict nesting it under "state_dict" or
     "model"; keys prefixed by DDP's "module." or torch.compile's "_orig_mod." are accepted), or the mapping itself.
     - positional embedding of another resolution: bilinearly resized to the model's token grid (a fixed sine
-      table is recomputed for the model instead, since it is a function of the size);
+      table, recognised by its values, is recomputed for the model instead, since it is a function of the size);
     - classifier head of another class count: the checkpoint's fc is dropped and the model keeps its fresh fc
       (a model built with num_classes=0 has no head and ignores the checkpoint's).
     Everything else must match the model, key for key (strict=True) as in load_state_dict.
@@ -150,11 +156,11 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
         )
     pe = state.get(PE_KEY)
     if pe is not None and PE_KEY in own and pe.shape != own[PE_KEY].shape:
-        if model.classifier.positional_emb.requires_grad:
+        if _is_sine_table(pe):  # a function of the size: the model's own table is the right one
+            state[PE_KEY] = own[PE_KEY]
+        else:  # learned values (even loaded into a model built with a sine table): resized
             prefix = 0 if model.classifier.seq_pool else 1
             state[PE_KEY] = resize_positional_embedding(pe.float(), model.token_grid, prefix).to(pe.dtype)
-        else:
-            state[PE_KEY] = own[PE_KEY]
     for key in FC_KEYS:
         if key not in own:  # no head (num_classes=0)
             state.pop(key, None)
