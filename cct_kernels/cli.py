@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import shlex
 import sys
 import tempfile
@@ -204,8 +205,12 @@ TRAIN_OPTIONS = {
                                     "before training"),
     "resume": dict(action="store_true", help="continue from <out>/checkpoint.pt"),
     "time_limit": dict(type=float_in(0, low_open=True), metavar="MINUTES",
-                       help="wall-clock budget in minutes: training stops once it is spent (--resume continues)"),
+                       help="wall-clock budget in minutes, checked after every step: training stops with a "
+                            "checkpoint once it is spent (--resume continues)"),
     "threads": dict(type=int_at_least(1), metavar="N", help="CPU threads for torch (default: torch's choice)"),
+    "device": dict(type=lambda text: str(device_argument(text)), metavar="DEVICE",
+                   help="cpu, cuda or cuda:N (default: cuda when available, under torchrun this process's GPU; "
+                        "else cpu)"),
 }
 
 
@@ -231,8 +236,14 @@ def cmd_train(args) -> int:
     except FileNotFoundError as e:  # the dataset (or a file to resume from) is missing: a usage error
         print(f"cct-kernels train: error: {e}", file=sys.stderr)
         return 2
-    print(f"{config.model} on {config.dataset}: test accuracy {history['test_accuracy']:.4f} "
-          f"after {len(history['epochs'])} epochs; history in {config.out}/history.json")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        return 0
+    if history.get("test_accuracy") is None:
+        print(f"{config.model} on {config.dataset}: stopped by --time-limit before the first epoch ended; "
+              f"checkpoint in {config.out}, continue with --resume")
+    else:
+        print(f"{config.model} on {config.dataset}: test accuracy {history['test_accuracy']:.4f} "
+              f"after {len(history['epochs'])} epochs; history in {config.out}/history.json")
     return 0
 
 

@@ -104,6 +104,7 @@ BAD_FLAGS = [
     (["train", "--time-limit", "0"], "argument --time-limit: must be a number in (0, inf), got 0"),
     (["train", "--augment", "False"], "unrecognized arguments: False"),
     (["train", "--backend", "fast"], "argument --backend: invalid choice: 'fast'"),
+    (["train", "--device", "meta"], "argument --device: unsupported device 'meta'"),
 ]
 
 
@@ -151,6 +152,15 @@ def test_train_help_describes_every_option_with_units(capsys):
     out = capsys.readouterr().out
     assert "--time-limit MINUTES" in out and "in minutes" in out and "--augment, --no-augment" in out
     assert "images per optimizer step" in out and "(default: 128)" in out
+
+
+def test_train_reports_a_run_stopped_before_its_first_epoch_and_only_on_rank_0(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "train", lambda config: {"epochs": [], "test_accuracy": None})
+    assert cli.main(["train", "--out", str(tmp_path), "--no-progress", "--time-limit", "0.01"]) == 0
+    assert "stopped by --time-limit before the first epoch ended" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_train_without_its_dataset_is_a_one_line_error(monkeypatch, tmp_path, capsys):
