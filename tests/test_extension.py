@@ -336,14 +336,38 @@ def test_model_cpu_backend_matches_eager_forward_and_backward():
             torch.testing.assert_close(pm.grad, pe.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_model_cpu_backend_trains_with_attention_dropout():
+def test_model_cpu_backend_trains_with_attention_dropout(monkeypatch):
+    """Training with attention dropout on the cpu backend: loss and every gradient match a float64 eager model that
+    applies the same dropout masks (drawn from the same seeds, as ops.attention draws them)."""
     torch.manual_seed(0)
-    model = cct_kernels.create_model("cct_2_3x2_32", backend="cpu").train()  # attention_dropout 0.1 by default
+    kwargs = dict(attention_dropout=0.3, stochastic_depth=0.0)  # the masks are the only randomness
+    model = cct_kernels.create_model("cct_2_3x2_32", backend="cpu", **kwargs).train()
+    with torch.no_grad():  # logits of order 1, not the ~0 of initialisation: the softmax must matter
+        for name, p in model.named_parameters():
+            if name.endswith("qkv.weight"):
+                p.mul_(40)
+    model64 = cct_kernels.create_model("cct_2_3x2_32", backend="eager", **kwargs).double().train()
+    model64.load_state_dict(model.state_dict())
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+
+    torch.manual_seed(1)
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+    def attention_with_the_kernels_masks(qkv, num_heads, *, scale=None, dropout_p=0.0, backend=None):
+        B, N, _ = qkv.shape
+        mask = ext_attention.attention_dropout_mask(new_seed(qkv.device), B, num_heads, N, dropout_p)
+        return reference.attention(qkv, num_heads, scale=scale, dropout_p=dropout_p, dropout_mask=mask)
+
+    monkeypatch.setattr(ops, "attention", attention_with_the_kernels_masks)
+    torch.manual_seed(1)
+    loss64 = torch.nn.functional.cross_entropy(model64(x.double()), y)
+    loss64.backward()
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for (name, p), p64 in zip(model.named_parameters(), model64.parameters()):
+        scale = max(p64.grad.abs().max().item(), 1e-3)  # SeqPool's bias gradient is 0 up to rounding
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-3, atol=3e-4 * scale,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 # --------------------------------------------------------------------------------------------------------- CUDA
