@@ -163,6 +163,8 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generators"][ctx.rank])
         torch.set_rng_state(state["torch_rngs"][ctx.rank])
+        if ctx.device.type == "cuda" and state.get("cuda_rngs"):  # dropout on the GPU draws from its own generator
+            torch.cuda.set_rng_state(state["cuda_rngs"][ctx.rank], ctx.device)
         history, step = state["history"], state["step"]
     trained = ctx.wrap(model)
 
@@ -214,10 +216,11 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
 def _save(path: Path, model, optimizer, generator, history, step: int, ctx: DistributedContext) -> None:
     """Checkpoint after `step` steps: weights, optimizer, and every rank's random state (for an exact resume)."""
     generators, torch_rngs = ctx.gather(generator.get_state()), ctx.gather(torch.get_rng_state())
+    cuda_rngs = ctx.gather(torch.cuda.get_rng_state(ctx.device)) if ctx.device.type == "cuda" else None
     if ctx.rank == 0:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "world_size": ctx.world_size, "generators": generators, "torch_rngs": torch_rngs,
-                    "history": history}, path)
+                    "cuda_rngs": cuda_rngs, "history": history}, path)
     ctx.barrier()
 
 
