@@ -18,14 +18,14 @@ from cct_kernels.extension import build
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs `code` in a fresh interpreter where the installed cct_kernels._C cannot be imported, as after `pip install .`
-# with build isolation: the package must then build its kernels at first use.
+# An editable install maps cct_kernels._C to the checkout's compiled file whatever sys.path says: hide it, so the
+# copy below is what `pip install .` (build isolation) installs.
 HIDE_INSTALLED_EXTENSION = textwrap.dedent("""
     import importlib.abc, sys
     class HideInstalledExtension(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
             if name == "cct_kernels._C":
-                raise ImportError("hidden by the test")
+                raise ImportError("no compiled cct_kernels._C in this installation")
     sys.meta_path.insert(0, HideInstalledExtension())
 """)
 
@@ -45,19 +45,29 @@ USE_KERNELS = textwrap.dedent("""
 """)
 
 
-def run_without_installed_extension(code, env):
-    return subprocess.run([sys.executable, "-c", HIDE_INSTALLED_EXTENSION + code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def uncompiled_copy(tmp_path_factory):
+    """The package and its sources as `pip install .` leaves them (no compiled cct_kernels._C), frozen for the
+    test: a copy of cct_kernels/ without .so files, beside csrc/."""
+    copy = tmp_path_factory.mktemp("uncompiled")
+    for folder in ("cct_kernels", "csrc"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return copy
 
 
-def clean_env(monkeypatch_env, **extra):
-    env = {k: v for k, v in monkeypatch_env.items() if not k.startswith("CCT_KERNELS")}
-    return {**env, "MAX_JOBS": "2", **extra}
+def clean_env(**extra):
+    """This environment without our CCT_KERNELS_* settings, plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("CCT_KERNELS")}, "MAX_JOBS": "2", **extra}
 
 
-def test_first_use_build_compiles_once_then_loads_from_the_cache(tmp_path):
-    env = clean_env(os.environ, CCT_KERNELS_CACHE_DIR=str(tmp_path / "cache"))
-    first = run_without_installed_extension(USE_KERNELS, env)
+def run_in(copy, code, **env):
+    return subprocess.run([sys.executable, "-c", HIDE_INSTALLED_EXTENSION + code], cwd=copy, env=clean_env(PYTHONPATH=str(copy), **env),
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_first_use_build_compiles_once_then_loads_from_the_cache(uncompiled_copy, tmp_path):
+    cache = str(tmp_path / "cache")
+    first = run_in(uncompiled_copy, USE_KERNELS, CCT_KERNELS_CACHE_DIR=cache)
     assert first.returncode == 0, first.stdout + first.stderr
     building = [line for line in first.stderr.splitlines() if "building the C++ extension" in line]
     assert len(building) == 1, first.stderr  # one line says what happens while it compiles
@@ -65,25 +75,24 @@ def test_first_use_build_compiles_once_then_loads_from_the_cache(tmp_path):
     (built,) = (tmp_path / "cache").iterdir()
     assert (built / "complete").is_file() and (built / f"{build.LIBRARY_NAME}.so").is_file()
 
-    second = run_without_installed_extension(USE_KERNELS, env)
+    second = run_in(uncompiled_copy, USE_KERNELS, CCT_KERNELS_CACHE_DIR=cache)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "building" not in second.stderr, second.stderr  # cached: no second compile
     assert list((tmp_path / "cache").iterdir()) == [built]
 
 
-def test_a_missing_compiler_is_a_clear_error_and_the_package_still_imports(tmp_path):
-    env = clean_env(os.environ, CCT_KERNELS_CACHE_DIR=str(tmp_path / "cache"), CXX="/nonexistent/c++")
+def test_a_missing_compiler_is_a_clear_error_and_the_package_still_imports(uncompiled_copy, tmp_path):
     code = "from cct_kernels import extension, ops; print(extension.describe())"
-    result = run_without_installed_extension(code, env)
+    result = run_in(uncompiled_copy, code, CCT_KERNELS_CACHE_DIR=str(tmp_path / "cache"), CXX="/nonexistent/c++")
     assert result.returncode == 0, result.stderr
     assert "first-use build failed" in result.stdout
     assert "the C++ compiler '/nonexistent/c++' was not found" in result.stdout
     assert not (tmp_path / "cache").exists()
 
 
-def test_no_build_env_turns_the_first_use_build_off(tmp_path):
-    env = clean_env(os.environ, CCT_KERNELS_CACHE_DIR=str(tmp_path / "cache"), CCT_KERNELS_NO_BUILD="1")
-    result = run_without_installed_extension("from cct_kernels import extension; print(extension.describe())", env)
+def test_no_build_env_turns_the_first_use_build_off(uncompiled_copy, tmp_path):
+    result = run_in(uncompiled_copy, "from cct_kernels import extension; print(extension.describe())",
+                    CCT_KERNELS_CACHE_DIR=str(tmp_path / "cache"), CCT_KERNELS_NO_BUILD="1")
     assert result.returncode == 0, result.stderr
     assert "CCT_KERNELS_NO_BUILD=1" in result.stdout and not (tmp_path / "cache").exists()
 
@@ -95,7 +104,7 @@ def test_the_wheel_ships_the_sources_for_the_first_use_build(tmp_path):
         shutil.copy(ROOT / name, source / name)
     for folder in ("cct_kernels", "csrc"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    env = clean_env(os.environ, CCT_KERNELS_NO_EXTENSION="1")
+    env = clean_env(CCT_KERNELS_NO_EXTENSION="1")
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
                              str(source), "-w", str(tmp_path / "wheel")], env=env, capture_output=True, text=True,
                             timeout=300)
@@ -155,7 +164,7 @@ def test_bootstrap_stops_with_the_error_of_a_failed_extension_build(tmp_path):
     for entry in ready_venv.iterdir():  # the ready venv's interpreter and packages; the marker file stays here
         if not entry.name.startswith("."):
             (venv / entry.name).symlink_to(entry)
-    result = subprocess.run(["bash", str(tmp_path / "scripts" / "bootstrap.sh")], env=clean_env(os.environ),
+    result = subprocess.run(["bash", str(tmp_path / "scripts" / "bootstrap.sh")], env=clean_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "planted compiler failure" in result.stderr
