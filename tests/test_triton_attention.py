@@ -169,12 +169,14 @@ def test_dropout_mask_statistics_and_seeding(device):
     assert mask.shape == (B, H, N, N) and mask.dtype == torch.bool
     n = mask.numel()
     keep = mask.double().mean().item()
-    assert abs(keep - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), keep  # 5 sigma
+    rate = tri.dropout_threshold(p) / 256  # p rounded to a multiple of 1/256 (one random byte per key)
+    assert abs(rate - p) <= 1 / 512
+    assert abs(keep - (1 - rate)) < 5 * math.sqrt(p * (1 - p) / n), keep  # 5 sigma
     # no structure across heads, rows or columns: each slice keeps about 1 - p, and slices differ
     assert not torch.equal(mask[0, 0], mask[0, 1])
     assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1]) and not torch.equal(mask[0, 0, :, 0], mask[0, 0, :, 1])
     per_row = mask.double().mean(-1)
-    assert (per_row - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / N)
+    assert (per_row - (1 - rate)).abs().max() < 6 * math.sqrt(p * (1 - p) / N)
     # a seed is the whole state: the same seed reproduces, another differs, in about p(1-p)*2 of the places
     assert torch.equal(mask, tri.dropout_mask(_seed(7, device), B, H, N, p, device))
     other = tri.dropout_mask(_seed(8, device), B, H, N, p, device)
@@ -251,37 +253,69 @@ def test_torch_compile_fullgraph_with_backward(device):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_float32_precision_follows_torch_tf32_flag():
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert tri._precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert tri._precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    assert tri._precision(torch.bfloat16) == "tf32"  # 16-bit inputs: tensor cores whatever the flag
+
+
+def test_query_block_fits_short_sequences():
+    """N = 64 (cct_2): one 64-query block, not a 128-query block that is half padding."""
+    assert tri._config("fwd", torch.bfloat16, 64, False, 64)[0] == 64
+    assert tri._config("fwd", torch.bfloat16, 64, False, 256)[0] == 128
+    assert tri._config("dq", torch.bfloat16, 64, True, 40)[0] == tri.MIN_BLOCK_M
+
+
+def test_no_dropout_allocates_no_bits_per_call(device):
+    first, _ = tri._dropout_bits(NO_SEED.to(device), 2, 2, 64, 0.0, device)
+    again, _ = tri._dropout_bits(NO_SEED.to(device), 2, 2, 64, 0.0, device)
+    assert first is again
+
+
 # --------------------------------------------------------------------------------- real shapes, CUDA only
 
-if CUDA:
-    CUDA_CASES = [
-        (128, 4, 256, 64, torch.bfloat16),
-        (64, 6, 196, 64, torch.float16),
-        (64, 6, 576, 64, torch.bfloat16),
-        (32, 2, 197, 64, torch.float32),
-        (8, 3, 1024, 64, torch.bfloat16),
-        (1024, 2, 65, 64, torch.float16),
-        (4, 4, 257, 128, torch.bfloat16),
-    ]
+cuda_only = pytest.mark.skipif(not CUDA, reason="real shapes need a CUDA GPU (too slow for the CPU interpreter)")
+CUDA_CASES = [
+    (128, 4, 256, 64, torch.bfloat16),
+    (64, 6, 196, 64, torch.float16),
+    (64, 6, 576, 64, torch.bfloat16),
+    (32, 2, 197, 64, torch.float32),
+    (8, 3, 1024, 64, torch.bfloat16),
+    (1024, 2, 65, 64, torch.float16),
+    (4, 4, 257, 128, torch.bfloat16),
+    (128, 2, 64, 64, torch.bfloat16),
+]
 
-    @pytest.mark.parametrize("case", CUDA_CASES, ids=_case_id)
-    def test_real_shapes_on_cuda(case, device):
-        B, H, N, d, dtype = case
-        qkv, grad_out = _inputs(B, H, N, d, dtype, device)
-        out, _, grad_qkv = _kernel_forward_backward(qkv, grad_out, H, d**-0.5)
-        exact_out, exact_grad = _reference(qkv, grad_out, H, torch.float64)
-        eager_out, eager_grad = _reference(qkv, grad_out, H)
-        _assert_close("out", out, eager_out, exact_out)
-        _assert_close("grad_qkv", grad_qkv, eager_grad, exact_grad)
 
-    def test_dropout_real_shape_on_cuda(device):
-        B, H, N, d, p = 16, 4, 256, 64, 0.1
-        qkv, grad_out = _inputs(B, H, N, d, torch.bfloat16, device)
-        seed = _seed(2024, device)
-        out, _, grad_qkv = _kernel_forward_backward(qkv, grad_out, H, d**-0.5, p, seed)
-        mask = tri.dropout_mask(seed, B, H, N, p, device)
-        assert abs(mask.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / mask.numel())
-        exact_out, exact_grad = _reference(qkv, grad_out, H, torch.float64, dropout_p=p, dropout_mask=mask)
-        eager_out, eager_grad = _reference(qkv, grad_out, H, dropout_p=p, dropout_mask=mask)
-        _assert_close("out", out, eager_out, exact_out)
-        _assert_close("grad_qkv", grad_qkv, eager_grad, exact_grad)
+@cuda_only
+@pytest.mark.parametrize("case", CUDA_CASES, ids=_case_id)
+def test_real_shapes_on_cuda(case, device):
+    B, H, N, d, dtype = case
+    qkv, grad_out = _inputs(B, H, N, d, dtype, device)
+    out, _, grad_qkv = _kernel_forward_backward(qkv, grad_out, H, d**-0.5)
+    exact_out, exact_grad = _reference(qkv, grad_out, H, torch.float64)
+    eager_out, eager_grad = _reference(qkv, grad_out, H)
+    _assert_close("out", out, eager_out, exact_out)
+    _assert_close("grad_qkv", grad_qkv, eager_grad, exact_grad)
+
+
+@cuda_only
+@pytest.mark.parametrize("d", [64, 128])
+def test_dropout_real_shape_on_cuda(d, device):
+    B, H, N, p = 16, 4, 256, 0.1
+    qkv, grad_out = _inputs(B, H, N, d, torch.bfloat16, device)
+    seed = _seed(2024, device)
+    out, _, grad_qkv = _kernel_forward_backward(qkv, grad_out, H, d**-0.5, p, seed)
+    mask = tri.dropout_mask(seed, B, H, N, p, device)
+    rate = tri.dropout_threshold(p) / 256
+    assert abs(mask.double().mean().item() - (1 - rate)) < 5 * math.sqrt(p * (1 - p) / mask.numel())
+    exact_out, exact_grad = _reference(qkv, grad_out, H, torch.float64, dropout_p=p, dropout_mask=mask)
+    eager_out, eager_grad = _reference(qkv, grad_out, H, dropout_p=p, dropout_mask=mask)
+    _assert_close("out", out, eager_out, exact_out)
+    _assert_close("grad_qkv", grad_qkv, eager_grad, exact_grad)

@@ -128,6 +128,20 @@ def test_nan_input_propagates_like_the_reference(case, device):
     torch.testing.assert_close(out.nan_to_num(0.0), expected.nan_to_num(0.0), rtol=1e-5, atol=1e-5)
 
 
+def test_permuted_weight_is_cached_until_the_weight_changes(device):
+    """The launcher permutes a weight once while it is unchanged; an in-place update (optimizer step) is seen."""
+    case = CASES["k3_stage2_9x10"]
+    x, weight, _ = _inputs(case, torch.float32, device)
+    kw = _kwargs(case)
+    first = triton_tokenize._weight_taps(weight)
+    assert triton_tokenize._weight_taps(weight) is first
+    with torch.no_grad():
+        weight.mul_(-1.0)
+    assert triton_tokenize._weight_taps(weight) is not first
+    out = ops.tokenize(x, weight, **kw, backend="triton")
+    torch.testing.assert_close(out, reference.tokenize(x, weight, **kw), rtol=1e-5, atol=1e-5)
+
+
 def test_unsupported_cases_give_reasons(device):
     x, weight, _ = _inputs(CASES["k3_rgb_33x31"], torch.float32, device)
     with pytest.raises(backends.BackendUnavailable, match="int8"):

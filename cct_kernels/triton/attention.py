@@ -16,21 +16,27 @@ block, streaming keys) also computes delta = rowsum(dO * O) and stores it; the d
 block, streaming queries) runs after it and reads delta.
 
 Limits: float32, float16, bfloat16; head dim d <= 128 (d is padded to a power of two >= 16 with masks; 64, the
-CCT head dim, wastes nothing); any N >= 1 (key/query blocks are masked); B * H <= 2**31 - 1 (grid axis 0; the
-query/key blocks go on axis 1, at most 65535 of them: N <= 65535 * 32).
+CCT head dim, wastes nothing); any N >= 1 (key/query blocks are masked); B * H * ceil(N / 32) <= 2**31 - 1 (the
+1-D grid: program p runs block p % blocks of head p // blocks, so the blocks of one head run together and its
+K/V (Q/dO for dK/dV) stay in L2).
 Precision: products in tl.dot accumulate in float32, softmax statistics are float32. float16/bfloat16 inputs
 feed the tensor cores directly (wgmma on sm_90); probabilities and dS are rounded to the input dtype before their
-matmuls, as in flash-attention. float32 inputs use input_precision="ieee" (no TF32), so they match an fp32
-reference computed with TF32 off; use bf16/fp16 for speed.
-Dropout (attention-probability dropout, the official attn_drop): keep(b, h, i, j) = uniform >= dropout_p with
-the uniform from Philox4x32-7 keyed on the int64 seed tensor and countered by (key j, query i, b*H + h), so the
-forward, both backward kernels and dropout_mask() draw the same mask without storing it. Kept probabilities
-are scaled by 1 / (1 - dropout_p).
+matmuls, as in flash-attention. float32 inputs follow torch.backends.cuda.matmul.allow_tf32, read at each call:
+True -> TF32 tensor cores (10-bit mantissa products, like torch.matmul under the same flag); False (torch's
+default) -> exact fp32 FMA products ('ieee'), matching an fp32 reference computed with TF32 off. Use bf16/fp16
+for speed.
+Dropout (attention-probability dropout, the official attn_drop): one small kernel draws the keep mask as bits,
+(B*H, N, ceil(N/32)) int32, one bit per (query, key): Philox4x32-7 keyed on the int64 seed tensor, one call per
+(16 keys, query, b*H + h) counter, one byte per key, kept when the byte >= dropout_threshold(p) = round(256 p)
+(so the drop rate is p rounded to a multiple of 1/256, at most 255/256; kept probabilities are scaled by
+1 / (1 - p)). The forward and both backward kernels read those bits (the backward redraws them: B*H*N*N/8 bytes
+are cheaper to redraw than to keep), so every kernel and dropout_mask() see the same mask.
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 right after loading,
 since the interpreter computes bfloat16 arithmetic wrongly.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,6 +48,7 @@ MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the kernels can only read constexpr globals
 _PHILOX_ROUNDS = tl.constexpr(7)  # Philox4x32-7 passes BigCrush (Salmon et al., 2011); 10 rounds would cost 40% more ALU.
+_KEYS_PER_DRAW = tl.constexpr(16)  # 128 random bits per Philox call, one byte per key
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -50,15 +57,27 @@ _PHILOX_ROUNDS = tl.constexpr(7)  # Philox4x32-7 passes BigCrush (Salmon et al.,
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, dropout_p):
-    """Keep mask (broadcast shape of rows, cols) for queries `rows`, keys `cols` of head bh: one Philox draw per
-    (b, h, i, j), counters (j, i, bh, 0), key `seed`; the same function in every kernel makes the masks agree."""
-    zero = (rows + cols) * 0
-    c0 = (cols + zero).to(tl.uint32)
-    c1 = (rows + zero).to(tl.uint32)
-    c2 = (zero + bh).to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, zero.to(tl.uint32), _PHILOX_ROUNDS)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+def _dropout_keep(seed, bh, row0, col0, threshold, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_Q, BLOCK_K) keep mask for queries row0 + i and keys col0 + j of head bh (col0 a multiple of 16).
+
+    One Philox4x32-7 call gives the 128 random bits of _KEYS_PER_DRAW (16) consecutive keys of a query (counters
+    (j // 16, i, bh, 0), key `seed`): key j takes byte j % 4 of output word (j % 16) // 4 and is kept when that
+    byte >= threshold (see dropout_threshold). Only the draw kernel calls this; the attention kernels and
+    dropout_mask() read the bits it wrote, so every pass sees the same mask."""
+    rows = row0 + tl.arange(0, BLOCK_Q)
+    draws = col0 // _KEYS_PER_DRAW + tl.arange(0, BLOCK_K // _KEYS_PER_DRAW)
+    draw_idx, row_idx = draws[None, :] + rows[:, None] * 0, rows[:, None] + draws[None, :] * 0
+    zero = draw_idx * 0
+    r0, r1, r2, r3 = tl.philox(seed, draw_idx.to(tl.uint32), row_idx.to(tl.uint32), (zero + bh).to(tl.uint32),
+                               zero.to(tl.uint32), _PHILOX_ROUNDS)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [..., 2, 2]: element (a, b) is word 2a + b
+    words = tl.reshape(words, [BLOCK_Q, BLOCK_K // _KEYS_PER_DRAW, 4, 1])
+    # Byte k of a word compared in place: (word & (255 << 8k)) >= threshold << 8k, no shift per element.
+    shifts = tl.arange(0, 4).to(tl.uint32) * 8
+    masks = tl.full([4], 255, tl.uint32) << shifts
+    limits = (shifts * 0 + threshold).to(tl.uint32) << shifts  # threshold may arrive as the constexpr 1
+    keep = (words & masks[None, None, None, :]) >= limits[None, None, None, :]
+    return tl.reshape(keep, [BLOCK_Q, BLOCK_K])
 
 
 @triton.jit
@@ -76,17 +95,19 @@ def _tile(base, rows, stride, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, ALIG
 
 @triton.jit
 def _attn_fwd(
-    QKV, Out, Lse, Seed,
+    QKV, Out, Lse, Bits,
     stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
-    N, H, qk_scale, dropout_p, keep_scale,
+    N, H, qk_scale, words_per_row, keep_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head); streams all keys. qk_scale = scale * log2(e)."""
-    bh = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK_M)  # 1-D grid, the query blocks of one head adjacent: its K/V stay in L2
+    bh = tl.program_id(0) // blocks
     b = bh // H
     h = bh % H
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = (tl.program_id(0) % blocks) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = tl.arange(0, BLOCK_D)[None, :] < D
     qkv = QKV + b.to(tl.int64) * stride_qkv_b  # int64: B * N * 3 * H * d can pass 2**31
@@ -96,8 +117,6 @@ def _attn_fwd(
         q = q.to(tl.float32)
     k_ptrs = _tile(qkv, offs_n, stride_qkv_n, (H + h) * D, D, BLOCK_D, ALIGNED)
     v_ptrs = _tile(qkv, offs_n, stride_qkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED)
-    if DROPOUT:
-        seed = tl.load(Seed)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i), before dropout
@@ -110,15 +129,15 @@ def _attn_fwd(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(cols[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            p = tl.where(_kept(Bits, bh, rows, start, N, words_per_row, BLOCK_M, BLOCK_N), p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     acc = acc * (keep_scale / l_i)[:, None]
@@ -130,19 +149,21 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_dq(
-    QKV, Out, dOut, Lse, Delta, dQKV, Seed,
+    QKV, Out, dOut, Lse, Delta, dQKV, Bits,
     stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
-    N, H, scale, dropout_p, keep_scale,
+    N, H, scale, words_per_row, keep_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: dQ for BLOCK_M queries of one (batch, head), streaming keys; also stores delta = rowsum(dO*O).
 
     Writes the q slot of dQKV (B, N, 3, H, d) with strides stride_dqkv_*."""
-    bh = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK_M)  # 1-D grid, the query blocks of one head adjacent: its K/V stay in L2
+    bh = tl.program_id(0) // blocks
     b = bh // H
     h = bh % H
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = (tl.program_id(0) % blocks) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     row_mask = (rows[:, None] < N) & (tl.arange(0, BLOCK_D)[None, :] < D)
     qkv = QKV + b.to(tl.int64) * stride_qkv_b
@@ -160,8 +181,6 @@ def _attn_bwd_dq(
         do = do.to(tl.float32)
     k_ptrs = _tile(qkv, offs_n, stride_qkv_n, (H + h) * D, D, BLOCK_D, ALIGNED)
     v_ptrs = _tile(qkv, offs_n, stride_qkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED)
-    if DROPOUT:
-        seed = tl.load(Seed)
     qk_scale = scale * _LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -173,14 +192,15 @@ def _attn_bwd_dq(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(cols[None, :] < N, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            keep = _kept(Bits, bh, rows, start, N, words_per_row, BLOCK_M, BLOCK_N)
+            ds = p * (tl.where(keep, dp, 0.0) * keep_scale - delta[:, None])  # one FFMA, as without dropout
+        else:
+            ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     dq_ptrs = _tile(dQKV + b.to(tl.int64) * stride_dqkv_b, rows, stride_dqkv_n, h * D, D, BLOCK_D, ALIGNED)
     tl.store(dq_ptrs, (dq * scale).to(dQKV.dtype.element_ty), mask=row_mask)
@@ -188,20 +208,22 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    QKV, dOut, Lse, Delta, dQKV, Seed,
+    QKV, dOut, Lse, Delta, dQKV, Bits,
     stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
-    N, H, scale, dropout_p, keep_scale,
+    N, H, scale, words_per_row, keep_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: dK and dV for BLOCK_N keys of one (batch, head), streaming queries in blocks of BLOCK_M.
 
     Works on transposed score tiles (keys x queries) so dK and dV accumulate without transposes.
     Reads delta written by _attn_bwd_dq (launched first). Writes the k and v slots of dQKV."""
-    bh = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK_N)  # 1-D grid, the key blocks of one head adjacent: its Q/dO stay in L2
+    bh = tl.program_id(0) // blocks
     b = bh // H
     h = bh % H
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # key indices
+    col0 = (tl.program_id(0) % blocks) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)  # key indices
     offs_m = tl.arange(0, BLOCK_M)
     d_ok = tl.arange(0, BLOCK_D)[None, :] < D
     col_mask = (cols[:, None] < N) & d_ok
@@ -214,8 +236,6 @@ def _attn_bwd_dkdv(
         v = v.to(tl.float32)
     q_ptrs = _tile(qkv, offs_m, stride_qkv_n, h * D, D, BLOCK_D, ALIGNED)
     do_ptrs = _tile(dOut + b.to(tl.int64) * stride_do_b, offs_m, stride_do_n, h * D, D, BLOCK_D, ALIGNED)
-    if DROPOUT:
-        seed = tl.load(Seed)
     qk_scale = scale * _LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -230,36 +250,72 @@ def _attn_bwd_dkdv(
             do = do.to(tl.float32)
         lse2 = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0) * _LOG2E
         delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         p_t = tl.where(rows[None, :] < N, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
-            keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], dropout_p)
-            dv += tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do, input_precision="ieee")
-            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+            keep_t = _kept_t(Bits, bh, rows, col0, N, words_per_row, BLOCK_M, BLOCK_N)
+            dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=PRECISION)  # keep_scale: at the end
+            ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) * keep_scale - delta[None, :])
         else:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
     dqkv = dQKV + b.to(tl.int64) * stride_dqkv_b
     dk_ptrs = _tile(dqkv, cols, stride_dqkv_n, (H + h) * D, D, BLOCK_D, ALIGNED)
     dv_ptrs = _tile(dqkv, cols, stride_dqkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED)
     tl.store(dk_ptrs, (dk * scale).to(dQKV.dtype.element_ty), mask=col_mask)
+    if DROPOUT:
+        dv = dv * keep_scale
     tl.store(dv_ptrs, dv.to(dQKV.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
-def _dropout_mask_kernel(Mask, Seed, N, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Writes the (N, N) keep mask (uint8) of head bh = program_id(0) for BLOCK_M query rows."""
-    bh = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _dropout_bits_kernel(Bits, Seed, N, words_per_row, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bits (B*H, N, words_per_row) int32: bit k of word w of query i of head bh is the keep flag of key 32w + k
+    (from _dropout_keep). One program: BLOCK_M queries of head program_id(0) // cdiv(N, BLOCK_M), BLOCK_N keys (a
+    multiple of 32) per step."""
+    blocks = tl.cdiv(N, BLOCK_M)
+    bh = tl.program_id(0) // blocks
+    row0 = (tl.program_id(0) % blocks) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     seed = tl.load(Seed)
+    bit = tl.full([32], 1, tl.int32) << tl.arange(0, 32)
+    words = tl.arange(0, BLOCK_N // 32)
+    base = Bits + bh.to(tl.int64) * N * words_per_row
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
-        ptrs = Mask + bh.to(tl.int64) * N * N + rows[:, None] * N + cols[None, :]
-        tl.store(ptrs, keep.to(tl.uint8), mask=(rows[:, None] < N) & (cols[None, :] < N))
+        keep = _dropout_keep(seed, bh, row0, start, threshold, BLOCK_M, BLOCK_N)
+        flags = tl.reshape(keep.to(tl.int32), [BLOCK_M, BLOCK_N // 32, 32]) * bit[None, None, :]
+        w = start // 32 + words
+        tl.store(base + rows[:, None] * words_per_row + w[None, :], tl.reduce(flags, 2, _bitwise_or),
+                 mask=(rows[:, None] < N) & (w[None, :] < words_per_row))
+
+
+@triton.jit
+def _kept(Bits, bh, rows, col0, N, words_per_row, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_Q, BLOCK_K) keep flags of queries `rows` and keys col0 .. col0 + BLOCK_K - 1 (col0 and BLOCK_K
+    multiples of 32), read from the bits _dropout_bits_kernel wrote."""
+    w = col0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(Bits + bh.to(tl.int64) * N * words_per_row + rows[:, None] * words_per_row + w[None, :],
+                    mask=(rows[:, None] < N) & (w[None, :] < words_per_row), other=0)
+    bit = tl.full([32], 1, tl.int32) << tl.arange(0, 32)
+    return tl.reshape((words[:, :, None] & bit[None, None, :]) != 0, [BLOCK_Q, BLOCK_K])
+
+
+@triton.jit
+def _kept_t(Bits, bh, rows, col0, N, words_per_row, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The transpose of _kept: (BLOCK_K, BLOCK_Q), keys first, for the dK/dV kernel's transposed tiles."""
+    w = col0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(Bits + bh.to(tl.int64) * N * words_per_row + rows[None, :] * words_per_row + w[:, None],
+                    mask=(rows[None, :] < N) & (w[:, None] < words_per_row), other=0)
+    bit = tl.full([32], 1, tl.int32) << tl.arange(0, 32)
+    return tl.reshape((words[:, None, :] & bit[None, :, None]) != 0, [BLOCK_K, BLOCK_Q])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,33 +324,51 @@ def _dropout_mask_kernel(Mask, Seed, N, dropout_p, BLOCK_M: tl.constexpr, BLOCK_
 
 # (pass, float32 input?, BLOCK_D <= 64?, dropout?) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); dropout None =
 # either. fwd and dq: BLOCK_M queries per program, BLOCK_N keys per step; dkdv: BLOCK_N keys per program, BLOCK_M
-# queries per step. Each entry is the largest tile found to compile for sm_90 without spills (SM90_CHECKS lists
-# them all). Philox keeps 4 words per element live, so the d=64 forward with dropout takes 8 warps to halve the
-# elements per thread. float32 runs dot on FMA units (ieee, no tensor cores): smaller tiles, 8 warps.
+# queries per step. Chosen from the sm_90 figures (benchmarks/results/sm90_static.json): no spills, fewest SASS
+# instructions per score element. With dropout the keep bits arrive as words that each thread expands (a layout
+# conversion through shared memory): the d=64 forward then does best with 8 warps and 128-key steps. float32 runs
+# dot on FMA units unless TF32 is allowed (smaller tiles, 8 warps). BLOCK_N must stay a multiple of 32 (one word of
+# keep bits).
 _CONFIGS = {
     ("fwd", False, True, False): (128, 64, 4, 3),
-    ("fwd", False, True, True): (128, 64, 8, 3),
+    ("fwd", False, True, True): (128, 128, 8, 3),
     ("fwd", False, False, None): (128, 64, 8, 3),
     ("fwd", True, True, None): (64, 32, 8, 2),
-    ("fwd", True, False, None): (64, 32, 8, 2),
+    ("fwd", True, False, False): (64, 32, 8, 2),
+    ("fwd", True, False, True): (32, 32, 8, 2),  # 64 queries spill 36 bytes with dropout
     ("dq", False, True, None): (64, 64, 4, 2),
     ("dq", False, False, None): (64, 64, 8, 2),
-    ("dq", True, True, None): (32, 32, 8, 2),  # 64 queries: ptxas spills 8 bytes at 80 registers
+    ("dq", True, True, False): (32, 32, 8, 2),  # 64 queries: ptxas spills 8 bytes at 80 registers
+    ("dq", True, True, True): (32, 32, 4, 2),  # 8 warps spill 8 bytes at 64 registers with dropout
     ("dq", True, False, None): (32, 32, 8, 2),
     ("dkdv", False, True, None): (64, 64, 4, 2),
     ("dkdv", False, False, None): (32, 128, 8, 2),
     ("dkdv", True, True, None): (32, 64, 8, 2),
     ("dkdv", True, False, None): (32, 32, 8, 1),
 }
+MIN_BLOCK_M = 64  # one warpgroup's wgmma tile
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool) -> tuple[int, int, int, int]:
+def _config(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool, N: int) -> tuple[int, int, int, int]:
+    """The table's entry, with both block sizes cut to N rounded up to a power of two (at least MIN_BLOCK_M
+    queries, 32 keys): at N = 64 (cct_2) a 128-wide tile would be half padding (and half the programs)."""
     key = (kind, dtype == torch.float32, _block_d(head_dim) <= 64)
-    return _CONFIGS.get(key + (dropout,)) or _CONFIGS[key + (None,)]
+    block_m, block_n, num_warps, num_stages = _CONFIGS.get(key + (dropout,)) or _CONFIGS[key + (None,)]
+    fit = triton.next_power_of_2(N)
+    cut_m, cut_n = min(block_m, max(MIN_BLOCK_M, fit)), min(block_n, max(32, fit))
+    if (cut_m, cut_n) != (block_m, block_n) and dtype != torch.float32 and head_dim <= 64:
+        num_warps = 4  # a cut 16-bit tile (at most 64 x 64): one warpgroup; 8 warps would idle on overhead
+    return cut_m, cut_n, num_warps, num_stages
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: float32 inputs follow torch.backends.cuda.matmul.allow_tf32 (TF32 tensor cores when
+    allowed, exact 'ieee' FMA products otherwise); 16-bit inputs always use tensor cores."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,10 +387,9 @@ def unsupported(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: floa
         return "triton attention needs a non-empty qkv"
     if qkv.stride(2) != 1:
         return "triton attention needs qkv's last dim contiguous"
-    if triton.cdiv(qkv.shape[1], 32) > 65535:
-        return f"triton attention needs N <= {65535 * 32} (grid axis 1), got {qkv.shape[1]}"
-    if qkv.shape[0] * num_heads > 2**31 - 1:
-        return f"triton attention needs batch * num_heads < 2**31, got {qkv.shape[0] * num_heads}"
+    programs = qkv.shape[0] * num_heads * triton.cdiv(qkv.shape[1], 32)
+    if programs > 2**31 - 1:
+        return f"triton attention needs batch * num_heads * ceil(N / 32) < 2**31 (its grid), got {programs}"
     return None
 
 
@@ -333,12 +406,35 @@ def _aligned(*tensors: torch.Tensor, head_dim: int) -> bool:
     )
 
 
-def _seed_arg(seed: torch.Tensor, dropout_p: float, device: torch.device) -> torch.Tensor:
-    if dropout_p > 0:
-        if seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(f"dropout needs an int64 seed tensor of one element, got {seed.dtype} {tuple(seed.shape)}")
-        return seed
-    return torch.zeros(1, dtype=torch.int64, device=device)  # never read (DROPOUT=False), but must be a pointer
+def dropout_threshold(dropout_p: float) -> int:
+    """The kernels drop a probability when its random byte is below this: dropout_p rounded to a multiple of 1/256
+    (at most 255/256). The drop rate is threshold / 256; kept values are still scaled by 1 / (1 - dropout_p)."""
+    return min(255, round(dropout_p * 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _no_bits(device: torch.device) -> torch.Tensor:
+    """The Bits argument when there is no dropout: never read, but must be a pointer (cached: no allocation per call)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+BITS_BLOCK_M, BITS_BLOCK_N = 32, 128
+
+
+def _dropout_bits(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: float, device) -> tuple[torch.Tensor, int]:
+    """(bits (B*H, N, ceil(N/32)) int32, words per row): the keep mask of every (b, h, query, key), one bit per key,
+    drawn by _dropout_bits_kernel; the attention kernels read these bits instead of drawing Philox numbers."""
+    if dropout_p == 0:
+        return _no_bits(torch.device(device)), 0
+    if seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"dropout needs an int64 seed tensor of one element, got {seed.dtype} {tuple(seed.shape)}")
+    words = triton.cdiv(N, 32)
+    bits = torch.empty(B * H, N, words, dtype=torch.int32, device=device)
+    _dropout_bits_kernel[(B * H * triton.cdiv(N, BITS_BLOCK_M),)](
+        bits, seed.to(device=device), N, words, dropout_threshold(dropout_p), BLOCK_M=BITS_BLOCK_M,
+        BLOCK_N=BITS_BLOCK_N, num_warps=4,
+    )
+    return bits, words
 
 
 def forward(qkv, num_heads, scale, dropout_p, seed, *, out=None, lse=None):
@@ -352,14 +448,15 @@ def forward(qkv, num_heads, scale, dropout_p, seed, *, out=None, lse=None):
         out = torch.empty(B, N, H * D, dtype=qkv.dtype, device=qkv.device)
     if lse is None:
         lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("fwd", qkv.dtype, D, dropout_p > 0)
-    grid = (B * H, triton.cdiv(N, BLOCK_M))
-    _attn_fwd[grid](
-        qkv, out, lse, _seed_arg(seed, dropout_p, qkv.device),
+    bits, words = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("fwd", qkv.dtype, D, dropout_p > 0, N)
+    _attn_fwd[(B * H * triton.cdiv(N, BLOCK_M),)](
+        qkv, out, lse, bits,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        N, H, scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        N, H, scale * LOG2E, words, 1.0 / (1.0 - dropout_p),
         D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0, UPCAST=_upcast(qkv),
-        ALIGNED=_aligned(qkv, out, head_dim=D), num_warps=num_warps, num_stages=num_stages,
+        ALIGNED=_aligned(qkv, out, head_dim=D), PRECISION=_precision(qkv.dtype), num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, lse
 
@@ -376,38 +473,36 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, *, grad
         grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     lse = lse.contiguous()
     delta = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
-    seed = _seed_arg(seed, dropout_p, qkv.device)
+    bits, words = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)  # redrawn: cheaper than keeping B*H*N*N/8 bytes
     common = dict(D=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0, UPCAST=_upcast(qkv),
-                  ALIGNED=_aligned(qkv, out, grad_out, grad_qkv, head_dim=D))
+                  ALIGNED=_aligned(qkv, out, grad_out, grad_qkv, head_dim=D), PRECISION=_precision(qkv.dtype))
     keep_scale = 1.0 / (1.0 - dropout_p)
 
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dq", qkv.dtype, D, dropout_p > 0)
-    _attn_bwd_dq[(B * H, triton.cdiv(N, BLOCK_M))](
-        qkv, out, grad_out, lse, delta, grad_qkv, seed,
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dq", qkv.dtype, D, dropout_p > 0, N)
+    _attn_bwd_dq[(B * H * triton.cdiv(N, BLOCK_M),)](
+        qkv, out, grad_out, lse, delta, grad_qkv, bits,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         grad_qkv.stride(0), grad_qkv.stride(1),
-        N, H, scale, dropout_p, keep_scale,
+        N, H, scale, words, keep_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
     )
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", qkv.dtype, D, dropout_p > 0)
-    _attn_bwd_dkdv[(B * H, triton.cdiv(N, BLOCK_N))](
-        qkv, grad_out, lse, delta, grad_qkv, seed,
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", qkv.dtype, D, dropout_p > 0, N)
+    _attn_bwd_dkdv[(B * H * triton.cdiv(N, BLOCK_N),)](
+        qkv, grad_out, lse, delta, grad_qkv, bits,
         qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1),
-        N, H, scale, dropout_p, keep_scale,
+        N, H, scale, words, keep_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
     )
     return grad_qkv
 
 
 def dropout_mask(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: float, device) -> torch.Tensor:
-    """The (B, H, N, N) bool keep mask the kernels draw for `seed` (int64, (1,)) and dropout_p: True = kept.
-    Materialises N*N per head: for tests and small shapes only."""
-    mask = torch.empty(B, H, N, N, dtype=torch.uint8, device=device)
-    BLOCK = 32
-    _dropout_mask_kernel[(B * H, triton.cdiv(N, BLOCK))](
-        mask, seed.to(device=device, dtype=torch.int64), N, dropout_p, BLOCK_M=BLOCK, BLOCK_N=64
-    )
-    return mask.bool()
+    """The (B, H, N, N) bool keep mask the kernels use for `seed` (int64, (1,)) and dropout_p > 0: True = kept.
+    Unpacks the same bits the kernels read. Materialises N*N per head: for tests and small shapes only."""
+    bits, _ = _dropout_bits(seed.to(dtype=torch.int64), B, H, N, dropout_p, device)
+    keys = torch.arange(N, device=device)
+    mask = (bits[:, :, keys // 32] >> (keys % 32).to(torch.int32)) & 1
+    return mask.view(B, H, N, N).bool()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,11 +511,19 @@ def dropout_mask(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: float, d
 
 
 def _sm90_check(dtype: torch.dtype, head_dim: int, dropout: bool, backward_pass: bool, N: int = 256,
-                B: int = 2, H: int = 4) -> dict:
+                B: int = 2, H: int = 4, tf32: bool = False) -> dict:
     """forward() (or backward()) on meta tensors of (B, N, H, head_dim): sm90.py compiles what they launch."""
     p = 0.1 if dropout else 0.0
 
     def launch():
+        allowed = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            run()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+
+    def run():
         qkv = torch.empty(B, N, 3 * H * head_dim, dtype=dtype, device="meta")
         seed = torch.empty(1, dtype=torch.int64, device="meta")
         if not backward_pass:
@@ -430,7 +533,8 @@ def _sm90_check(dtype: torch.dtype, head_dim: int, dropout: bool, backward_pass:
         lse = torch.empty(B, H, N, dtype=torch.float32, device="meta")
         backward(torch.empty_like(out), qkv, out, lse, H, head_dim**-0.5, p, seed)
 
-    name = f"{'bwd' if backward_pass else 'fwd'}_{str(dtype).split('.')[-1]}_d{head_dim}_N{N}{'_dropout' if dropout else ''}"
+    name = (f"{'bwd' if backward_pass else 'fwd'}_{str(dtype).split('.')[-1]}{'_tf32' if tf32 else ''}_d{head_dim}_N{N}"
+            f"{'_dropout' if dropout else ''}")
     return {"name": name, "launch": launch, "score_elements": lambda kw: kw["BLOCK_M"] * kw["BLOCK_N"]}
 
 
@@ -447,4 +551,4 @@ SM90_CHECKS = [
     for head_dim, N in ((80, 256), (64, 196), (64, 64))
     for dropout in (False, True)
     for backward_pass in (False, True)
-]
+] + [_sm90_check(torch.float32, 64, False, backward_pass, tf32=True) for backward_pass in (False, True)]

@@ -10,7 +10,8 @@ equal to 1 become constants), so the figures describe the kernel a GPU would run
 Figures per kernel: registers and spill bytes (ptxas -v), shared memory, the MMA kind in the SASS (wgmma =
 HGMMA, mma = HMMA, fma = neither), cp.async (LDGSTS) and 128-bit global loads (LDG.E.128) present, the SASS
 length of the innermost loop (warp instructions per iteration) and, for kernels whose loop walks score tiles
-(attention), thread instructions per score element = loop length * 32 * num_warps / (BLOCK_M * BLOCK_N).
+(attention), thread instructions per score element = loop length * 32 * num_warps / (BLOCK_M * BLOCK_N); a check
+named "<case>_dropout" also gets dropout_instruction_ratio, that figure over the one of "<case>"'s same kernel.
 
     python -m cct_kernels.triton.sm90 --out benchmarks/results/sm90_static.json   # regenerate the committed file
 
@@ -166,6 +167,11 @@ def op_figures(op: str) -> dict:
     results = {}
     for check in module.SM90_CHECKS:
         results.update(check_figures(check))
+    for name, figure in results.items():  # "<case>_dropout/<kernel>" beside its twin "<case>/<kernel>"
+        twin = results.get(name.replace("_dropout/", "/"))
+        if "_dropout/" in name and twin and twin.get("instructions_per_score_element"):
+            figure["dropout_instruction_ratio"] = round(
+                figure["instructions_per_score_element"] / twin["instructions_per_score_element"], 2)
     return results
 
 

@@ -24,6 +24,7 @@ would be a large amount of code for little gain; the price is writing and readin
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -192,6 +193,25 @@ def _empty(*shape, device, dtype, memory_format=torch.contiguous_format):
     return torch.empty(*shape, device=device, dtype=dtype, memory_format=memory_format)
 
 
+_TAPS: dict[int, tuple] = {}  # id(weight) -> (weakref to weight, its version, data_ptr, taps)
+
+
+def _weight_taps(weight: torch.Tensor) -> torch.Tensor:
+    """weight (C_out, C_in, KH, KW) permuted to (KH, KW, C_in, C_out) contiguous (GEMM K rows, C_out contiguous).
+
+    Cached per weight tensor while it lives and is unchanged (same version counter and storage), so inference
+    permutes each stage's weight once, not on every call; an optimizer step (an in-place update) re-permutes it."""
+    if weight.is_inference():  # inference tensors have no version counter to validate a cache entry
+        return weight.permute(2, 3, 1, 0).contiguous()
+    key = id(weight)
+    hit = _TAPS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2] == weight.data_ptr():
+        return hit[3]
+    taps = weight.detach().permute(2, 3, 1, 0).contiguous()
+    _TAPS[key] = (weakref.ref(weight, lambda _: _TAPS.pop(key, None)), weight._version, weight.data_ptr(), taps)
+    return taps
+
+
 def _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding):
     B, _, H, W = x.shape
     _, _, KH, KW = weight.shape
@@ -251,7 +271,7 @@ def forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, po
     cfg = forward_config(C_in, C_out, KH, KW, x.dtype)
     if not cfg["FLAT_K"]:
         x = x.contiguous(memory_format=torch.channels_last)  # a tap's channels: one contiguous run per position
-    w_taps = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, C_in, C_out): K rows, C_out contiguous
+    w_taps = _weight_taps(weight)
     pk, ps, pp = _pool(pool_kernel, pool_stride, pool_padding)
     grid = (triton.cdiv(M, cfg["BLOCK_P"]), triton.cdiv(C_out, cfg["BLOCK_C"]))
     _forward_kernel[grid](
