@@ -71,6 +71,9 @@ def _extension():
     try:
         from torch.utils import cpp_extension
     except ImportError:
+        if build.env_flag("CCT_KERNELS_REQUIRE_EXTENSION"):
+            raise RuntimeError("cct_kernels: CCT_KERNELS_REQUIRE_EXTENSION=1, but torch is not importable at build "
+                               "time (build isolation): install with pip install --no-build-isolation") from None
         return [], {}, ("not built now: torch is not importable at build time (build isolation); the kernels are "
                         "compiled at first use instead. `pip install --no-build-isolation .` builds them now")
     cxx = os.environ.get("CXX", "c++")
@@ -95,12 +98,16 @@ def _extension():
         extensions, what = [cpu_ext], f"{cpu_what}; CUDA kernels not built: {cuda_note}"
     else:
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # torch's own default raises IndexError without a visible GPU
-        cuda_ext = cpp_extension.CUDAExtension(
-            "cct_kernels._C", rel(build.cpu_sources(root) + build.cuda_sources(root)),
-            define_macros=cpu_macros + [("CCT_WITH_CUDA", "1"), ("CCT_CUDA_ARCHS", f'"{archs}"')],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": build.NVCC_FLAGS}, extra_link_args=build.LINK_FLAGS,
-        )
-        extensions, what = [cuda_ext], f"{cpu_what} + CUDA kernels ({cuda_note})"
+        try:
+            cuda_ext = cpp_extension.CUDAExtension(
+                "cct_kernels._C", rel(build.cpu_sources(root) + build.cuda_sources(root)),
+                define_macros=cpu_macros + [("CCT_WITH_CUDA", "1"), ("CCT_CUDA_ARCHS", f'"{archs}"')],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": build.NVCC_FLAGS}, extra_link_args=build.LINK_FLAGS,
+            )
+            extensions, what = [cuda_ext], f"{cpu_what} + CUDA kernels ({cuda_note})"
+        except OSError as e:  # CUDA libraries or headers not found
+            _log(f"WARNING: the CUDA kernels cannot be built ({e}); building the CPU kernels alone")
+            extensions, what = [cpu_ext], f"{cpu_what}; CUDA kernels not built: {e}"
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
     class BuildExtWithFallback(build_ext):
@@ -108,6 +115,7 @@ def _extension():
         try again (or fails the install with CCT_KERNELS_REQUIRE_EXTENSION=1)."""
 
         def run(self):
+            inplace = self.inplace  # setuptools' run() clears it while building and restores it only on success
             try:
                 super().run()
                 return
@@ -122,7 +130,11 @@ def _extension():
                 _log(f"WARNING: the CUDA kernels failed to build ({e}).")
                 _log("Building the CPU kernels alone: the 'cuda' backend will be unavailable (see the error above).")
                 _log("=" * 100)
-            self.extensions = [cpu_ext]
+            for attr, value in vars(self.extensions[0]).items():  # what finalize_options set for this name
+                if attr.startswith("_"):
+                    setattr(cpu_ext, attr, value)
+            self.extensions, self.inplace = [cpu_ext], inplace
+            self.compiler = None  # run() made a compiler object of the compiler name: start again from the default
             self.run()
 
     return extensions, {"build_ext": BuildExtWithFallback}, what
