@@ -108,3 +108,19 @@ def test_model_compiles_fullgraph_with_inductor(family, train, backend):
         compiled_grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
         for g, cg in zip(grads, compiled_grads):
             torch.testing.assert_close(cg, g, rtol=1e-3, atol=1e-4)
+
+
+def test_backends_serving_model_drops_a_backend_that_refuses_the_mode(monkeypatch):
+    """A backend that refuses dropout (like the cuda attention) serves the model in eval mode only."""
+    unsupported = backends.unsupported_reason
+
+    def no_dropout_on_cpu(backend, op, device, *inputs):
+        if backend == "cpu" and op == "attention" and inputs[3] > 0:
+            return "no dropout"
+        return unsupported(backend, op, device, *inputs)
+
+    monkeypatch.setattr(backends, "unsupported_reason", no_dropout_on_cpu)
+    model, x = cct_kernels.cct_2_3x2_32().eval(), torch.randn(1, 3, 32, 32)
+    assert "cpu" in backends_serving_model(model, x, train=False)
+    assert "cpu" not in backends_serving_model(model, x, train=True)
+    assert not model.training  # the helper restores the mode it found
