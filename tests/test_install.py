@@ -61,7 +61,8 @@ def clean_env(**extra):
 
 
 def run_in(copy, code, **env):
-    return subprocess.run([sys.executable, "-c", HIDE_INSTALLED_EXTENSION + code], cwd=copy, env=clean_env(PYTHONPATH=str(copy), **env),
+    return subprocess.run([sys.executable, "-c", HIDE_INSTALLED_EXTENSION + code], cwd=copy,
+                          env=clean_env(PYTHONPATH=str(copy), **env),
                           capture_output=True, text=True, timeout=900)
 
 

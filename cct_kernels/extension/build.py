@@ -16,7 +16,6 @@ Environment:
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import platform
@@ -114,7 +113,8 @@ def cuda_arch_list(requested: str | None, visible: list[tuple[int, int]]) -> tup
         too_old = sorted({cap for cap in visible if cap < MIN_CUDA_ARCH})
         if too_old:
             names = ", ".join(f"sm_{major}{minor}" for major, minor in too_old)
-            return None, f"a visible GPU ({names}) is older than sm_80, which the CUDA kernels need; CUDA kernels skipped"
+            return None, (f"a visible GPU ({names}) is older than sm_80, which the CUDA kernels need; CUDA kernels "
+                          f"skipped")
         archs = ";".join(f"{major}.{minor}" for major, minor in sorted(set(visible)))
         return archs, f"TORCH_CUDA_ARCH_LIST={archs} (the visible GPUs)"
     return DEFAULT_CUDA_ARCHS, f"TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS} (default: no GPU visible)"
