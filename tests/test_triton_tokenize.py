@@ -121,11 +121,14 @@ def test_nan_input_propagates_like_the_reference(case, device):
     x, weight, bias = _inputs(CASES[case], torch.float32, device)
     x[0, 0, 2, 3] = float("nan")
     kw = _kwargs(CASES[case])
-    expected = reference.tokenize(x, weight, bias, **kw)
-    out = ops.tokenize(x, weight, bias, **kw, backend="triton")
-    assert expected.isnan().any()
-    assert torch.equal(out.isnan(), expected.isnan())
-    torch.testing.assert_close(out.nan_to_num(0.0), expected.nan_to_num(0.0), rtol=1e-5, atol=1e-5)
+    grad_out = torch.ones_like(reference.tokenize(x, weight, bias, **kw))
+    expected = _run(lambda *a: reference.tokenize(*a, **kw), x, weight, bias, grad_out)
+    got = _run(lambda *a: ops.tokenize(*a, **kw, backend="triton"), x, weight, bias, grad_out)
+    assert expected[0].isnan().any()
+    for name, g, e in zip(("out", "grad_x", "grad_weight", "grad_bias"), got, expected):
+        # ReLU passes the gradient at a NaN output (torch's threshold_backward keeps only out <= 0 at zero)
+        assert torch.equal(g.isnan(), e.isnan()), name
+        torch.testing.assert_close(g.nan_to_num(0.0), e.nan_to_num(0.0), rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_permuted_weight_is_cached_until_the_weight_changes(device):

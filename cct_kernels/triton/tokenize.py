@@ -179,7 +179,8 @@ def _grad_conv_kernel(
                 ok = ok & (picked == (i * POOL_K + j)[:, None])
             g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             if RELU:
-                g = tl.where(tl.load(out_ptr + offs, mask=ok, other=0.0) > 0, g, 0.0)
+                # ReLU's gradient passes where out is not <= 0, NaN included (torch's threshold_backward rule)
+                g = tl.where(tl.load(out_ptr + offs, mask=ok, other=0.0) <= 0, 0.0, g)
             acc += g
     offs_y = bb[:, None] * syb + offs_c[None, :] * syc + (oh * syh + ow * syw)[:, None]
     tl.store(dy_ptr + offs_y, acc.to(dy_ptr.dtype.element_ty), mask=mask)
