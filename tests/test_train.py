@@ -5,7 +5,7 @@ import torch
 
 import cct_kernels
 from cct_kernels.train import FASHION_MNIST_DIR, TrainConfig, augment, load_dataset, train
-from tests.cases import KERNEL_BACKENDS_HERE
+from tests.cases import KERNEL_BACKENDS_HERE, backends_serving_model
 
 DATASET = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists() else "digits"
 
@@ -16,20 +16,12 @@ def short(tmp_path, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def backends_serving_training(model_name="cct_2_3x2_32"):
-    """Kernel backends (but triton: too slow interpreted) that serve every op of train()'s model on CPU float32 in
-    train mode: an explicitly named backend raises BackendUnavailable on the first op it cannot serve."""
-    serving = []
-    for backend in KERNEL_BACKENDS_HERE:
-        if backend == "triton":
-            continue
-        model = cct_kernels.create_model(model_name, img_size=28, n_input_channels=1, backend=backend).train()
-        try:
-            model(torch.randn(2, 1, 28, 28)).sum().backward()
-        except cct_kernels.BackendUnavailable:
-            continue
-        serving.append(backend)
-    return serving
+def kernel_backends_serving_training(model_name="cct_2_3x2_32"):
+    """Kernel backends here (but triton: too slow interpreted) that serve every op of train()'s model on CPU float32
+    in train mode."""
+    model = cct_kernels.create_model(model_name, img_size=28, n_input_channels=1)
+    serving = backends_serving_model(model, torch.randn(2, 1, 28, 28), train=True)
+    return [b for b in serving if b in KERNEL_BACKENDS_HERE and b != "triton"]
 
 
 def test_dataset_shapes_and_normalisation():
@@ -70,7 +62,7 @@ def test_it_learns_and_resumes_exactly_after_a_time_limit_in_mid_epoch(tmp_path,
     assert resumed["test_accuracy"] == straight["test_accuracy"]
 
 
-@pytest.mark.parametrize("backend", backends_serving_training())
+@pytest.mark.parametrize("backend", kernel_backends_serving_training())
 def test_kernel_backend_follows_the_eager_loss_curve(tmp_path, backend):
     eager = train(short(tmp_path / "eager", epochs=1, train_subset=320, test_subset=100, backend="eager"))
     kernel = train(short(tmp_path / backend, epochs=1, train_subset=320, test_subset=100, backend=backend))
