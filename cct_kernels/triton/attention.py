@@ -231,7 +231,8 @@ def _attn_bwd_dkdv(
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _kept_t(Bits, bh, rows, col0, N, words_per_row, BLOCK_M, BLOCK_N)
-            dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=PRECISION)  # keep_scale: at the end
+            # keep_scale multiplies dV once, at the end
+            dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=PRECISION)
             ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) * keep_scale - delta[None, :])
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)

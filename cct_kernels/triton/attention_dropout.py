@@ -99,7 +99,8 @@ def dropout_threshold(dropout_p: float) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _no_bits(device: torch.device) -> torch.Tensor:
-    """The Bits argument when there is no dropout: never read, but must be a pointer (cached: no allocation per call)."""
+    """The Bits argument when there is no dropout: never read, but must be a pointer (cached: no allocation per
+    call)."""
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
