@@ -147,19 +147,28 @@ def unsupported_reason(backend: str, op: str, device: torch.device, *inputs) -> 
     return module.unsupported(*inputs, backend=backend)
 
 
-def select(op: str, explicit: str | None, device: torch.device, *inputs) -> str:
-    """The concrete backend ("eager" or a kernel backend) that runs `op` for these inputs."""
+def select(op: str, explicit: str | None, device: torch.device, *inputs, eager_only: str | None = None) -> str:
+    """The concrete backend ("eager" or a kernel backend) that runs `op` for these inputs.
+
+    eager_only: why no kernel backend can serve this call whatever the inputs (auto then runs eager).
+    """
     name = requested_backend(explicit)
     if name == "eager":
         return name
+
+    def reason(backend: str) -> str | None:
+        if eager_only is not None:
+            return eager_only
+        return unsupported_reason(backend, op, device, *inputs)
+
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ()):
-            if unsupported_reason(candidate, op, device, *inputs) is None:
+            if reason(candidate) is None:
                 return candidate
         return "eager"
-    reason = unsupported_reason(name, op, device, *inputs)
-    if reason is not None:
-        raise BackendUnavailable(f"backend {name!r} cannot run {op}: {reason}")
+    why = reason(name)
+    if why is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot run {op}: {why}")
     return name
 
 

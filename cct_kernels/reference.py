@@ -25,7 +25,7 @@ def tokenize(x, weight, bias=None, *, stride=1, padding=0, relu=True, pool=(3, 2
     return y
 
 
-def attention(qkv, num_heads, *, scale=None, dropout_p=0.0, dropout_mask=None):
+def attention(qkv, num_heads, *, scale=None, dropout_p=0.0, dropout_mask=None, mask=None):
     """Multi-head self-attention on the packed output of the qkv projection.
 
     qkv (B, N, 3*D) laid out as (3, num_heads, D // num_heads) along the last dim, as the official
@@ -35,15 +35,19 @@ def attention(qkv, num_heads, *, scale=None, dropout_p=0.0, dropout_mask=None):
     float16/bfloat16: scores and softmax are computed in float32 (as the kernels do; half-precision scores
     overflow to inf, and the softmax to NaN, once |q . k| passes 65504), the probabilities are rounded to the input
     dtype for the product with v. float32 and float64 run exactly the official computation.
+    mask (B, N) bool, True = real token: every query attends to real keys only; a sequence with no real token
+    gives zeros.
     """
     B, N, three_d = qkv.shape
     head_dim = three_d // (3 * num_heads)
     q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     scale = head_dim**-0.5 if scale is None else scale
     if qkv.dtype in (torch.float16, torch.bfloat16):
-        attn = ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1).to(qkv.dtype)
+        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
     else:
-        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        scores = (q @ k.transpose(-2, -1)) * scale
+    attn = scores.softmax(dim=-1) if mask is None else _masked_softmax(scores, mask[:, None, None, :])
+    attn = attn.to(qkv.dtype)
     if dropout_mask is not None:
         attn = attn * dropout_mask.to(attn.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
@@ -51,10 +55,18 @@ def attention(qkv, num_heads, *, scale=None, dropout_p=0.0, dropout_mask=None):
     return (attn @ v).transpose(1, 2).reshape(B, N, num_heads * head_dim)
 
 
-def seqpool(x, weight, bias):
+def seqpool(x, weight, bias, *, mask=None):
     """Sequence pooling: softmax over the sequence of x @ weight.T + bias, then the weighted sum of x.
 
-    x (B, N, D); weight (1, D); bias (1,); returns (B, D).
+    x (B, N, D); weight (1, D); bias (1,); returns (B, D). mask (B, N) bool, True = real token: the softmax
+    runs over real tokens only (a sequence with none gives zeros).
     """
-    w = F.linear(x, weight, bias).softmax(dim=1)
+    scores = F.linear(x, weight, bias)
+    w = scores.softmax(dim=1) if mask is None else _masked_softmax(scores, mask[:, :, None], dim=1)
     return (w.transpose(-1, -2) @ x).squeeze(-2)
+
+
+def _masked_softmax(scores, keep, dim=-1):
+    """softmax over `dim` of the entries where `keep` (broadcast) is True; zero where no entry is kept."""
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=dim)
+    return probs.masked_fill(~keep, 0.0).nan_to_num(nan=0.0)

@@ -82,11 +82,18 @@ void check_seqpool_cuda(const at::Tensor& x) {
 
 Strides4 strides4(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
+// The CUDA kernels take no key-padding lengths yet (the Python kernel modules decline such calls first).
+void check_no_lengths(const c10::optional<at::Tensor>& lengths, const char* op) {
+  TORCH_CHECK(!lengths.has_value(), op, " (cuda): key-padding lengths are not supported");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> seqpool_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                        const at::Tensor& bias) {
+                                                        const at::Tensor& bias,
+                                                        const c10::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(x.device());
+  check_no_lengths(lengths, "seqpool");
   check_seqpool_cuda(x);
   const auto xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous();
   auto out = at::empty({x.size(0), x.size(2)}, x.options());
@@ -102,8 +109,10 @@ std::tuple<at::Tensor, at::Tensor> seqpool_forward_cuda(const at::Tensor& x, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                                                      const at::Tensor& weight, const at::Tensor& bias,
-                                                                     const at::Tensor& out, const at::Tensor& lse) {
+                                                                     const at::Tensor& out, const at::Tensor& lse,
+                                                                     const c10::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(x.device());
+  check_no_lengths(lengths, "seqpool");
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   check_seqpool_cuda(x);
   const auto g = grad_out.contiguous(), xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous(),
@@ -173,9 +182,11 @@ void check_attention_cuda(const at::Tensor& qkv, int64_t num_heads, double dropo
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& qkv, int64_t num_heads, double scale,
-                                                          double dropout_p, const at::Tensor& seed) {
+                                                          double dropout_p, const at::Tensor& seed,
+                                                          const c10::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(qkv.device());
   check_attention_cuda(qkv, num_heads, dropout_p);
+  check_no_lengths(lengths, "attention");
   const auto q = aligned16(qkv);
   const int64_t B = q.size(0), N = q.size(1), H = num_heads;
   auto out = at::empty({B, N, H * 64}, q.options());
@@ -188,9 +199,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& qkv,
 
 at::Tensor attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
                                    const at::Tensor& lse, int64_t num_heads, double scale, double dropout_p,
-                                   const at::Tensor& seed) {
+                                   const at::Tensor& seed, const c10::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(qkv.device());
   check_attention_cuda(qkv, num_heads, dropout_p);
+  check_no_lengths(lengths, "attention");
   const auto q = aligned16(qkv), g = aligned16(grad_out), o = aligned16(out), l = lse.to(at::kFloat).contiguous();
   const int64_t B = q.size(0), N = q.size(1), H = num_heads;
   auto gqkv = at::empty_like(q);
@@ -209,12 +221,14 @@ at::Tensor attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
 TORCH_LIBRARY(cct_kernels_C, m) {
   m.def("built_with_cuda() -> bool", &cct::built_with_cuda);
   m.def("build_info() -> str", &cct::build_info);
-  m.def("seqpool_forward(Tensor x, Tensor weight, Tensor bias) -> (Tensor, Tensor)");
-  m.def("seqpool_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor out, Tensor lse)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("attention_forward(Tensor qkv, int num_heads, float scale, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
+  // lengths: key padding of text models, (B,) int64 real-token counts (a prefix of each sequence), or None.
+  m.def("seqpool_forward(Tensor x, Tensor weight, Tensor bias, Tensor? lengths=None) -> (Tensor, Tensor)");
+  m.def("seqpool_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor out, Tensor lse,"
+        " Tensor? lengths=None) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_forward(Tensor qkv, int num_heads, float scale, float dropout_p, Tensor seed,"
+        " Tensor? lengths=None) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale,"
-        " float dropout_p, Tensor seed) -> Tensor");
+        " float dropout_p, Tensor seed, Tensor? lengths=None) -> Tensor");
   m.def("attention_dropout_mask(Tensor seed, int B, int H, int N, float dropout_p) -> Tensor",
         &cct::attention_dropout_mask);
   m.def("tokenize_forward(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, bool relu, int pool_kernel,"

@@ -47,7 +47,7 @@ def backends_serving_model(model, x, *, train: bool) -> list[str]:
     refuses float32 and dropout). The calls are recorded from one eager forward pass."""
     calls = []
 
-    def record(op, explicit, device, *inputs):
+    def record(op, explicit, device, *inputs, **_):
         calls.append((op, device, inputs))
         return "eager"
 

@@ -83,8 +83,8 @@ def _record_backends(monkeypatch):
     calls = []
     select = backends.select
 
-    def spy(*args):
-        chosen = select(*args)
+    def spy(*args, **kwargs):
+        chosen = select(*args, **kwargs)
         calls.append((threading.get_ident(), chosen))
         return chosen
 

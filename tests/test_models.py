@@ -44,7 +44,8 @@ def test_patch_model_parameter_counts(name):
 
 def test_every_listed_model_builds_and_is_a_top_level_factory():
     names = cct_kernels.list_models()
-    assert len(names) == 46
+    assert len(names) == 46 + 12  # image factories (with _sine twins and vit_ aliases) + the text models
+    assert sorted(cct_kernels.TEXT_MODELS) == sorted(n for n in names if n.startswith("text_"))
     for name in names:
         assert getattr(cct_kernels, name) is cct_kernels.MODELS[name]
     assert cct_kernels.vit_2_4_32 is cct_kernels.vit_lite_2_4_32

@@ -16,9 +16,11 @@ from cct_kernels import extension
 CUDA_HEAD_DIM = 64
 
 
-def unsupported(qkv, num_heads, scale, dropout_p, *, backend: str) -> str | None:
+def unsupported(qkv, num_heads, scale, dropout_p, lengths=None, *, backend: str) -> str | None:
     head_dim = qkv.shape[2] // (3 * num_heads)
     if backend == "cuda":
+        if lengths is not None:
+            return "the cuda attention kernel takes no key-padding lengths yet"
         reason = extension.dtype_reason(qkv.dtype, (torch.float16, torch.bfloat16))
         if reason is not None:
             return reason + " by the cuda attention kernel (tensor cores); use the triton backend for float32"
@@ -43,14 +45,14 @@ def unsupported(qkv, num_heads, scale, dropout_p, *, backend: str) -> str | None
     return None
 
 
-def forward(qkv, num_heads, scale, dropout_p, seed):
+def forward(qkv, num_heads, scale, dropout_p, seed, lengths=None):
     """-> (out (B, N, H*d) qkv.dtype, lse (B, H, N) float32)."""
-    return tuple(extension.ops().attention_forward(qkv, num_heads, scale, dropout_p, seed))
+    return tuple(extension.ops().attention_forward(qkv, num_heads, scale, dropout_p, seed, lengths))
 
 
-def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed):
+def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths=None):
     """-> grad_qkv (B, N, 3*H*d)."""
-    return extension.ops().attention_backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed)
+    return extension.ops().attention_backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths)
 
 
 def attention_dropout_mask(seed: torch.Tensor, batch: int, num_heads: int, seq_len: int, dropout_p: float):

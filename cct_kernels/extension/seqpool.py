@@ -15,19 +15,21 @@ def cuda_max_d(x) -> int:
     return 1024 if x.shape[2] % (16 // x.element_size()) == 0 else 256
 
 
-def unsupported(x, weight, bias, *, backend: str) -> str | None:
+def unsupported(x, weight, bias, lengths=None, *, backend: str) -> str | None:
     reason = extension.dtype_reason(x.dtype)
+    if reason is None and backend == "cuda" and lengths is not None:
+        return "the cuda seqpool kernel takes no key-padding lengths yet"
     if reason is None and backend == "cuda" and x.shape[2] > cuda_max_d(x):
         return (f"the cuda seqpool kernel needs D <= {cuda_max_d(x)} for this row size "
                 f"(D = {x.shape[2]}, {x.dtype}); triton and eager take any D")
     return reason
 
 
-def forward(x, weight, bias):
+def forward(x, weight, bias, lengths=None):
     """-> (out (B, D) x.dtype, lse (B,) float32)."""
-    return tuple(extension.ops().seqpool_forward(x, weight, bias))
+    return tuple(extension.ops().seqpool_forward(x, weight, bias, lengths))
 
 
-def backward(grad_out, x, weight, bias, out, lse):
+def backward(grad_out, x, weight, bias, out, lse, lengths=None):
     """-> (grad_x (B, N, D), grad_weight (1, D), grad_bias (1,))."""
-    return tuple(extension.ops().seqpool_backward(grad_out, x, weight, bias, out, lse))
+    return tuple(extension.ops().seqpool_backward(grad_out, x, weight, bias, out, lse, lengths))

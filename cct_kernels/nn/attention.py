@@ -26,7 +26,9 @@ class Attention(UsesBackend, nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(projection_dropout)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """x (B, N, dim); mask None or (B, N) bool, True = real token (key padding, text models)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
-        x = ops.attention(self.qkv(x), self.num_heads, scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+        x = ops.attention(self.qkv(x), self.num_heads, scale=self.scale, dropout_p=dropout_p, mask=mask,
+                          backend=self.backend)
         return self.proj_drop(self.proj(x))

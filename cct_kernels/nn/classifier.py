@@ -78,23 +78,34 @@ class TransformerClassifier(nn.Module):
         self.fc = nn.Linear(embedding_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weight)
 
-    def forward(self, x):
+    def positional_table(self) -> torch.Tensor:
+        """The (1, tokens, D) positional embedding added to the tokens (class token included)."""
+        return self.positional_emb
+
+    def forward(self, x, mask=None):
+        """x (B, N, D) tokens; mask (text models' key padding, see ops.attention) None, (B, N) bool with True for
+        a real token, or (B,) lengths: attention to real keys only and SeqPool over real tokens only."""
         if not self.seq_pool:
             x = torch.cat((self.class_emb.expand(x.shape[0], -1, -1), x), dim=1)
+            if mask is not None and mask.dtype == torch.bool:
+                mask = torch.cat((mask.new_ones(mask.shape[0], 1), mask), dim=1)
+            elif mask is not None:
+                mask = mask + 1  # the class token is real, and the real tokens stay a prefix
         if self.positional_emb is not None:
-            if x.shape[1] != self.positional_emb.shape[1]:
+            positional = self.positional_table()
+            if x.shape[1] != positional.shape[1]:
                 extra = "" if self.seq_pool else " (class token included)"
                 raise ValueError(
                     f"the input gives {x.shape[1]} tokens{extra} but the positional embedding has "
-                    f"{self.positional_emb.shape[1]}: build the model for this image size, or resize the "
+                    f"{positional.shape[1]}: build the model for this input size, or resize the "
                     f"embedding with cct_kernels.load_checkpoint"
                 )
-            x = x + self.positional_emb
+            x = x + positional
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         x = self.norm(x)
-        x = self.attention_pool(x) if self.seq_pool else x[:, 0]
+        x = self.attention_pool(x, mask) if self.seq_pool else x[:, 0]
         return self.fc(x)
 
 

@@ -50,8 +50,8 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(self, src):
-        src = src + self.drop_path(self.self_attn(self.pre_norm(src)))
+    def forward(self, src, mask=None):
+        src = src + self.drop_path(self.self_attn(self.pre_norm(src), mask))
         src = self.norm1(src)
         src2 = self.linear2(self.dropout1(F.gelu(self.linear1(src))))
         return src + self.drop_path(self.dropout2(src2))

@@ -14,5 +14,6 @@ class SeqPool(UsesBackend, nn.Linear):
     def __init__(self, dim: int):
         super().__init__(check_int("dim", dim, 1), 1)
 
-    def forward(self, x):
-        return ops.seqpool(x, self.weight, self.bias, backend=self.backend)
+    def forward(self, x, mask=None):
+        """mask None or (B, N) bool, True = real token: pool over real tokens only."""
+        return ops.seqpool(x, self.weight, self.bias, mask=mask, backend=self.backend)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -61,3 +62,44 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+
+NOT_A_PREFIX = "the kernels take key padding as lengths; this bool mask is not a prefix of every sequence"
+
+
+class KeyPadding(NamedTuple):
+    """A key-padding mask in the two forms the backends take: `lengths` (B,) int64 for the kernels (None when the
+    mask is not a prefix of every sequence) and `mask` (B, N) bool for the eager reference."""
+
+    lengths: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def key_padding(mask, batch: int, length: int, device: torch.device) -> KeyPadding | None:
+    """Check a user's key-padding mask: None (every token real), a (B, N) bool tensor (True = real token), or a
+    (B,) integer tensor of lengths (the first lengths[b] tokens of sequence b are real; 0 <= lengths[b] <= N).
+
+    A bool mask that keeps a prefix of each sequence (padding at the end, the usual case) is also given as
+    lengths, so the kernels can serve it; testing that costs one host sync for a CUDA mask.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a (B, N) bool tensor or (B,) integer lengths, got {type(mask).__name__}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the input is on {device}; they must match")
+    positions = torch.arange(length, device=device)
+    if mask.dtype == torch.bool:
+        check_shape("mask", mask, (batch, length))
+        lengths = mask.sum(1)
+        prefix = bool(torch.equal(mask, positions[None, :] < lengths[:, None]))
+        return KeyPadding(lengths if prefix else None, mask)
+    if mask.is_floating_point() or mask.is_complex() or mask.dim() != 1:
+        raise TypeError(f"mask must be a (B, N) bool tensor or (B,) integer lengths, got {mask.dtype} "
+                        f"of shape {tuple(mask.shape)}")
+    check_shape("mask (lengths)", mask, (batch,))
+    if batch and (int(mask.min()) < 0 or int(mask.max()) > length):
+        raise ValueError(f"mask lengths must lie in [0, {length}], got {mask.tolist()}")
+    lengths = mask.to(torch.int64).contiguous()
+    return KeyPadding(lengths, positions[None, :] < lengths[:, None])

@@ -5,17 +5,26 @@
 Shapes: qkv (B, N, 3*H*d) -> (B, N, H*d), the layout the official CCT Attention produces and consumes, so no
 permute copies are needed. Dtypes: float32, float16, bfloat16 (kernels accumulate in float32). scale defaults to
 d**-0.5. dropout_p in [0, 1) drops attention probabilities (the official attn_drop); pass it only in training.
+mask: key padding for text models, a (B, N) bool tensor (True = real token) or (B,) integer lengths (the first
+lengths[b] tokens are real). Every query attends to real keys only (padded query rows get values too, from the
+real keys); a sequence with no real token gives zeros. The kernels take lengths (the cpu backend serves them;
+triton and cuda decline for now, and auto then runs eager); a bool mask that is not a prefix of each sequence
+runs on eager only.
 
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends):
-    forward(qkv, num_heads, scale, dropout_p, seed) -> (out (B, N, H*d) qkv.dtype, lse (B, H, N) float32)
-    backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed) -> grad_qkv (B, N, 3*H*d)
+    forward(qkv, num_heads, scale, dropout_p, seed, lengths) -> (out (B, N, H*d) qkv.dtype, lse (B, H, N) float32)
+    backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths) -> grad_qkv (B, N, 3*H*d)
+`lengths` is None or (B,) int64 key padding (see mask); unsupported(qkv, num_heads, scale, dropout_p, lengths)
+declines what a kernel cannot serve.
 `seed` is an int64 tensor of shape (1,) on qkv's device when dropout_p > 0 (empty otherwise): the kernel derives
 its dropout mask from it, so forward and backward drop the same probabilities.
 
 Errors (from attention's own checks, before any kernel runs):
-    TypeError   qkv not a floating-point torch.Tensor; num_heads not an int; scale or dropout_p not a real number.
+    TypeError   qkv not a floating-point torch.Tensor; num_heads not an int; scale or dropout_p not a real number;
+                mask neither a bool tensor nor integer lengths.
     ValueError  qkv not 3-dimensional; num_heads < 1; qkv's last dim 0 or not a multiple of 3 * num_heads;
-                scale NaN, infinite or <= 0; dropout_p outside [0, 1); an unknown backend name.
+                scale NaN, infinite or <= 0; dropout_p outside [0, 1); mask not (B, N) / (B,) or on another
+                device; lengths outside [0, N]; an unknown backend name.
     BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
     RuntimeError  double backward through a kernel backend (use backend="eager" for that).
 """
@@ -24,7 +33,9 @@ from __future__ import annotations
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import autocast_inputs, check_int, check_real, check_tensor, is_positive_finite
+from cct_kernels.ops._checks import (
+    NOT_A_PREFIX, autocast_inputs, check_int, check_real, check_tensor, is_positive_finite, key_padding,
+)
 from cct_kernels.ops._launch import forbid_double_backward, run_kernel
 
 OP = "attention"
@@ -32,13 +43,14 @@ OP = "attention"
 
 @torch.library.custom_op("cct_kernels::attention_forward", mutates_args=())
 def _forward(
-    qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float, seed: torch.Tensor, backend: str
+    qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float, seed: torch.Tensor, backend: str,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return run_kernel(backend, OP, "forward", qkv.device, qkv, num_heads, scale, dropout_p, seed)
+    return run_kernel(backend, OP, "forward", qkv.device, qkv, num_heads, scale, dropout_p, seed, lengths)
 
 
 @_forward.register_fake
-def _(qkv, num_heads, scale, dropout_p, seed, backend):
+def _(qkv, num_heads, scale, dropout_p, seed, backend, lengths=None):
     B, N, three_d = qkv.shape
     return qkv.new_empty(B, N, three_d // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
 
@@ -47,26 +59,28 @@ def _(qkv, num_heads, scale, dropout_p, seed, backend):
 def _backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     num_heads: int, scale: float, dropout_p: float, seed: torch.Tensor, backend: str,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return run_kernel(backend, OP, "backward", qkv.device, grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed)
+    return run_kernel(backend, OP, "backward", qkv.device, grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed,
+                      lengths)
 
 
 @_backward.register_fake
-def _(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, backend):
+def _(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, backend, lengths=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, num_heads, scale, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(qkv, seed, *output)
+    qkv, num_heads, scale, dropout_p, seed, backend, lengths = inputs
+    ctx.save_for_backward(qkv, seed, lengths, *output)
     ctx.args = (num_heads, scale, dropout_p, backend)
 
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
-    qkv, seed, out, lse = ctx.saved_tensors
+    qkv, seed, lengths, out, lse = ctx.saved_tensors
     num_heads, scale, dropout_p, backend = ctx.args
-    grad_qkv = _backward(grad_out.contiguous(), qkv, out, lse, num_heads, scale, dropout_p, seed, backend)
-    return grad_qkv, None, None, None, None, None
+    grad_qkv = _backward(grad_out.contiguous(), qkv, out, lse, num_heads, scale, dropout_p, seed, backend, lengths)
+    return grad_qkv, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -80,7 +94,7 @@ def new_seed(device: torch.device) -> torch.Tensor:
 
 def attention(
     qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, dropout_p: float = 0.0,
-    backend: str | None = None,
+    mask: torch.Tensor | None = None, backend: str | None = None,
 ) -> torch.Tensor:
     """Self-attention over packed qkv; see the module docstring for shapes, dtypes and limits."""
     check_tensor("qkv", qkv, ndim=3)
@@ -97,8 +111,12 @@ def attention(
     else:
         scale = check_real("scale", scale, "finite and > 0", is_positive_finite)
     qkv = qkv.contiguous()
-    name = backends.select(OP, backend, qkv.device, qkv, num_heads, scale, dropout_p)
+    padding = key_padding(mask, qkv.shape[0], qkv.shape[1], qkv.device)
+    lengths = None if padding is None else padding.lengths
+    eager_only = NOT_A_PREFIX if padding is not None and lengths is None else None
+    name = backends.select(OP, backend, qkv.device, qkv, num_heads, scale, dropout_p, lengths, eager_only=eager_only)
     if name == "eager":
-        return reference.attention(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+        return reference.attention(qkv, num_heads, scale=scale, dropout_p=dropout_p,
+                                   mask=None if padding is None else padding.mask)
     seed = new_seed(qkv.device) if dropout_p > 0 else qkv.new_empty(0, dtype=torch.int64)
-    return _forward(qkv, num_heads, scale, dropout_p, seed, name)[0]
+    return _forward(qkv, num_heads, scale, dropout_p, seed, name, lengths)[0]

@@ -4,15 +4,22 @@
 
 Shapes: x (B, N, D), weight (1, D), bias (1,) -> (B, D). Dtypes: float32, float16, bfloat16 (all three tensors the
 same dtype; kernels accumulate in float32). Any B >= 0, N >= 1, D >= 1.
+mask: for text models, a (B, N) bool tensor (True = real token) or (B,) integer lengths; the softmax runs over
+real tokens only, and a sequence with none gives zeros. The kernels take lengths (the cpu backend serves them;
+triton and cuda decline for now, and auto then runs eager); a bool mask that is not a prefix of each sequence
+runs on eager only.
 
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends):
-    forward(x, weight, bias) -> (out (B, D) x.dtype, lse (B,) float32: logsumexp over n of the scores)
-    backward(grad_out, x, weight, bias, out, lse) -> (grad_x, grad_weight, grad_bias)
+    forward(x, weight, bias, lengths) -> (out (B, D) x.dtype, lse (B,) float32: logsumexp over n of the scores)
+    backward(grad_out, x, weight, bias, out, lse, lengths) -> (grad_x, grad_weight, grad_bias)
+`lengths` (last, default None) is None or (B,) int64 key padding (see mask); unsupported(x, weight, bias, lengths)
+declines what a kernel cannot serve.
 
 Errors (from seqpool's own checks, before any kernel runs):
-    TypeError   x, weight or bias not a floating-point torch.Tensor, or dtypes that differ.
-    ValueError  wrong rank or shape (weight must be (1, D), bias (1,)); N == 0; tensors on different devices;
-                an unknown backend name.
+    TypeError   x, weight or bias not a floating-point torch.Tensor, or dtypes that differ; mask neither a bool
+                tensor nor integer lengths.
+    ValueError  wrong rank or shape (weight must be (1, D), bias (1,), mask (B, N) or (B,)); N == 0; tensors on
+                different devices; lengths outside [0, N]; an unknown backend name.
     BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
     RuntimeError  double backward through a kernel backend (use backend="eager" for that).
 """
@@ -21,52 +28,57 @@ from __future__ import annotations
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import autocast_inputs, check_shape, check_tensor
+from cct_kernels.ops._checks import NOT_A_PREFIX, autocast_inputs, check_shape, check_tensor, key_padding
 from cct_kernels.ops._launch import forbid_double_backward, run_kernel
 
 OP = "seqpool"
 
 
 @torch.library.custom_op("cct_kernels::seqpool_forward", mutates_args=())
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return run_kernel(backend, OP, "forward", x.device, x, weight, bias)
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return run_kernel(backend, OP, "forward", x.device, x, weight, bias, lengths)
 
 
 @_forward.register_fake
-def _(x, weight, bias, backend):
+def _(x, weight, bias, backend, lengths=None):
     return x.new_empty(x.shape[0], x.shape[2]), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("cct_kernels::seqpool_backward", mutates_args=())
 def _backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, backend: str,
+    out: torch.Tensor, lse: torch.Tensor, backend: str, lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, bias, out, lse)
+    return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, bias, out, lse, lengths)
 
 
 @_backward.register_fake
-def _(grad_out, x, weight, bias, out, lse, backend):
+def _(grad_out, x, weight, bias, out, lse, backend, lengths=None):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, backend = inputs
-    ctx.save_for_backward(x, weight, bias, *output)
+    x, weight, bias, backend, lengths = inputs
+    ctx.save_for_backward(x, weight, bias, lengths, *output)
     ctx.backend = backend
 
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
-    x, weight, bias, out, lse = ctx.saved_tensors
-    grads = _backward(grad_out.contiguous(), x, weight, bias, out, lse, ctx.backend)
-    return (*grads, None)
+    x, weight, bias, lengths, out, lse = ctx.saved_tensors
+    grads = _backward(grad_out.contiguous(), x, weight, bias, out, lse, ctx.backend, lengths)
+    return (*grads, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 forbid_double_backward(_backward, OP)
 
 
-def seqpool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def seqpool(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Softmax-weighted sum over the sequence; see the module docstring for shapes, dtypes and limits."""
     check_tensor("x", x, ndim=3)
     x, weight, bias = autocast_inputs(x, weight, bias)
@@ -77,7 +89,10 @@ def seqpool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, backen
     if x.shape[1] == 0:
         raise ValueError(f"x must hold at least one token (N >= 1), got shape {tuple(x.shape)}")
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
-    name = backends.select(OP, backend, x.device, x, weight, bias)
+    padding = key_padding(mask, x.shape[0], x.shape[1], x.device)
+    lengths = None if padding is None else padding.lengths
+    eager_only = NOT_A_PREFIX if padding is not None and lengths is None else None
+    name = backends.select(OP, backend, x.device, x, weight, bias, lengths, eager_only=eager_only)
     if name == "eager":
-        return reference.seqpool(x, weight, bias)
-    return _forward(x, weight, bias, name)[0]
+        return reference.seqpool(x, weight, bias, mask=None if padding is None else padding.mask)
+    return _forward(x, weight, bias, name, lengths)[0]

@@ -306,8 +306,11 @@ def _precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def unsupported(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float, *, backend: str = "triton"):
+def unsupported(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float, lengths=None, *,
+                backend: str = "triton"):
     """Why these kernels cannot run this call (a sentence), or None when they can."""
+    if lengths is not None:
+        return "triton attention takes no key-padding lengths yet"
     if qkv.dtype not in DTYPES:
         return f"triton attention supports float32, float16 and bfloat16, got {qkv.dtype}"
     head_dim = qkv.shape[2] // (3 * num_heads)
@@ -336,7 +339,7 @@ def _aligned(*tensors: torch.Tensor, head_dim: int) -> bool:
     )
 
 
-def forward(qkv, num_heads, scale, dropout_p, seed, *, out=None, lse=None):
+def forward(qkv, num_heads, scale, dropout_p, seed, lengths=None, *, out=None, lse=None):
     """Attention forward. qkv (B, N, 3*H*d) fp32/fp16/bf16 with a contiguous last dim; seed int64 (1,) if
     dropout_p > 0. Returns out (B, N, H*d) qkv.dtype and lse (B, H, N) float32. `out`/`lse` may be given
     preallocated (tests fill them with NaN to catch unwritten elements)."""
@@ -360,7 +363,7 @@ def forward(qkv, num_heads, scale, dropout_p, seed, *, out=None, lse=None):
     return out, lse
 
 
-def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, *, grad_qkv=None):
+def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths=None, *, grad_qkv=None):
     """Attention backward. grad_out and out (B, N, H*d), qkv (B, N, 3*H*d), all of one dtype with contiguous
     last dims; lse (B, H, N) float32 contiguous from forward(); the same seed as the forward. Returns grad_qkv
     (B, N, 3*H*d) qkv.dtype, contiguous (every element written: dq, dk, dv slots); it may be given preallocated

@@ -32,8 +32,10 @@ BACKWARD_TILE = 2048
 META_SM_COUNT = 132  # H100 SXM / H200
 
 
-def unsupported(x, weight, bias, *, backend="triton"):
+def unsupported(x, weight, bias, lengths=None, *, backend="triton"):
     """Why the Triton kernels cannot serve these inputs, or None."""
+    if lengths is not None:
+        return "triton seqpool takes no key-padding lengths yet"
     if x.dtype not in DTYPES:
         return f"triton seqpool supports float32, float16 and bfloat16, got {x.dtype}"
     if not x.is_contiguous():
@@ -259,7 +261,7 @@ def _split(B: int, N: int, block_n: int, device: torch.device) -> tuple[int, int
     return chunk, triton.cdiv(N, chunk)
 
 
-def forward(x, weight, bias, *, max_block_d: int = MAX_BLOCK_D):
+def forward(x, weight, bias, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
     """x (B, N, D), weight (1, D), bias (1,) -> (out (B, D) x.dtype, lse (B,) float32)."""
     B, N, D = x.shape
     out = _empty(B, D, device=x.device, dtype=x.dtype)
@@ -285,7 +287,7 @@ def forward(x, weight, bias, *, max_block_d: int = MAX_BLOCK_D):
     return out, lse
 
 
-def backward(grad_out, x, weight, bias, out, lse, *, max_block_d: int = MAX_BLOCK_D):
+def backward(grad_out, x, weight, bias, out, lse, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
     """-> (grad_x (B, N, D) x.dtype, grad_weight (1, D), grad_bias (1,)); grad_out (B, D) contiguous."""
     B, N, D = x.shape
     grad_x = _empty(B, N, D, device=x.device, dtype=x.dtype)

@@ -4,6 +4,8 @@
 // counter-based hash of (seed, b*H+h, i*N+j), and O = P V written into the merged-heads output. The GEMMs read
 // qkv in place through leading dimensions (no permute copies); float16/bfloat16 panels are widened to float32.
 // lse (B, H, N) float32 = logsumexp of the scaled scores: the backward recomputes P = exp(S - lse) from it.
+// Key padding: with lengths (B,) int64, sequence b has lengths[b] real keys (a prefix); every query attends to those
+// only, so the GEMMs and the softmax run over L = lengths[b] columns (padding costs nothing). L = 0 gives zeros.
 // Limits: N * kBM floats of scratch per thread, N < 65536 (dropout index is 32-bit per (b, h)).
 #include "common.h"
 #include "cpu_ops.h"
@@ -35,7 +37,7 @@ struct Panel {
 
 template <typename T>
 void attention_forward_kernel(const T* qkv, T* out, float* lse, int64_t B, int64_t N, int64_t H, int64_t d,
-                              float scale, double p, int64_t seed) {
+                              float scale, double p, int64_t seed, const int64_t* lengths) {
   const int64_t D = H * d, ld = 3 * D, nqb = (N + kBM - 1) / kBM;
   const uint32_t thr = dropout_threshold(p);
   const float keep_scale = p > 0 ? (float)(1.0 / (1.0 - p)) : 1.f;
@@ -45,32 +47,41 @@ void attention_forward_kernel(const T* qkv, T* out, float* lse, int64_t B, int64
     int64_t loaded_bh = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, b = bh / H, h = bh % H, i0 = (t % nqb) * kBM, m = std::min(kBM, N - i0);
+      const int64_t L = real_tokens(lengths, b, N);
+      T* o = out + (b * N + i0) * D + h * d;
+      if (L == 0) {  // no real key: zeros, and lse = -inf marks the rows for the backward
+        for (int64_t r = 0; r < m; ++r) {
+          std::fill(o + r * D, o + r * D + d, static_cast<T>(0.f));
+          lse[bh * N + i0 + r] = -INFINITY;
+        }
+        continue;
+      }
       const T* base = qkv + b * N * ld + h * d;
       if (bh != loaded_bh) {  // consecutive tasks share (b, h): widen K and V once
-        k.load(base + D, N, d, ld);
-        v.load(base + 2 * D, N, d, ld);
+        k.load(base + D, L, d, ld);
+        v.load(base + 2 * D, L, d, ld);
         loaded_bh = bh;
       }
       q.load(base + i0 * ld, m, d, ld);
-      gemm_rm(false, true, m, N, d, scale, q.ptr, q.ld, k.ptr, k.ld, 0.f, S.data(), N);
+      gemm_rm(false, true, m, L, d, scale, q.ptr, q.ld, k.ptr, k.ld, 0.f, S.data(), L);
       const uint32_t key = dropout_key(seed, bh);
       for (int64_t r = 0; r < m; ++r) {
-        float* row = S.data() + r * N;
+        float* row = S.data() + r * L;
         float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < N; ++j) mx = row[j] > mx ? row[j] : mx;
+        for (int64_t j = 0; j < L; ++j) mx = row[j] > mx ? row[j] : mx;
         float sum = 0.f;
         if (thr == 0) {
 #pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < N; ++j) {
+          for (int64_t j = 0; j < L; ++j) {
             const float e = exp_approx(row[j] - mx);
             row[j] = e;
             sum += e;
           }
         } else {  // the sum runs over all probabilities; only the ones multiplying V are dropped
-          const uint32_t rb = (uint32_t)((i0 + r) * N);
+          const uint32_t rb = (uint32_t)((i0 + r) * N);  // the mask's index stays i*N+j whatever L is
 #pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < N; ++j) {
+          for (int64_t j = 0; j < L; ++j) {
             const float e = exp_approx(row[j] - mx);
             row[j] = dropout_bits(key, rb + (uint32_t)j) >= thr ? e : 0.f;
             sum += e;
@@ -89,8 +100,7 @@ void attention_forward_kernel(const T* qkv, T* out, float* lse, int64_t B, int64
         o32 = O.data();
         ldo = d;
       }
-      gemm_rm(false, false, m, d, N, 1.f, S.data(), N, v.ptr, v.ld, 0.f, o32, ldo);
-      T* o = out + (b * N + i0) * D + h * d;
+      gemm_rm(false, false, m, d, L, 1.f, S.data(), L, v.ptr, v.ld, 0.f, o32, ldo);
       for (int64_t r = 0; r < m; ++r) {
         const float sc = row_scale[r];
 #pragma omp simd
@@ -105,7 +115,8 @@ void attention_forward_kernel(const T* qkv, T* out, float* lse, int64_t B, int64
 //   with Di = rowsum(dO * O); dQ = scale dS K; dK += scale dS^T Q.
 template <typename T>
 void attention_backward_kernel(const T* gout, const T* qkv, const T* out, const float* lse, T* gqkv, int64_t B,
-                               int64_t N, int64_t H, int64_t d, float scale, double p, int64_t seed) {
+                               int64_t N, int64_t H, int64_t d, float scale, double p, int64_t seed,
+                               const int64_t* lengths) {
   const int64_t D = H * d, ld = 3 * D;
   const uint32_t thr = dropout_threshold(p);
   const float keep_scale = p > 0 ? (float)(1.0 / (1.0 - p)) : 1.f;
@@ -119,11 +130,20 @@ void attention_backward_kernel(const T* gout, const T* qkv, const T* out, const 
     }
     Panel<T> q, k, v, go;
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
+      const int64_t b = bh / H, h = bh % H, L = real_tokens(lengths, b, N);
       const T* base = qkv + b * N * ld + h * d;
       T* gbase = gqkv + b * N * ld + h * d;
-      k.load(base + D, N, d, ld);
-      v.load(base + 2 * D, N, d, ld);
+      for (int64_t n = L; n < N; ++n)  // padded keys get no gradient; rows < L are written below
+        for (int64_t c = 0; c < d; ++c) {
+          gbase[n * ld + D + c] = static_cast<T>(0.f);
+          gbase[n * ld + 2 * D + c] = static_cast<T>(0.f);
+        }
+      if (L == 0) {
+        for (int64_t n = 0; n < N; ++n) std::fill(gbase + n * ld, gbase + n * ld + d, static_cast<T>(0.f));
+        continue;
+      }
+      k.load(base + D, L, d, ld);
+      v.load(base + 2 * D, L, d, ld);
       float* dk = f32 ? reinterpret_cast<float*>(gbase + D) : dK.data();
       float* dv = f32 ? reinterpret_cast<float*>(gbase + 2 * D) : dV.data();
       const int ldkv = f32 ? (int)ld : (int)d;
@@ -138,15 +158,15 @@ void attention_backward_kernel(const T* gout, const T* qkv, const T* out, const 
           for (int64_t c = 0; c < d; ++c) s += go.ptr[r * go.ld + c] * to_f(o[r * D + c]);
           Di[r] = s;
         }
-        gemm_rm(false, true, m, N, d, scale, q.ptr, q.ld, k.ptr, k.ld, 0.f, P.data(), N);
-        gemm_rm(false, true, m, N, d, 1.f, go.ptr, go.ld, v.ptr, v.ld, 0.f, dP.data(), N);
+        gemm_rm(false, true, m, L, d, scale, q.ptr, q.ld, k.ptr, k.ld, 0.f, P.data(), L);
+        gemm_rm(false, true, m, L, d, 1.f, go.ptr, go.ld, v.ptr, v.ld, 0.f, dP.data(), L);
         for (int64_t r = 0; r < m; ++r) {
-          float* pr = P.data() + r * N;
-          float* dr = dP.data() + r * N;
+          float* pr = P.data() + r * L;
+          float* dr = dP.data() + r * L;
           const float l = lse[bh * N + i0 + r], di = Di[r];
           if (thr == 0) {
 #pragma omp simd
-            for (int64_t j = 0; j < N; ++j) {
+            for (int64_t j = 0; j < L; ++j) {
               const float pj = exp_approx(pr[j] - l);
               pr[j] = pj;
               dr[j] = pj * (dr[j] - di);
@@ -154,7 +174,7 @@ void attention_backward_kernel(const T* gout, const T* qkv, const T* out, const 
           } else {
             const uint32_t rb = (uint32_t)((i0 + r) * N);
 #pragma omp simd
-            for (int64_t j = 0; j < N; ++j) {
+            for (int64_t j = 0; j < L; ++j) {
               const float pj = exp_approx(pr[j] - l);
               const float keep = dropout_bits(key, rb + (uint32_t)j) >= thr ? keep_scale : 0.f;
               pr[j] = pj * keep;  // the dropped probabilities that multiplied V
@@ -163,19 +183,19 @@ void attention_backward_kernel(const T* gout, const T* qkv, const T* out, const 
           }
         }
         const float beta = i0 == 0 ? 0.f : 1.f;
-        gemm_rm(true, false, N, d, m, 1.f, P.data(), N, go.ptr, go.ld, beta, dv, ldkv);
-        gemm_rm(true, false, N, d, m, scale, dP.data(), N, q.ptr, q.ld, beta, dk, ldkv);
+        gemm_rm(true, false, L, d, m, 1.f, P.data(), L, go.ptr, go.ld, beta, dv, ldkv);
+        gemm_rm(true, false, L, d, m, scale, dP.data(), L, q.ptr, q.ld, beta, dk, ldkv);
         if constexpr (f32) {
-          gemm_rm(false, false, m, d, N, scale, dP.data(), N, k.ptr, k.ld, 0.f,
+          gemm_rm(false, false, m, d, L, scale, dP.data(), L, k.ptr, k.ld, 0.f,
                   reinterpret_cast<float*>(gbase + i0 * ld), ld);
         } else {
-          gemm_rm(false, false, m, d, N, scale, dP.data(), N, k.ptr, k.ld, 0.f, dQ.data(), d);
+          gemm_rm(false, false, m, d, L, scale, dP.data(), L, k.ptr, k.ld, 0.f, dQ.data(), d);
           for (int64_t r = 0; r < m; ++r)
             for (int64_t c = 0; c < d; ++c) gbase[(i0 + r) * ld + c] = static_cast<T>(dQ[r * d + c]);
         }
       }
       if constexpr (!f32) {
-        for (int64_t n = 0; n < N; ++n)
+        for (int64_t n = 0; n < L; ++n)
           for (int64_t c = 0; c < d; ++c) {
             gbase[n * ld + D + c] = static_cast<T>(dK[n * d + c]);
             gbase[n * ld + 2 * D + c] = static_cast<T>(dV[n * d + c]);
@@ -200,7 +220,8 @@ int64_t seed_value(const at::Tensor& seed, double dropout_p) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, int64_t num_heads, double scale,
-                                                         double dropout_p, const at::Tensor& seed) {
+                                                         double dropout_p, const at::Tensor& seed,
+                                                         const c10::optional<at::Tensor>& lengths) {
   check_attention(qkv, num_heads, dropout_p, seed);
   const int64_t B = qkv.size(0), N = qkv.size(1), H = num_heads, d = qkv.size(2) / (3 * H);
   auto out = at::empty({B, N, H * d}, qkv.options());
@@ -208,14 +229,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, 
   const int64_t s = seed_value(seed, dropout_p);
   CCT_DISPATCH(qkv.scalar_type(), "attention_forward_cpu", [&] {
     attention_forward_kernel<scalar_t>(qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), B,
-                                       N, H, d, (float)scale, dropout_p, s);
+                                       N, H, d, (float)scale, dropout_p, s, lengths_data(lengths, B));
   });
   return {out, lse};
 }
 
 at::Tensor attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
                                   const at::Tensor& lse, int64_t num_heads, double scale, double dropout_p,
-                                  const at::Tensor& seed) {
+                                  const at::Tensor& seed, const c10::optional<at::Tensor>& lengths) {
   check_attention(qkv, num_heads, dropout_p, seed);
   const int64_t B = qkv.size(0), N = qkv.size(1), H = num_heads, d = qkv.size(2) / (3 * H);
   const auto g = grad_out.contiguous(), o = out.contiguous(), l = lse.to(at::kFloat).contiguous();
@@ -224,7 +245,7 @@ at::Tensor attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
   CCT_DISPATCH(qkv.scalar_type(), "attention_backward_cpu", [&] {
     attention_backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
                                         l.data_ptr<float>(), gqkv.data_ptr<scalar_t>(), B, N, H, d, (float)scale,
-                                        dropout_p, s);
+                                        dropout_p, s, lengths_data(lengths, B));
   });
   return gqkv;
 }

@@ -1,5 +1,5 @@
 // Helpers shared by the CPU kernels: a row-major GEMM on torch's BLAS, a branch-free exp the compiler vectorises,
-// and the counter-based dropout hash (the same bits in forward and backward, from the seed alone).
+// the counter-based dropout hash (the same bits in forward and backward, from the seed alone), key-padding lengths.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -100,5 +100,18 @@ inline int64_t grain_for(int64_t work_per_task) {
 
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
+
+// Key padding (text models): the data of a (B,) int64 lengths tensor, or nullptr when every token is real. The op
+// layer checked the values (0 <= lengths[b] <= N).
+inline const int64_t* lengths_data(const c10::optional<at::Tensor>& lengths, int64_t B) {
+  if (!lengths.has_value()) return nullptr;
+  TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == B &&
+                  lengths->is_contiguous() && lengths->device().is_cpu(),
+              "lengths must be a contiguous (B,) int64 CPU tensor");
+  return lengths->data_ptr<int64_t>();
+}
+
+// The real tokens of sequence b: all N, or the first lengths[b].
+inline int64_t real_tokens(const int64_t* lengths, int64_t b, int64_t N) { return lengths ? lengths[b] : N; }
 
 }  // namespace cct

@@ -7,17 +7,21 @@
 
 namespace cct {
 
+// lengths (B,) int64 or none: row b pools its first lengths[b] tokens only (none: zeros).
 std::tuple<at::Tensor, at::Tensor> seqpool_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                       const at::Tensor& bias);
+                                                       const at::Tensor& bias, const c10::optional<at::Tensor>& lengths);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                                     const at::Tensor& weight, const at::Tensor& bias,
-                                                                    const at::Tensor& out, const at::Tensor& lse);
+                                                                    const at::Tensor& out, const at::Tensor& lse,
+                                                                    const c10::optional<at::Tensor>& lengths);
 
+// lengths (B,) int64 or none: key padding (sequence b has lengths[b] real keys, a prefix).
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, int64_t num_heads, double scale,
-                                                         double dropout_p, const at::Tensor& seed);
+                                                         double dropout_p, const at::Tensor& seed,
+                                                         const c10::optional<at::Tensor>& lengths);
 at::Tensor attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
                                   const at::Tensor& lse, int64_t num_heads, double scale, double dropout_p,
-                                  const at::Tensor& seed);
+                                  const at::Tensor& seed, const c10::optional<at::Tensor>& lengths);
 // The keep-mask (B, H, N, N) bool the CPU attention applies for this seed and dropout_p (for tests).
 at::Tensor attention_dropout_mask(const at::Tensor& seed, int64_t B, int64_t H, int64_t N, double dropout_p);
 

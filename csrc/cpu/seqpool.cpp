@@ -78,9 +78,10 @@ const float* rows_f32(const T* src, int64_t m, int64_t D, std::vector<float>& bu
 
 // Per block of kRows rows: scores s = X w, one online-softmax rescale per block, acc += X^T e: x is read from
 // memory once (the block is re-read from L2).
+// Key padding: row b pools its first real_tokens(lengths, b, N) tokens; a row with none gives zeros, lse = -inf.
 template <typename T>
 void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float* lse, int64_t B, int64_t N,
-                            int64_t D) {
+                            int64_t D, const int64_t* lengths) {
   const int64_t nc = chunks_per_row(B, N, D);
   const int64_t chunk = (N + nc - 1) / nc;
   std::vector<float> w(D), m(B * nc), z(B * nc), acc(B * nc * D);
@@ -88,7 +89,7 @@ void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float
   at::parallel_for(0, B * nc, grain_for(chunk * D), [&](int64_t begin, int64_t end) {
     std::vector<float> buf, e(kRows);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / nc, n0 = (t % nc) * chunk, n1 = std::min(N, n0 + chunk);
+      const int64_t b = t / nc, n0 = (t % nc) * chunk, n1 = std::min(real_tokens(lengths, b, N), n0 + chunk);
       float* a = acc.data() + t * D;
       std::fill(a, a + D, 0.f);
       float mx = -INFINITY, sum = 0.f;
@@ -133,9 +134,9 @@ void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float
 #pragma omp simd
         for (int64_t k = 0; k < D; ++k) o[k] += r * a[k];
       }
-      const float inv = 1.f / Z;
+      const float inv = Z > 0.f ? 1.f / Z : 0.f;
       for (int64_t k = 0; k < D; ++k) out[b * D + k] = static_cast<T>(o[k] * inv);
-      lse[b] = M + std::log(Z);
+      lse[b] = Z > 0.f ? M + std::log(Z) : -INFINITY;
     }
   });
 }
@@ -145,7 +146,7 @@ void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float
 template <typename T>
 void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bias, const T* out_in,
                              const float* lse, T* gx, float* gw_out, float* gb_out, int64_t B, int64_t N,
-                             int64_t D) {
+                             int64_t D, const int64_t* lengths) {
   const int64_t nc = chunks_per_row(B, N, D);
   const int64_t chunk = (N + nc - 1) / nc;
   std::vector<float> w(D), gw(B * nc * D), gb(B * nc);
@@ -154,6 +155,9 @@ void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bia
     std::vector<float> g(D), o(D), sg(kRows), ds(kRows), p(kRows), buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nc, n0 = (t % nc) * chunk, n1 = std::min(N, n0 + chunk);
+      const int64_t real_end = std::max(n0, std::min(n1, real_tokens(lengths, b, N)));
+      for (int64_t n = real_end; n < n1; ++n)  // padded tokens: no weight, no gradient
+        std::fill(gx + (b * N + n) * D, gx + (b * N + n + 1) * D, static_cast<T>(0.f));
       for (int64_t k = 0; k < D; ++k) {
         g[k] = to_f(g_in[b * D + k]);
         o[k] = to_f(out_in[b * D + k]);
@@ -161,8 +165,8 @@ void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bia
       float* pw = gw.data() + t * D;
       std::fill(pw, pw + D, 0.f);
       float pb = 0.f;
-      for (int64_t n = n0; n < n1; n += kRows) {
-        const int64_t rows = std::min(kRows, n1 - n);
+      for (int64_t n = n0; n < real_end; n += kRows) {
+        const int64_t rows = std::min(kRows, real_end - n);
         const float* X = rows_f32(x + (b * N + n) * D, rows, D, buf);
         row_dots(X, rows, D, w.data(), sg.data());
         for (int64_t i = 0; i < rows; ++i) {
@@ -208,7 +212,7 @@ void check_seqpool(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> seqpool_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                       const at::Tensor& bias) {
+                                                       const at::Tensor& bias, const c10::optional<at::Tensor>& lengths) {
   check_seqpool(x, weight, bias);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   auto out = at::empty({B, D}, x.options());
@@ -217,14 +221,15 @@ std::tuple<at::Tensor, at::Tensor> seqpool_forward_cpu(const at::Tensor& x, cons
   const float b = bias.item<float>();
   CCT_DISPATCH(x.scalar_type(), "seqpool_forward_cpu", [&] {
     seqpool_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b, out.data_ptr<scalar_t>(),
-                                     lse.data_ptr<float>(), B, N, D);
+                                     lse.data_ptr<float>(), B, N, D, lengths_data(lengths, B));
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                                     const at::Tensor& weight, const at::Tensor& bias,
-                                                                    const at::Tensor& out, const at::Tensor& lse) {
+                                                                    const at::Tensor& out, const at::Tensor& lse,
+                                                                    const c10::optional<at::Tensor>& lengths) {
   check_seqpool(x, weight, bias);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   const auto g = grad_out.contiguous(), o = out.contiguous(), w = weight.contiguous();
@@ -236,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cpu(const at::Te
   CCT_DISPATCH(x.scalar_type(), "seqpool_backward_cpu", [&] {
     seqpool_backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b,
                                       o.data_ptr<scalar_t>(), l.data_ptr<float>(), gx.data_ptr<scalar_t>(),
-                                      gw.data_ptr<float>(), gb.data_ptr<float>(), B, N, D);
+                                      gw.data_ptr<float>(), gb.data_ptr<float>(), B, N, D, lengths_data(lengths, B));
   });
   return {gx, gw.view({1, D}).to(weight.scalar_type()), gb.to(bias.scalar_type())};
 }
