@@ -125,7 +125,7 @@ if not torch.cuda.is_available() and extension.load_error() is None:
         if backend == "linears":
             step = _linears_only(model, images)
         else:
-            step = profiling.make_step(model, mode, images, labels)
+            step = profiling.make_step(model, mode, (images,), labels)
         slow = name.endswith("_224") and batch > 1
         info = measure(step, items=batch, rounds=1 if slow else (3 if batch > 1 else 10), warmup=1)
         _record(benchmark, info, backend)

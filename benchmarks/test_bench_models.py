@@ -1,6 +1,7 @@
 """Whole-model benchmarks: latency (batch 1) and throughput, inference and training step, per backend.
 
-Models: cct_7_3x1_32 (the main one), cct_2_3x2_32, cct_7_7x2_224, cct_14_7x2_224. Throughput batch: 128 at
+Models: cct_7_3x1_32 (the main one), cct_2_3x2_32, cct_7_7x2_224, cct_14_7x2_224, and text_cct_6 (token ids at
+seq_len 64 with sentence lengths uniform in [8, 64], profiling.make_inputs). Throughput batch: 128 at
 32x32, 64 at 224x224 (8 at 224x224 in quick mode, the default without a GPU: see peaks.quick_mode).
 Backends: eager, compile (torch.compile of the eager model), each kernel backend that can run on this device
 (never the Triton interpreter on CPU), auto (only when some kernel backend can run: otherwise it is eager). All
@@ -23,7 +24,7 @@ from cct_kernels import backends, profiling
 DEVICE = profiling.default_device()
 DTYPE = profiling.DTYPES[profiling.default_dtype(DEVICE)]
 QUICK = quick_mode()
-MODELS = ["cct_7_3x1_32", "cct_2_3x2_32", "cct_7_7x2_224", "cct_14_7x2_224"]
+MODELS = ["cct_7_3x1_32", "cct_2_3x2_32", "cct_7_7x2_224", "cct_14_7x2_224", "text_cct_6"]
 # Without a kernel backend for this device, auto runs exactly the eager code: timing it again adds nothing.
 BACKENDS = [b for b in profiling.speed_backends(DEVICE)
             if b != "auto" or any(profiling.backend_reason(k, DEVICE) is None for k in backends.KERNEL_BACKENDS)]

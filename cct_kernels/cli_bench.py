@@ -109,9 +109,9 @@ def _prepare(model_name, names, device, dtype, batch) -> tuple[dict, dict]:
               file=sys.stderr)
         try:
             model = profiling.build_model(model_name, name, device, dtype)
-            images, labels = profiling.make_inputs(model, batch, device, dtype)
+            inputs, labels = profiling.make_inputs(model, batch, device, dtype)
             t0 = time.perf_counter()
-            logits = profiling.make_step(model, "inference", images, labels)()
+            logits = profiling.make_step(model, "inference", inputs, labels)()
             profiling.synchronize(device)
             first_s = time.perf_counter() - t0
         except Exception as e:  # reported in the table: one backend's failure must not end the run
@@ -120,7 +120,7 @@ def _prepare(model_name, names, device, dtype, batch) -> tuple[dict, dict]:
         if name == "eager":
             reference = logits
         diff = profiling.max_abs_diff(logits, reference) if reference is not None else None
-        prepared[name] = {"model": model, "images": images, "labels": labels, "first_s": first_s, "diff": diff}
+        prepared[name] = {"model": model, "inputs": inputs, "labels": labels, "first_s": first_s, "diff": diff}
     return prepared, errors
 
 
@@ -129,7 +129,7 @@ def _warm_up(prepared: dict, mode: str, device, warmup: int) -> tuple[dict, dict
     steps, estimates, warmup_s, errors = {}, {}, {}, {}
     for name, p in prepared.items():
         try:
-            step = profiling.make_step(p["model"], mode, p["images"], p["labels"])
+            step = profiling.make_step(p["model"], mode, p["inputs"], p["labels"])
             # The first inference call already warmed (and for "compile" compiled) the inference step.
             calls = max(0, warmup - 1) if mode == "inference" else max(1, warmup)
             started, last = time.perf_counter(), p["first_s"]

@@ -106,22 +106,34 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
 
 
 def make_inputs(model: nn.Module, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 1):
-    """(images, labels) for `model`: random images of its size and random class labels."""
+    """(inputs, labels) for `model`: its forward's arguments and random class labels.
+
+    Image models: (images,) of the model's size. Text models: (token ids, lengths) with lengths uniform in
+    [min(8, seq_len), seq_len], a realistic mix of sentence lengths padded to seq_len.
+    """
     generator = torch.Generator().manual_seed(seed)
-    height, width = model.img_size
-    images = torch.randn(batch, model.n_input_channels, height, width, generator=generator)
+    if hasattr(model, "seq_len"):  # a text model: token ids and how many of them are real
+        vocab = model.embedder.embeddings.num_embeddings
+        ids = torch.randint(0, vocab, (batch, model.seq_len), generator=generator)
+        lengths = torch.randint(min(8, model.seq_len), model.seq_len + 1, (batch,), generator=generator)
+        inputs = (ids.to(device), lengths.to(device))
+    else:
+        height, width = model.img_size
+        images = torch.randn(batch, model.n_input_channels, height, width, generator=generator)
+        inputs = (images.to(device=device, dtype=dtype),)
     labels = torch.randint(0, model.classifier.fc.out_features, (batch,), generator=generator)
-    return images.to(device=device, dtype=dtype), labels.to(device)
+    return inputs, labels.to(device)
 
 
-def make_step(model: nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One inference forward (returns logits) or one training step (forward, loss, backward, AdamW update)."""
+def make_step(model: nn.Module, mode: str, inputs: tuple, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One inference forward (returns logits) or one training step (forward, loss, backward, AdamW update) on
+    model(*inputs) (make_inputs)."""
     if mode == "inference":
         model.eval()
 
         def step():
             with torch.inference_mode():
-                return model(images)
+                return model(*inputs)
 
         return step
     if mode != "train":
@@ -131,7 +143,7 @@ def make_step(model: nn.Module, mode: str, images: torch.Tensor, labels: torch.T
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images).float(), labels)
+        loss = F.cross_entropy(model(*inputs).float(), labels)
         loss.backward()
         optimizer.step()
         return loss
@@ -215,7 +227,8 @@ def model_flops(name: str, batch: int, mode: str) -> float:
     """FLOPs (2 per multiply-add) of one step of model `name` at `batch`: convs, linears and attention matmuls.
 
     Counted from the shapes seen in one batch-1 eager forward on CPU; a training step counts 3x the forward
-    (backward is about two forwards), the usual convention. Elementwise work is left out.
+    (backward is about two forwards), the usual convention. Elementwise work is left out. Text models are counted
+    dense (every token real): the work a kernel that skips padding does is at most this.
     """
     from cct_kernels.nn.attention import Attention
     from cct_kernels.nn.seqpool import SeqPool
@@ -246,17 +259,25 @@ def model_flops(name: str, batch: int, mode: str) -> float:
         b, n, d = args[0].shape
         total += 2 * 2 * b * n * d  # scores x w and the weighted sum over tokens
 
+    def text_conv_hook(conv, _args, output):  # the text tokenizer's nn.Conv2d (image stages run in ConvStage)
+        nonlocal total
+        kh, kw = conv.kernel_size
+        total += 2 * output.numel() * conv.in_channels * kh * kw
+
     for module in model.modules():
         if isinstance(module, ConvStage):
             module.register_forward_hook(conv_hook)
+        elif isinstance(module, nn.Conv2d):  # a ConvStage's conv never runs its own forward: the op computes it
+            module.register_forward_hook(text_conv_hook)
         elif isinstance(module, SeqPool):  # an nn.Linear subclass whose forward is not a plain linear
             module.register_forward_hook(seqpool_hook)
         elif isinstance(module, nn.Linear):
             module.register_forward_hook(linear_hook)
         elif isinstance(module, Attention):
             module.register_forward_hook(attention_hook)
+    inputs, _ = make_inputs(model, 1, torch.device("cpu"), torch.float32)
     with torch.inference_mode():
-        model(torch.zeros(1, model.n_input_channels, *model.img_size))
+        model(*inputs[:1])  # without a mask: every token real
     return float(total) * batch * (3 if mode == "train" else 1)
 
 
