@@ -25,7 +25,7 @@ import torch
 
 from cct_kernels import backends, profiling
 from cct_kernels.cli_bench import MIN_TIME, cmd_bench, cmd_profile, device_name, versions
-from cct_kernels.models import MODELS
+from cct_kernels.models import MODELS, TEXT_MODELS, list_models
 from cct_kernels.train import TrainConfig, train
 
 DEFAULT_OUT = "cct_bench_results"
@@ -173,6 +173,11 @@ def cmd_info(args) -> int:
             else:
                 status = "yes" if reason is None else f"no   {reason}"
             print(f"  {name:<8} {status}")
+    print("\nModels (cct_kernels.create_model(name); their table: README.md)")
+    text = sorted(TEXT_MODELS)
+    image = [name for name in list_models() if name not in TEXT_MODELS]
+    print(f"  image  {len(image)}: {', '.join(n for n in image if '_sine' not in n)} (each also as *_sine)")
+    print(f"  text   {len(text)}: {', '.join(text)} (token ids and a padding mask)")
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cct_kernels
 from cct_kernels import cli, cli_bench, profiling
 from cct_kernels.train import TrainConfig
 
@@ -35,6 +36,16 @@ def test_info_lists_every_backend_per_device(capsys):
         assert f"\n  {name} " in cpu_section
     # No GPU here: the cuda backend must say why it cannot run on CPU tensors.
     assert "cuda     no " in cpu_section
+    models = out.split("\nModels")[1]
+    assert all(name in models for name in cct_kernels.TEXT_MODELS) and "cct_7_3x1_32" in models
+
+
+def test_bench_runs_a_text_model(tmp_path):
+    """Text models take token ids and lengths (profiling.make_inputs); bench compares them like image models."""
+    assert cli.main(["bench", "--model", "text_cvt_2", "--batch", "2", "--rounds", "1", "--backends", "eager,auto",
+                     "--mode", "both", "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("bench_text_cvt_2_*.json")).read_text())
+    assert {row["backend"] for row in result["results"]} >= {"eager", "auto"}
 
 
 def test_default_backends_never_time_the_triton_interpreter(monkeypatch):
