@@ -50,6 +50,19 @@ __device__ __forceinline__ void store_vec(T* p, const float (&f)[V]) {
 template <int V>
 __device__ __forceinline__ int col(int lane, int j) { return j * 32 * V + lane * V; }
 
+// This lane's C vectors of V elements of one row, as float (zeros past D). All C loads are issued before any use:
+// C 16-byte loads in flight per lane.
+template <typename T, int V, int C>
+__device__ __forceinline__ void load_row(const T* row, int D, int lane, float (&xv)[C][V]) {
+#pragma unroll
+  for (int j = 0; j < C; ++j) {
+    if (col<V>(lane, j) < D) load_vec<T, V>(row + col<V>(lane, j), xv[j]);
+    else
+#pragma unroll
+      for (int i = 0; i < V; ++i) xv[j][i] = 0.f;
+  }
+}
+
 // Copies `n` elements of src to shared memory as float (all threads take part; caller synchronises).
 template <typename T>
 __device__ __forceinline__ void stage(float* dst, const T* src, int n) {
@@ -81,13 +94,7 @@ __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restri
   const int n0 = (int)blockIdx.y * rows, n_end = min(N, n0 + rows);  // this block's rows
   for (int n = n0 + warp; n < n_end; n += kWarps) {
     float xv[C][V], s = 0.f;
-#pragma unroll
-    for (int j = 0; j < C; ++j) {  // all C loads issued before any use: C 16-byte loads in flight per lane
-      if (col<V>(lane, j) < D) load_vec<T, V>(xb + (int64_t)n * D + col<V>(lane, j), xv[j]);
-      else
-#pragma unroll
-        for (int i = 0; i < V; ++i) xv[j][i] = 0.f;
-    }
+    load_row<T, V, C>(xb + (int64_t)n * D, D, lane, xv);
 #pragma unroll
     for (int j = 0; j < C; ++j)
       if (col<V>(lane, j) < D)
@@ -198,13 +205,7 @@ __global__ void __launch_bounds__(kThreads) seqpool_bwd_kernel(const T* __restri
   const int n0 = (int)blockIdx.y * rows, n_end = min(N, n0 + rows);  // this block's rows
   for (int n = n0 + warp; n < n_end; n += kWarps) {
     float xv[C][V], s = 0.f, cd = 0.f;
-#pragma unroll
-    for (int j = 0; j < C; ++j) {
-      if (col<V>(lane, j) < D) load_vec<T, V>(xb + (int64_t)n * D + col<V>(lane, j), xv[j]);
-      else
-#pragma unroll
-        for (int i = 0; i < V; ++i) xv[j][i] = 0.f;
-    }
+    load_row<T, V, C>(xb + (int64_t)n * D, D, lane, xv);
 #pragma unroll
     for (int j = 0; j < C; ++j)
       if (col<V>(lane, j) < D)
