@@ -146,6 +146,12 @@ def test_bad_inputs_are_clear_errors():
         cct_kernels.text_cvt_2(**{**SMALL, "seq_len": 62})
     with pytest.raises(ValueError, match="no official text checkpoints"):
         cct_kernels.create_model("text_cct_2", pretrained=True)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=1000\), got ids from \d+ to 1000"):
+        model(torch.cat([ids[:, :63], torch.full((2, 1), 1000)], dim=1))
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 1, got 0"):
+        cct_kernels.text_cct_2(vocab_size=0)
+    with pytest.raises(ValueError, match=r"padding_idx must be None or in \[0, vocab_size=1\), got 1"):
+        cct_kernels.text_cct_2(vocab_size=1)
 
 
 def test_ops_accept_both_mask_forms_and_refuse_bad_ones():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cct_kernels.nn._checks import check_int
 from cct_kernels.nn.classifier import TransformerClassifier
 from cct_kernels.nn.positional import sinusoidal_embedding
 from cct_kernels.ops._checks import key_padding
@@ -41,11 +42,19 @@ def ops_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 class Embedder(nn.Module):
     """Token ids (B, L) -> word vectors (B, L, word_dim); rows of padded positions are zero."""
 
-    def __init__(self, vocab_size: int = 100000, word_embedding_dim: int = 300, padding_idx: int = 1):
+    def __init__(self, vocab_size: int = 100000, word_embedding_dim: int = 300, padding_idx: int | None = 1):
         super().__init__()
-        self.embeddings = nn.Embedding(vocab_size, word_embedding_dim, padding_idx=padding_idx)
+        vocab_size = check_int("vocab_size", vocab_size, 1)
+        if padding_idx is not None and not 0 <= check_int("padding_idx", padding_idx, 0) < vocab_size:
+            raise ValueError(f"padding_idx must be None or in [0, vocab_size={vocab_size}), got {padding_idx}")
+        self.embeddings = nn.Embedding(vocab_size, check_int("word_embedding_dim", word_embedding_dim, 1),
+                                       padding_idx=padding_idx)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        vocab = self.embeddings.num_embeddings
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):  # on a GPU, a device-side assert
+            raise ValueError(f"token ids must lie in [0, vocab_size={vocab}), got ids from {int(ids.min())} to "
+                             f"{int(ids.max())}")
         x = self.embeddings(ids)
         return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
 
