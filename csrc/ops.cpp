@@ -118,14 +118,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::T
   const auto g = grad_out.contiguous(), xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous(),
              o = out.contiguous(), l = lse.to(at::kFloat).contiguous();
   auto gx = at::empty_like(xc);
-  const int64_t parts = B * seqpool_cuda_splits(B, N);  // one partial row per block
+  const int64_t splits = seqpool_cuda_splits(B, N), parts = B * splits;  // one partial row per block
   auto gw_rows = at::empty({parts, D}, x.options().dtype(at::kFloat));
   auto gb_rows = at::empty({parts}, x.options().dtype(at::kFloat));
   check_launch(seqpool_backward_cuda_launch(dtype_code(x), g.data_ptr(), xc.data_ptr(), w.data_ptr(), b.data_ptr(),
                                             o.data_ptr(), l.data_ptr<float>(), gx.data_ptr(), gw_rows.data_ptr<float>(),
                                             gb_rows.data_ptr<float>(), B, N, D, stream()),
                "seqpool backward");
-  return {gx, gw_rows.sum(0, true).to(weight.scalar_type()), gb_rows.sum(0, true).to(bias.scalar_type())};
+  // Each row's ds sums to delta = g.(out_exact - out), not 0, since ds is centred on the output as saved in the
+  // input dtype; the exactly centred ds give dw - delta out and db = 0 (softmax is shift-invariant), written
+  // delta - delta so that a NaN row still gives NaN, as the reference does.
+  const auto delta = gb_rows.view({B, splits}).sum(1, true);
+  const auto gw = (gw_rows.sum(0) - (delta * o.to(at::kFloat)).sum(0)).view({1, D});
+  return {gx, gw.to(weight.scalar_type()), (delta - delta).sum(0).to(bias.scalar_type())};
 }
 
 // The convolution runs channels-last on cuDNN so that the epilogue reads and writes along channels (coalesced).

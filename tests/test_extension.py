@@ -354,7 +354,7 @@ def test_model_cpu_backend_trains_with_attention_dropout(monkeypatch):
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
 
-    def attention_with_the_kernels_masks(qkv, num_heads, *, scale=None, dropout_p=0.0, backend=None):
+    def attention_with_the_kernels_masks(qkv, num_heads, *, scale=None, dropout_p=0.0, mask=None, backend=None):
         B, N, _ = qkv.shape
         mask = ext_attention.attention_dropout_mask(new_seed(qkv.device), B, num_heads, N, dropout_p)
         return reference.attention(qkv, num_heads, scale=scale, dropout_p=dropout_p, dropout_mask=mask)

@@ -303,8 +303,12 @@ def backward(grad_out, x, weight, bias, out, lse, lengths=None, *, max_block_d: 
         grad_out.contiguous(), x, weight, bias, out, lse, grad_x, dw_ws, db_ws, N, D, chunk, split,
         BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, num_warps=num_warps,
     )
-    grad_weight = dw_ws.sum(0, keepdim=True).to(weight.dtype)
-    grad_bias = db_ws.sum(0, keepdim=True).to(bias.dtype)
+    # Each row's ds sums to delta = g.(out_exact - out), not 0, since ds is centred on the output as saved in the
+    # input dtype; the exactly centred ds give dw - delta out and db = 0 (softmax is shift-invariant), written
+    # delta - delta so that a NaN row still gives NaN, as the reference does.
+    delta = db_ws.view(B, split).sum(1, keepdim=True)
+    grad_weight = (dw_ws.sum(0) - (delta * out.float()).sum(0)).unsqueeze(0).to(weight.dtype)
+    grad_bias = (delta - delta).sum(0).to(bias.dtype)
     return grad_x, grad_weight, grad_bias
 
 

@@ -190,13 +190,22 @@ void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bia
       gb[t] = pb;
     }
   });
+  // Each row's ds sums to delta = g.(out_exact - out) instead of 0, because ds is centred on the output as saved
+  // in the input dtype. The exactly centred ds_n - p_n delta give dw - delta out and db = 0 (softmax is
+  // shift-invariant), written delta - delta so that a NaN row still gives NaN, as the reference does; dx keeps the
+  // p_n delta w term, an error of the size of out's rounding.
   std::fill(gw_out, gw_out + D, 0.f);
   float db = 0.f;
-  for (int64_t t = 0; t < B * nc; ++t) {
-    const float* pw = gw.data() + t * D;
+  for (int64_t b = 0; b < B; ++b) {
+    float delta = 0.f;
+    for (int64_t c = 0; c < nc; ++c) delta += gb[b * nc + c];
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* pw = gw.data() + (b * nc + c) * D;
 #pragma omp simd
-    for (int64_t k = 0; k < D; ++k) gw_out[k] += pw[k];
-    db += gb[t];
+      for (int64_t k = 0; k < D; ++k) gw_out[k] += pw[k];
+    }
+    for (int64_t k = 0; k < D; ++k) gw_out[k] -= delta * to_f(out_in[b * D + k]);
+    db += delta - delta;
   }
   *gb_out = db;
 }
