@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes .venv/ with everything cct_kernels needs and installs the package into it (editable, extension built).
-# Idempotent and quiet when nothing is missing; otherwise one line per step says what it is doing. On a machine whose python3 already has torch (a GPU machine with
-# a CUDA build, no network) the venv sees those packages and installs nothing that is already there.
+# Idempotent and quiet when nothing is missing; otherwise one line per step says what it is doing. On a machine
+# whose python3 already has torch (a GPU machine with a CUDA build, no network) the venv sees those packages and
+# installs nothing that is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,7 +14,9 @@ step() { echo "bootstrap: $*" >&2; }
 if [ ! -x "$PY" ]; then
   if "$PYTHON" -c "import torch" 2>/dev/null; then
     step "creating $VENV (sees $PYTHON's packages: torch is there)"
-    "$PYTHON" -m venv --system-site-packages "$VENV"
+    # Without a pip of its own: the venv's bundled setuptools (65 on Python 3.11) would shadow the system's and
+    # cannot build an editable wheel without the `wheel` package, which a machine with no network cannot fetch.
+    "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
   else
     step "creating $VENV"
     "$PYTHON" -m venv "$VENV"
