@@ -1,9 +1,9 @@
 """Text modules with the official parameter names: word embedder, 1-D convolutional tokenizer, masked classifier.
 
-Token masks are (B, L) bool, True for a real token ((B,) integer lengths are accepted too). They follow the spec's semantics (../shared/spec/text-cct.md):
-embeddings of padded positions are zeroed, the tokenizer's token mask is the official `forward_mask` (a ones
-convolution of the mask with the conv's size/stride/padding, then the same max pool, then > 0), attention sees
-real keys only, and SeqPool pools real tokens only.
+Token masks are (B, L) bool, True for a real token ((B,) integer lengths are accepted too). They follow the spec's
+semantics (../shared/spec/text-cct.md): embeddings of padded positions are zeroed, the tokenizer's token mask is
+the official `forward_mask` (a ones convolution of the mask with the conv's size/stride/padding, then the same max
+pool, then > 0), attention sees real keys only, and SeqPool pools real tokens only.
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ def check_word_mask(mask, ids: torch.Tensor) -> torch.Tensor | None:
     if not isinstance(mask, torch.Tensor) or mask.is_floating_point():
         raise TypeError(f"mask must be a (B, L) bool tensor (True = real token) or (B,) integer lengths, got "
                         f"{getattr(mask, 'dtype', type(mask).__name__)}")
-    if mask.dtype == torch.bool and mask.shape != ids.shape:
-        raise ValueError(f"mask must have the token ids' shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:  # used as it is: whether it keeps a prefix is asked once, of the token mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"mask must have the token ids' shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
+        return mask.to(ids.device)
     return key_padding(mask.to(ids.device), ids.shape[0], ids.shape[1], ids.device).mask
 
 
