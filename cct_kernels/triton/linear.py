@@ -1,0 +1,393 @@
+"""Linear + fused epilogue in Triton: out = activation(x @ weight.T + bias) + residual, forward and backward.
+
+Kernel-module interface of cct_kernels.backends for the op cct_kernels.ops.linear (see ops/linear.py):
+    unsupported(x, weight, bias, residual, activation, *, backend) -> str | None
+    forward(x (M, K), weight (N, K), bias (N,) | None, residual (M, N) | None, activation, save_pre_activation)
+        -> (out (M, N), pre_activation h = x @ weight.T + bias (M, N) if activation == "gelu" and
+            save_pre_activation, else an empty (0,) tensor)
+    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation)
+        -> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or an empty (0,) tensor without bias)
+Every tensor contiguous and of one dtype (float32, float16, bfloat16); outputs in that dtype. Any M >= 0,
+N, K >= 1 (every tile is masked at the tails); M*K, M*N and N*K below 2**31 (int32 offsets), else unsupported()
+says so.
+
+Forward: one tiled GEMM (tl.dot, float32 accumulation; wgmma on sm_90 for 16-bit inputs), 1-D grid in grouped
+order (GROUP_M row blocks walk the column blocks together, so their x rows and W stay in L2), epilogue on the
+float32 accumulator: + bias, the value h stored when the backward needs it (GELU with save_pre_activation), exact
+GELU 0.5 h (1 + erf(h / sqrt 2)), + residual, one rounding to the output dtype.
+Backward: grad_h = GELU'(h) * grad_out (h the saved pre-activation, in the input dtype, as the reference's
+gelu_backward sees it) is computed in the prologue of both GEMMs from the grad_out and h tiles they load, so no
+grad_h tensor is written; it is rounded to the input dtype before each tensor-core product, as the reference's
+grad_h tensor is. Two kernels, no atomics (deterministic):
+    grad_x (M, K) = grad_h @ W: programs over (M, K) tiles, reducing over N.
+    grad_W (N, K) = grad_h^T @ x: N*K holds few tiles (12 at N=768, K=256), so M is split into SPLIT chunks and
+        each program (chunk, N tile, K tile) writes a float32 partial that torch sums over the chunks; the same
+        programs sum grad_h's columns over their chunk for grad_b (stored by the K-tile-0 programs). SPLIT = 1
+        stores straight into the outputs.
+Precision: float32 accumulation throughout; 16-bit inputs feed the tensor cores directly. float32 inputs follow
+torch.backends.cuda.matmul.allow_tf32, read at each call (as cct_kernels/triton/attention.py): True -> TF32
+tensor cores (like torch.matmul under the same flag), False (torch's default) -> exact fp32 products ('ieee').
+Configs: no autotuning (the interpreter cannot autotune); `_config` picks tiles from the dtype and the shapes,
+chosen from the sm_90 static figures (see _sm90_check and /tmp/notes -> benchmarks/NOTES.md).
+Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 after loading, since the
+interpreter computes bfloat16 arithmetic wrongly.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GROUP_M = 8  # row blocks per group of the swizzled program order
+META_SM_COUNT = 132  # H100 SXM / H200: what the sm_90 static check (meta tensors) plans for
+# grad_W's split of M: at least this many rows per chunk, so the float32 partials (N*K*4 bytes per chunk) stay
+# small beside the chunk's reads (MIN_CHUNK_ROWS * (2N + K) * 2 bytes in 16-bit).
+MIN_CHUNK_ROWS = 512
+_RSQRT2 = tl.constexpr(0.7071067811865476)
+_RSQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+def unsupported(x, weight, bias, residual, activation, *, backend: str = "triton") -> str | None:
+    """Why these kernels cannot serve the call (a sentence), or None."""
+    if x.dtype not in DTYPES:
+        return f"triton linear supports float32, float16 and bfloat16, got {x.dtype}"
+    if not all(t.is_contiguous() for t in (x, weight, bias, residual) if t is not None):
+        return "triton linear needs contiguous x, weight, bias and residual"
+    M, K = x.shape
+    N = weight.shape[0]
+    if max(M * K, M * N, N * K) >= 2**31:
+        return f"triton linear indexes with int32: M*K, M*N and N*K must be < 2**31 (M={M}, N={N}, K={K})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _gelu(h):
+    return 0.5 * h * (1.0 + tl.math.erf(h * _RSQRT2))
+
+
+@triton.jit
+def _gelu_grad(h):
+    """d/dh of h * Phi(h) = Phi(h) + h * phi(h)."""
+    return 0.5 * (1.0 + tl.math.erf(h * _RSQRT2)) + h * _RSQRT_2PI * tl.exp(-0.5 * h * h)
+
+
+@triton.jit
+def _grouped(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of program pid: GROUP_M tile rows walk the tile columns together."""
+    width = GROUP_M * tiles_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _load(ptrs, mask, EVEN: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile; masked (0 outside) unless EVEN (the launcher knows the tile is whole); float32 when UPCAST."""
+    if EVEN:
+        t = tl.load(ptrs)
+    else:
+        t = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _grad_h(g_ptr, h_ptr, offs, mask, EVEN: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr):
+    """The tile of grad_h = GELU'(h) * grad_out at offs, rounded to the input dtype (float32 when UPCAST)."""
+    g = _load(g_ptr + offs, mask, EVEN, UPCAST)
+    if GELU:
+        h = _load(h_ptr + offs, mask, EVEN, UPCAST).to(tl.float32)
+        g = (g.to(tl.float32) * _gelu_grad(h)).to(g.dtype)
+    return g
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, h_ptr, M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+    SAVE_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: the (BLOCK_M, BLOCK_N) tile of out (and of h when SAVE_H)."""
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Tail rows/columns load row 0.. again (wrapped) instead of masking; their results are never stored.
+    x_ptrs = x_ptr + (rows % M)[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + (cols % N)[:, None] * K + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k[None, :] < K - k0
+        a = _load(x_ptrs, k_ok, EVEN_K, UPCAST)
+        w = _load(w_ptrs, k_ok, EVEN_K, UPCAST)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SAVE_H:
+        tl.store(h_ptr + offs, acc.to(h_ptr.dtype.element_ty), mask=mask)
+    if GELU:
+        acc = _gelu(acc)
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_x_kernel(
+    g_ptr, h_ptr, w_ptr, gx_ptr, M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_N: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: the (BLOCK_M, BLOCK_K) tile of grad_x = grad_h @ W, reducing over N in BLOCK_N steps."""
+    pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_offs = (rows % M)[:, None] * N + offs_n[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * K + (cols % K)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_ok = offs_n < N - n0
+        grad_h = _grad_h(g_ptr, h_ptr, g_offs, n_ok[None, :], EVEN_N, GELU, UPCAST)
+        w = _load(w_ptrs, n_ok[:, None], EVEN_N, UPCAST)
+        acc = tl.dot(grad_h, w, acc, input_precision=PRECISION)
+        g_offs += BLOCK_N
+        w_ptrs += BLOCK_N * K
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    tl.store(gx_ptr + rows[:, None] * K + cols[None, :], acc.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_w_kernel(
+    g_ptr, h_ptr, x_ptr, gw_ptr, gb_ptr, M, N, K, CHUNK,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_M: tl.constexpr, GELU: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program (chunk, N tile, K tile): the chunk's partial of grad_W = grad_h^T @ x over rows
+    [chunk*CHUNK, +CHUNK) into gw_ptr[chunk] (N, K), and with HAS_BIAS, on the K-tile-0 programs, the chunk's
+    column sums of grad_h into gb_ptr[chunk] (N,). CHUNK is a multiple of BLOCK_M. Programs of one chunk are
+    adjacent, so its grad_out, h and x rows stay in L2."""
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    tiles = tl.cdiv(N, BLOCK_N) * tiles_k
+    pid = tl.program_id(0)
+    chunk = pid // tiles
+    pid_n = (pid % tiles) // tiles_k
+    pid_k = pid % tiles_k
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_start = chunk * CHUNK
+    m_end = tl.minimum(m_start + CHUNK, M)
+    g_offs = (m_start + offs_m)[:, None] * N + (cols_n % N)[None, :]
+    x_ptrs = x_ptr + (m_start + offs_m)[:, None] * K + (cols_k % K)[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m_ok = (offs_m < m_end - m0)[:, None]
+        grad_h = _grad_h(g_ptr, h_ptr, g_offs, m_ok, EVEN_M, GELU, UPCAST)
+        a = _load(x_ptrs, m_ok, EVEN_M, UPCAST)
+        if HAS_BIAS:
+            db += tl.sum(grad_h.to(tl.float32), 0)
+        acc = tl.dot(tl.trans(grad_h), a, acc, input_precision=PRECISION)
+        g_offs += BLOCK_M * N
+        x_ptrs += BLOCK_M * K
+    n_ok = cols_n < N
+    gw_offs = chunk * N * K + cols_n[:, None] * K + cols_k[None, :]
+    tl.store(gw_ptr + gw_offs, acc.to(gw_ptr.dtype.element_ty), mask=n_ok[:, None] & (cols_k < K)[None, :])
+    if HAS_BIAS:
+        tl.store(gb_ptr + chunk * N + cols_n, db.to(gb_ptr.dtype.element_ty), mask=n_ok & (pid_k == 0))
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+# kernel -> (output row block, output column block, reduction block, num_warps, num_stages) for 16-bit inputs and
+# for float32; grad_x's "columns" are K and its reduction N; grad_w's rows are N, columns K, reduction M.
+# 16-bit: 128x128 tiles of 8 warps (two warpgroups of 64x128 wgmma), 64-deep steps, 3 stages of cp.async
+# (3 * 32 KB of shared memory); float32 (FMA or TF32): 64x64x32 tiles of 4 warps. Chosen from the sm_90 figures:
+# no spills (see _sm90_check and benchmarks/NOTES.md).
+_CONFIGS = {
+    ("forward", False): (128, 128, 64, 8, 3),
+    ("grad_x", False): (128, 128, 64, 8, 3),
+    ("grad_w", False): (128, 128, 64, 8, 3),
+    ("forward", True): (64, 64, 32, 4, 2),
+    ("grad_x", True): (64, 64, 32, 4, 2),
+    ("grad_w", True): (64, 64, 32, 4, 2),
+}
+
+
+def _fit(block: int, size: int) -> int:
+    """block cut to size rounded up to a power of two, at least 16 (tl.dot's smallest)."""
+    return min(block, max(16, triton.next_power_of_2(size)))
+
+
+def _config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tuple[int, int, int, int, int]:
+    """The table's entry with each block cut to its dimension. A 16-bit output-tiled kernel (forward, grad_x)
+    whose 128-row tiles would not fill one wave of an H100 (small batches: M = 256 at batch 1) takes 64-row tiles
+    of one warpgroup, doubling its programs."""
+    block_r, block_c, block_red, num_warps, num_stages = _CONFIGS[kind, dtype == torch.float32]
+    block_r, block_c, block_red = _fit(block_r, rows), _fit(block_c, cols), _fit(block_red, red)
+    if kind != "grad_w" and block_r == 128 and triton.cdiv(rows, 128) * triton.cdiv(cols, block_c) < META_SM_COUNT:
+        block_r, num_warps = 64, 4
+    return block_r, block_c, block_red, num_warps, num_stages
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: float32 follows torch.backends.cuda.matmul.allow_tf32 ('tf32' when allowed, exact 'ieee'
+    products otherwise); 16-bit inputs always use tensor cores."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that fill the device once: its SMs on CUDA, an H100's for the meta tensors of the sm_90 check,
+    a few on the CPU interpreter (so small tests still split M)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return META_SM_COUNT if device.type == "meta" else 4
+
+
+def _split(M: int, block_m: int, tiles: int, NK: int, device: torch.device, min_chunk: int) -> tuple[int, int]:
+    """(SPLIT, CHUNK) of grad_W's M: SPLIT * tiles programs about fill the device, chunks of at least min_chunk
+    rows (rounded to block_m) and SPLIT * N * K < 2**31 (int32 workspace offsets)."""
+    blocks = triton.cdiv(M, block_m)
+    split = min(triton.cdiv(_programs_wanted(device), tiles), triton.cdiv(M, min_chunk), (2**31 - 1) // NK)
+    chunk = triton.cdiv(blocks, max(1, min(split, blocks))) * block_m
+    return triton.cdiv(M, chunk), chunk
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+
+def _empty(*shape, device, dtype):
+    """Every uninitialised buffer the launchers allocate (tests replace it to poison them with NaN)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def forward(x, weight, bias, residual, activation, save_pre_activation):
+    """-> (out (M, N), pre_activation (M, N) if activation == "gelu" and save_pre_activation else empty (0,));
+    both in x.dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    gelu = activation == "gelu"
+    save = gelu and save_pre_activation
+    out = _empty(M, N, device=x.device, dtype=x.dtype)
+    pre_activation = _empty(M, N, device=x.device, dtype=x.dtype) if save else x.new_empty(0)
+    if M == 0:
+        return out, pre_activation
+    block_m, block_n, block_k, num_warps, num_stages = _config("forward", x.dtype, M, N, K)
+    _forward_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
+        x, weight, x if bias is None else bias, out if residual is None else residual, out,
+        pre_activation if save else out, M, N, K,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GELU=gelu, SAVE_H=save,
+        UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, pre_activation
+
+
+def backward(grad_out, x, weight, has_bias, pre_activation, activation, *, min_chunk: int = MIN_CHUNK_ROWS):
+    """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias), all in x.dtype.
+    pre_activation: forward's saved h (M, N) when activation == "gelu" (unused otherwise). min_chunk: the fewest
+    rows of M per grad_W program (tests lower it to reach the split path on small shapes)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    dtype, device = x.dtype, x.device
+    gelu = activation == "gelu"
+    grad_x = _empty(M, K, device=device, dtype=dtype)
+    if M == 0:
+        return grad_x, torch.zeros_like(weight), weight.new_zeros(N if has_bias else 0)
+    h = pre_activation if gelu else grad_out  # grad_out: a placeholder the kernels never read
+    common = dict(GELU=gelu, UPCAST=_upcast(dtype), PRECISION=_precision(dtype))
+
+    block_m, block_k, block_n, num_warps, num_stages = _config("grad_x", dtype, M, K, N)
+    _grad_x_kernel[(triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)](
+        grad_out, h, weight, grad_x, M, N, K, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=GROUP_M,
+        EVEN_N=N % block_n == 0, num_warps=num_warps, num_stages=num_stages, **common,
+    )
+
+    block_n, block_k, block_m, num_warps, num_stages = _config("grad_w", dtype, N, K, M)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(K, block_k)
+    split, chunk = _split(M, block_m, tiles, N * K, device, min_chunk)
+    partial = dtype if split == 1 else torch.float32  # one chunk stores the result itself
+    grad_weight = _empty(split, N, K, device=device, dtype=partial)
+    grad_bias = _empty(split, N, device=device, dtype=partial) if has_bias else x.new_empty(0)
+    _grad_w_kernel[(split * tiles,)](
+        grad_out, h, x, grad_weight, grad_bias if has_bias else grad_weight, M, N, K, chunk,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, EVEN_M=M % block_m == 0, HAS_BIAS=has_bias,
+        num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    grad_weight = grad_weight[0] if split == 1 else grad_weight.sum(0).to(dtype)
+    if has_bias:
+        grad_bias = grad_bias[0] if split == 1 else grad_bias.sum(0).to(dtype)
+    return grad_x, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------------- sm_90 compile checks
+
+
+def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True, activation: str = "none",
+                residual: bool = False, save: bool = True, backward_pass: bool = False, tf32: bool = False) -> dict:
+    """forward() (or backward()) on meta tensors: sm90.py (or tests) compile the kernels they launch."""
+
+    def launch():
+        allowed = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            run()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+
+    def run():
+        def meta(*shape):
+            return torch.empty(*shape, dtype=dtype, device="meta")
+
+        x, weight = meta(M, K), meta(N, K)
+        if not backward_pass:
+            forward(x, weight, meta(N) if bias else None, meta(M, N) if residual else None, activation, save)
+            return
+        h = meta(M, N) if activation == "gelu" else meta(0)
+        backward(meta(M, N), x, weight, bias, h, activation)
+
+    epilogue = "".join(["_bias" * bias, f"_{activation}" * (activation != "none"), "_res" * residual,
+                        "_nosave" * (activation == "gelu" and not save and not backward_pass)])
+    name = (f"{'bwd' if backward_pass else 'fwd'}_{str(dtype).split('.')[-1]}{'_tf32' if tf32 else ''}"
+            f"_M{M}_K{K}_N{N}{epilogue}")
+    return {"name": name, "launch": launch}
+
+
+# The D=256 encoder block at M = 64 * 256 tokens (bf16): linear1 with GELU (training and inference), proj/linear2
+# with the residual, qkv; their backwards; D=384's mlp (1152); float32 (FMA and TF32); an odd shape (all tails).
+SM90_CHECKS = [
+    _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu"),
+    _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu", save=False),
+    _sm90_check(torch.bfloat16, 16384, 512, 256, residual=True),
+    _sm90_check(torch.bfloat16, 16384, 256, 768, bias=False),
+    _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu", backward_pass=True),
+    _sm90_check(torch.bfloat16, 16384, 512, 256, backward_pass=True),
+    _sm90_check(torch.bfloat16, 12544, 384, 1152, activation="gelu", backward_pass=True),
+    _sm90_check(torch.float32, 16384, 256, 512, activation="gelu"),
+    _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", tf32=True),
+    _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True),
+    _sm90_check(torch.float16, 111, 48, 40, activation="gelu", residual=True),
+    _sm90_check(torch.float16, 111, 48, 40, activation="gelu", backward_pass=True),
+]
