@@ -1,5 +1,7 @@
 """Key-padding masks through ops.attention and ops.seqpool on every backend that serves them here: against float64,
 with random lengths including 0, 1 and N, forward and backward, no NaN anywhere (padded rows included)."""
+import re
+
 import pytest
 import torch
 
@@ -29,9 +31,25 @@ def _lengths(batch, n, generator):
     return lengths.to(DEVICE)
 
 
-@pytest.mark.parametrize("backend", MASK_BACKENDS)
-@pytest.mark.parametrize("head_dim", [32, 64, 75, 150])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def _serves_attention(backend, head_dim, dtype):
+    """Whether `backend` runs masked attention at this head dim and dtype (triton's tiles stop at head dim 128)."""
+    qkv = torch.empty(2, 3, 3 * 2 * head_dim, device=DEVICE, dtype=dtype)
+    lengths = torch.tensor([3, 1], device=DEVICE)
+    return backend == "eager" or backends.unsupported_reason(
+        backend, "attention", DEVICE, qkv, 2, head_dim**-0.5, 0.0, lengths) is None
+
+
+# Every served (backend, head dim, dtype): the text models' head dims 75 (300 / 4) and 150 among them.
+ATTENTION_CASES = [
+    pytest.param(backend, head_dim, dtype, id=f"{backend}-d{head_dim}-{str(dtype).split('.')[-1]}")
+    for backend in MASK_BACKENDS
+    for head_dim in (32, 64, 75, 150)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if _serves_attention(backend, head_dim, dtype)
+]
+
+
+@pytest.mark.parametrize("backend, head_dim, dtype", ATTENTION_CASES)
 def test_masked_attention_against_float64(backend, head_dim, dtype):
     generator = torch.Generator().manual_seed(head_dim)
     B, N, H = 5, 37, 2
@@ -86,10 +104,17 @@ def test_dropout_with_padding_drops_what_the_unpadded_kernel_drops(backend):
     torch.testing.assert_close(masked, plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", [b for b in KERNELS_HERE if b not in MASK_BACKENDS])
-def test_backends_without_masked_kernels_decline_with_a_reason_and_auto_falls_back(backend):
-    qkv, lengths = torch.randn(2, 4, 48, device=DEVICE), torch.tensor([3, 1], device=DEVICE)
-    with pytest.raises(BackendUnavailable, match="lengths"):
+# Kernel backends that decline a masked attention call here: a backend without masked kernels, or one whose tiles
+# stop below the head dim (triton: 128 < 150).
+DECLINED = [pytest.param(backend, head_dim, id=f"{backend}-d{head_dim}") for backend in KERNELS_HERE
+            for head_dim in (32, 150) if not _serves_attention(backend, head_dim, torch.float32)]
+
+
+@pytest.mark.parametrize("backend, head_dim", DECLINED)
+def test_a_backend_declining_a_masked_call_says_why_and_auto_falls_back(backend, head_dim):
+    qkv, lengths = torch.randn(2, 4, 3 * 2 * head_dim, device=DEVICE), torch.tensor([3, 1], device=DEVICE)
+    reason = backends.unsupported_reason(backend, "attention", DEVICE, qkv, 2, head_dim**-0.5, 0.0, lengths)
+    with pytest.raises(BackendUnavailable, match=re.escape(reason)):
         ops.attention(qkv, 2, mask=lengths, backend=backend)
     mask = torch.arange(4, device=DEVICE)[None] < lengths[:, None]
     torch.testing.assert_close(ops.attention(qkv, 2, mask=lengths), reference.attention(qkv, 2, mask=mask))

@@ -72,16 +72,16 @@ def _nan(*shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def _kernel_forward_backward(qkv, grad_out, H, scale, dropout_p=0.0, seed=NO_SEED):
+def _kernel_forward_backward(qkv, grad_out, H, scale, dropout_p=0.0, seed=NO_SEED, lengths=None):
     """forward() and backward() into NaN-poisoned outputs."""
     B, N, three_hd = qkv.shape
     seed = seed.to(qkv.device)
     out, lse = tri.forward(
-        qkv, H, scale, dropout_p, seed,
+        qkv, H, scale, dropout_p, seed, lengths,
         out=_nan(B, N, three_hd // 3, dtype=qkv.dtype, device=qkv.device),
         lse=_nan(B, H, N, dtype=torch.float32, device=qkv.device),
     )
-    grad_qkv = tri.backward(grad_out, qkv, out, lse, H, scale, dropout_p, seed,
+    grad_qkv = tri.backward(grad_out, qkv, out, lse, H, scale, dropout_p, seed, lengths,
                             grad_qkv=_nan(*qkv.shape, dtype=qkv.dtype, device=qkv.device))
     return out, lse, grad_qkv
 
@@ -215,6 +215,72 @@ def test_dropout_through_the_op_forward_backward_consistent(device):
     _assert_close("grad_qkv", x.grad, eager_grad, exact_grad)
 
 
+# ------------------------------------------------------------------------------------------------- key padding
+
+# (B, H, N, d, dtype, dropout_p, lengths): lengths 0 (no real token), 1 and N; N = 130 with lengths 64 and 129
+# (whole key blocks of padding skipped, a partial block masked); text_cct's head dim 75; dropout with padding.
+PADDED_CASES = [
+    (3, 2, 64, 32, torch.float32, 0.0, (0, 1, 64)),
+    (3, 1, 130, 64, torch.float16, 0.0, (64, 129, 0)),
+    (2, 2, 70, 75, torch.bfloat16, 0.0, (1, 41)),
+    (3, 2, 65, 32, torch.float32, 0.3, (0, 1, 65)),
+    (2, 1, 100, 16, torch.float16, 0.2, (37, 100)),
+]
+
+
+def _padded_case_id(case):
+    return _case_id(case[:5]) + f"-p{case[5]}-L{'_'.join(map(str, case[6]))}"
+
+
+@pytest.mark.parametrize("case", PADDED_CASES, ids=_padded_case_id)
+def test_key_padding_matches_float64(case, device):
+    """Every query row attends to the real keys only; the keys and values of padded tokens hold NaN, which must
+    reach nothing; a sequence without real tokens gives out = 0, lse = -inf and zero gradients."""
+    B, H, N, d, dtype, p, lengths = case
+    qkv, grad_out = _inputs(B, H, N, d, dtype, device)
+    lengths = torch.tensor(lengths, device=device)
+    real = torch.arange(N, device=device)[None] < lengths[:, None]  # (B, N)
+    padded_kv = ~real[:, :, None, None] & (torch.arange(3, device=device) > 0)[None, None, :, None]
+    poisoned = qkv.view(B, N, 3, H * d).masked_fill(padded_kv, float("nan")).view(qkv.shape)
+    clean = qkv.view(B, N, 3, H * d).masked_fill(padded_kv, 0.0).view(qkv.shape)
+    seed = _seed(11, device) if p > 0 else NO_SEED
+    out, lse, grad_qkv = _kernel_forward_backward(poisoned, grad_out, H, d**-0.5, p, seed, lengths)
+    drop = tri.dropout_mask(seed, B, H, N, p, device) if p > 0 else None
+    kwargs = dict(mask=real, dropout_p=p, dropout_mask=drop)
+    exact_out, exact_grad = _reference(clean, grad_out, H, torch.float64, **kwargs)
+    eager_out, eager_grad = _reference(clean, grad_out, H, **kwargs)
+    _assert_close("out", out, eager_out, exact_out)
+    _assert_close("grad_qkv", grad_qkv, eager_grad, exact_grad)
+    assert (grad_qkv.view(B, N, 3, H * d)[padded_kv.expand(B, N, 3, H * d)] == 0).all()  # exact zeros
+    empty = lengths == 0
+    assert (out[empty] == 0).all() and (grad_qkv[empty] == 0).all()
+    q, k, _ = clean.double().reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2) * d**-0.5).masked_fill(~real[:, None, None, :], float("-inf"))
+    expected_lse = torch.logsumexp(scores, dim=-1)  # -inf for the rows of an empty sequence
+    assert (lse[empty] == float("-inf")).all()
+    torch.testing.assert_close(lse[~empty].double(), expected_lse[~empty], rtol=1e-5,
+                               atol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_key_padding_through_the_op(device):
+    """ops.attention(mask=lengths, backend="triton") end to end, bool prefix mask and dropout included."""
+    B, H, N, d, p = 3, 2, 50, 16, 0.25
+    qkv, grad_out = _inputs(B, H, N, d, torch.float32, device)
+    lengths = torch.tensor([50, 0, 9], device=device)
+    real = torch.arange(N, device=device)[None] < lengths[:, None]
+    torch.manual_seed(4)
+    seed = attention_op.new_seed(device)
+    torch.manual_seed(4)
+    x = qkv.clone().requires_grad_()
+    out = ops.attention(x, H, dropout_p=p, mask=real, backend="triton")
+    out.backward(grad_out)
+    kwargs = dict(mask=real, dropout_p=p, dropout_mask=tri.dropout_mask(seed, B, H, N, p, device))
+    exact_out, exact_grad = _reference(qkv, grad_out, H, torch.float64, **kwargs)
+    eager_out, eager_grad = _reference(qkv, grad_out, H, **kwargs)
+    _assert_close("out", out.detach(), eager_out, exact_out)
+    _assert_close("grad_qkv", x.grad, eager_grad, exact_grad)
+
+
 # ------------------------------------------------------------------------------------- support and registration
 
 
@@ -227,6 +293,8 @@ def test_unsupported_cases_say_why(device):
     with pytest.raises(backends.BackendUnavailable, match="head dim <= 128"):
         ops.attention(wide, 1, backend="triton")
     assert ops.attention(wide, 1, backend="auto").shape == (1, 4, 256)  # auto falls back
+    int32_lengths = torch.tensor([4], dtype=torch.int32, device=device)
+    assert "(B,) int64" in tri.unsupported(qkv, 2, 0.125, 0.0, int32_lengths, backend="triton")
 
 
 def test_opcheck(device):

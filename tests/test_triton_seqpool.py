@@ -4,6 +4,8 @@ Tolerance rule (DESIGN.md): the kernel's error against float64 may be at most 2x
 reference against float64, plus a small floor. On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py);
 bf16 runs there too because the kernels cast every loaded value to float32 before any arithmetic.
 """
+import functools
+
 import pytest
 import torch
 
@@ -52,10 +54,11 @@ def _assert_close(name, got, eager, exact, dtype, extra=0.0):
     assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g} (eager error x2 + floor)"
 
 
-def _check_against_reference(kernel_fn, x, weight, bias, grad_out):
+def _check_against_reference(kernel_fn, x, weight, bias, grad_out, mask=None):
     dtype = x.dtype
-    exact = _run(reference.seqpool, x.double(), weight.double(), bias.double(), grad_out.double())
-    eager = _run(reference.seqpool, x, weight, bias, grad_out)
+    pool = functools.partial(reference.seqpool, mask=mask)
+    exact = _run(pool, x.double(), weight.double(), bias.double(), grad_out.double())
+    eager = _run(pool, x, weight, bias, grad_out)
     got = _run(kernel_fn, x, weight, bias, grad_out)
     # grad_bias = sum_n ds_n is exactly 0 (softmax ignores a shift of the scores): what is left is the cancellation
     # of g.x_n against g.out, and the kernel (like FlashAttention's rowsum(dO * O)) takes g.out from the rounded
@@ -105,6 +108,41 @@ def test_large_scores_do_not_overflow(device):
     x, weight, bias, grad_out = _inputs(2, 130, 64, torch.float16, device)
     weight = (weight * 40).to(torch.float16)
     _check_against_reference(lambda *a: ops.seqpool(*a, backend="triton"), x, weight, bias, grad_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("max_block_d", [triton_seqpool.MAX_BLOCK_D, 32], ids=["one_d_block", "d_chunks"])
+def test_key_padding_matches_float64(dtype, max_block_d, device, monkeypatch):
+    """Softmax over the real tokens only (lengths 0, 1, N and one between), each row split over three programs so
+    that whole chunks hold no real token; padded tokens hold NaN, which must reach nothing (their gradients are
+    exact zeros); a row without real tokens gives out = 0 and lse = -inf."""
+    monkeypatch.setattr(triton_seqpool, "_programs_wanted", lambda device: 16)
+    B, N, D = 4, 70, 100
+    x, weight, bias, grad_out = _inputs(B, N, D, dtype, device)
+    lengths = torch.tensor([0, 1, N, 29], device=device)
+    real = torch.arange(N, device=device)[None] < lengths[:, None]
+    poison = torch.zeros(B, N, 1, device=device, dtype=dtype).masked_fill(~real[..., None], float("nan"))
+
+    class Padded(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            out, lse = triton_seqpool.forward(x, weight, bias, lengths, max_block_d=max_block_d)
+            ctx.save_for_backward(x, weight, bias, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return triton_seqpool.backward(grad_out, *ctx.saved_tensors, lengths, max_block_d=max_block_d)
+
+    _check_against_reference(lambda x, w, b: Padded.apply(x + poison, w, b), x, weight, bias, grad_out, mask=real)
+    out, lse = triton_seqpool.forward(x + poison, weight, bias, lengths, max_block_d=max_block_d)
+    grad_x, _, _ = triton_seqpool.backward(grad_out, x + poison, weight, bias, out, lse, lengths,
+                                           max_block_d=max_block_d)
+    assert (grad_x[~real] == 0).all() and (out[0] == 0).all()
+    scores = (x.double() @ weight.double().T).squeeze(-1) + bias.double()
+    expected = torch.logsumexp(scores.masked_fill(~real, float("-inf")), dim=1)
+    assert lse[0] == float("-inf")
+    torch.testing.assert_close(lse[1:].double(), expected[1:], rtol=1e-5, atol=1e-2 if dtype != torch.float32 else 1e-5)
 
 
 def test_empty_batch(device):

@@ -1,10 +1,11 @@
 """Flash attention (forward and backward) in Triton, reading q/k/v straight out of the packed qkv projection.
 
 Kernel-module interface of cct_kernels.backends for the op cct_kernels.ops.attention:
-    unsupported(qkv, num_heads, scale, dropout_p, *, backend) -> str | None
-    forward(qkv, num_heads, scale, dropout_p, seed) -> (out (B, N, H*d) qkv.dtype, lse (B, H, N) float32)
-    backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed) -> grad_qkv (B, N, 3*H*d) qkv.dtype
+    unsupported(qkv, num_heads, scale, dropout_p, lengths=None, *, backend) -> str | None
+    forward(qkv, num_heads, scale, dropout_p, seed, lengths=None) -> (out (B, N, H*d) qkv.dtype, lse (B, H, N) fp32)
+    backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths=None) -> grad_qkv (B, N, 3*H*d)
     dropout_mask(seed, B, H, N, dropout_p, device) -> (B, H, N, N) bool keep mask the kernels use (for tests)
+The kernels: attention_forward.py (forward), attention_backward.py (dQ, dK/dV), attention_dropout.py (keep bits).
 
 Layout: qkv (B, N, 3*H*d) is read as (B, N, 3, H, d) through strides (last dim contiguous); out is written as
 (B, N, H*d) and grad_qkv as (B, N, 3, H, d), so no permute copies. lse is the natural-log softmax normaliser
@@ -14,6 +15,12 @@ Algorithm: flash-attention 2. The forward streams key/value blocks with an onlin
 N x N matrix. The backward runs two kernels and no atomics (deterministic): the dQ kernel (one program per query
 block, streaming keys) also computes delta = rowsum(dO * O) and stores it; the dK/dV kernel (one program per key
 block, streaming queries) runs after it and reads delta.
+Key padding (lengths, (B,) int64 on qkv's device, 0 <= lengths[b] <= N: the real tokens of sequence b are its
+first lengths[b]), flash-style as FlashAttention's varlen path: every query row, padded ones included, attends to
+the real keys only; key loops stop at the sequence's length (key blocks of padding are neither loaded nor
+computed, the partial block is masked), and a dK/dV program whose key block is all padding writes zeros without
+looping. A sequence without real tokens gives out = 0, lse = -inf and zero gradients. The drop mask does not
+depend on lengths (padded keys are simply excluded). Without lengths the kernels compile as before (HAS_LENGTHS).
 
 Limits: float32, float16, bfloat16; head dim d <= 128 (d is padded to a power of two >= 16 with masks; 64, the
 CCT head dim, wastes nothing); any N >= 1 (key/query blocks are masked); B * H * ceil(N / 32) <= 2**31 - 1 (the
@@ -39,213 +46,15 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
+from cct_kernels.triton.attention_backward import _attn_bwd_dkdv, _attn_bwd_dq
 from cct_kernels.triton.attention_dropout import (  # noqa: F401 (dropout_mask, dropout_threshold: interface)
-    _dropout_bits, _kept, _kept_t, dropout_mask, dropout_threshold,
+    _dropout_bits, _no_bits, dropout_mask, dropout_threshold,
 )
+from cct_kernels.triton.attention_forward import LOG2E, _attn_fwd
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)  # the kernels can only read constexpr globals
-
-
-# ----------------------------------------------------------------------------------------------------------
-# kernels
-# ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile(base, rows, stride, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers (len(rows), BLOCK_D) to rows `rows` (row stride `stride`), columns col0 .. col0 + BLOCK_D - 1.
-
-    ALIGNED (launcher-checked: 16-byte aligned base, strides and head offsets) states what Triton's launcher
-    specialises anyway, so that the sm_90 compile check, which cannot pass that specialisation, sees the same
-    16-byte vector loads; without it each thread holds a 64-bit pointer per element and spills."""
-    ptrs = base + rows[:, None] * stride + col0 + tl.arange(0, BLOCK_D)[None, :]
-    if ALIGNED:
-        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, BLOCK_D])
-    return ptrs
-
-
-@triton.jit
-def _attn_fwd(
-    QKV, Out, Lse, Bits,
-    stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
-    N, H, qk_scale, words_per_row, keep_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One program: BLOCK_M queries of one (batch, head); streams all keys. qk_scale = scale * log2(e)."""
-    blocks = tl.cdiv(N, BLOCK_M)  # 1-D grid, the query blocks of one head adjacent: its K/V stay in L2
-    bh = tl.program_id(0) // blocks
-    b = bh // H
-    h = bh % H
-    row0 = (tl.program_id(0) % blocks) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    d_ok = tl.arange(0, BLOCK_D)[None, :] < D
-    qkv = QKV + b.to(tl.int64) * stride_qkv_b  # int64: B * N * 3 * H * d can pass 2**31
-
-    q = tl.load(_tile(qkv, rows, stride_qkv_n, h * D, D, BLOCK_D, ALIGNED), mask=(rows[:, None] < N) & d_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_ptrs = _tile(qkv, offs_n, stride_qkv_n, (H + h) * D, D, BLOCK_D, ALIGNED)
-    v_ptrs = _tile(qkv, offs_n, stride_qkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of scores (log2 units)
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i), before dropout
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        kv_mask = (cols[:, None] < N) & d_ok
-        k = tl.load(k_ptrs + start * stride_qkv_n, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start * stride_qkv_n, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(cols[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_kept(Bits, bh, rows, start, N, words_per_row, BLOCK_M, BLOCK_N), p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    acc = acc * (keep_scale / l_i)[:, None]
-    out_ptrs = _tile(Out + b.to(tl.int64) * stride_out_b, rows, stride_out_n, h * D, D, BLOCK_D, ALIGNED)
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(rows[:, None] < N) & d_ok)
-    lse = (m_i + tl.log2(l_i)) / _LOG2E
-    tl.store(Lse + bh.to(tl.int64) * N + rows, lse, mask=rows < N)
-
-
-@triton.jit
-def _attn_bwd_dq(
-    QKV, Out, dOut, Lse, Delta, dQKV, Bits,
-    stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
-    N, H, scale, words_per_row, keep_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One program: dQ for BLOCK_M queries of one (batch, head), streaming keys; also stores delta = rowsum(dO*O).
-
-    Writes the q slot of dQKV (B, N, 3, H, d) with strides stride_dqkv_*."""
-    blocks = tl.cdiv(N, BLOCK_M)  # 1-D grid, the query blocks of one head adjacent: its K/V stay in L2
-    bh = tl.program_id(0) // blocks
-    b = bh // H
-    h = bh % H
-    row0 = (tl.program_id(0) % blocks) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    row_mask = (rows[:, None] < N) & (tl.arange(0, BLOCK_D)[None, :] < D)
-    qkv = QKV + b.to(tl.int64) * stride_qkv_b
-
-    q = tl.load(_tile(qkv, rows, stride_qkv_n, h * D, D, BLOCK_D, ALIGNED), mask=row_mask, other=0.0)
-    do = tl.load(_tile(dOut + b.to(tl.int64) * stride_do_b, rows, stride_do_n, h * D, D, BLOCK_D, ALIGNED),
-                 mask=row_mask, other=0.0)
-    o = tl.load(_tile(Out + b.to(tl.int64) * stride_out_b, rows, stride_out_n, h * D, D, BLOCK_D, ALIGNED),
-                mask=row_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * N + rows, delta, mask=rows < N)
-    lse2 = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0) * _LOG2E
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    k_ptrs = _tile(qkv, offs_n, stride_qkv_n, (H + h) * D, D, BLOCK_D, ALIGNED)
-    v_ptrs = _tile(qkv, offs_n, stride_qkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED)
-    qk_scale = scale * _LOG2E
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        kv_mask = (cols[:, None] < N) & (tl.arange(0, BLOCK_D)[None, :] < D)
-        k = tl.load(k_ptrs + start * stride_qkv_n, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start * stride_qkv_n, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(cols[None, :] < N, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            keep = _kept(Bits, bh, rows, start, N, words_per_row, BLOCK_M, BLOCK_N)
-            ds = p * (tl.where(keep, dp, 0.0) * keep_scale - delta[:, None])  # one FFMA, as without dropout
-        else:
-            ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
-    dq_ptrs = _tile(dQKV + b.to(tl.int64) * stride_dqkv_b, rows, stride_dqkv_n, h * D, D, BLOCK_D, ALIGNED)
-    tl.store(dq_ptrs, (dq * scale).to(dQKV.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit
-def _attn_bwd_dkdv(
-    QKV, dOut, Lse, Delta, dQKV, Bits,
-    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
-    N, H, scale, words_per_row, keep_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One program: dK and dV for BLOCK_N keys of one (batch, head), streaming queries in blocks of BLOCK_M.
-
-    Works on transposed score tiles (keys x queries) so dK and dV accumulate without transposes.
-    Reads delta written by _attn_bwd_dq (launched first). Writes the k and v slots of dQKV."""
-    blocks = tl.cdiv(N, BLOCK_N)  # 1-D grid, the key blocks of one head adjacent: its Q/dO stay in L2
-    bh = tl.program_id(0) // blocks
-    b = bh // H
-    h = bh % H
-    col0 = (tl.program_id(0) % blocks) * BLOCK_N
-    cols = col0 + tl.arange(0, BLOCK_N)  # key indices
-    offs_m = tl.arange(0, BLOCK_M)
-    d_ok = tl.arange(0, BLOCK_D)[None, :] < D
-    col_mask = (cols[:, None] < N) & d_ok
-    qkv = QKV + b.to(tl.int64) * stride_qkv_b
-
-    k = tl.load(_tile(qkv, cols, stride_qkv_n, (H + h) * D, D, BLOCK_D, ALIGNED), mask=col_mask, other=0.0)
-    v = tl.load(_tile(qkv, cols, stride_qkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED), mask=col_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    q_ptrs = _tile(qkv, offs_m, stride_qkv_n, h * D, D, BLOCK_D, ALIGNED)
-    do_ptrs = _tile(dOut + b.to(tl.int64) * stride_do_b, offs_m, stride_do_n, h * D, D, BLOCK_D, ALIGNED)
-    qk_scale = scale * _LOG2E
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_M):
-        rows = start + offs_m
-        row_mask = (rows[:, None] < N) & d_ok
-        q = tl.load(q_ptrs + start * stride_qkv_n, mask=row_mask, other=0.0)
-        do = tl.load(do_ptrs + start * stride_do_n, mask=row_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse2 = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0) * _LOG2E
-        delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        p_t = tl.where(rows[None, :] < N, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if DROPOUT:
-            keep_t = _kept_t(Bits, bh, rows, col0, N, words_per_row, BLOCK_M, BLOCK_N)
-            # keep_scale multiplies dV once, at the end
-            dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=PRECISION)
-            ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) * keep_scale - delta[None, :])
-        else:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-
-    dqkv = dQKV + b.to(tl.int64) * stride_dqkv_b
-    dk_ptrs = _tile(dqkv, cols, stride_dqkv_n, (H + h) * D, D, BLOCK_D, ALIGNED)
-    dv_ptrs = _tile(dqkv, cols, stride_dqkv_n, (2 * H + h) * D, D, BLOCK_D, ALIGNED)
-    tl.store(dk_ptrs, (dk * scale).to(dQKV.dtype.element_ty), mask=col_mask)
-    if DROPOUT:
-        dv = dv * keep_scale
-    tl.store(dv_ptrs, dv.to(dQKV.dtype.element_ty), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,8 +118,8 @@ def _precision(dtype: torch.dtype) -> str:
 def unsupported(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float, lengths=None, *,
                 backend: str = "triton"):
     """Why these kernels cannot run this call (a sentence), or None when they can."""
-    if lengths is not None:
-        return "triton attention takes no key-padding lengths yet"
+    if lengths is not None and (lengths.dtype != torch.int64 or tuple(lengths.shape) != (qkv.shape[0],)):
+        return f"triton attention takes lengths as a (B,) int64 tensor, got {lengths.dtype} {tuple(lengths.shape)}"
     if qkv.dtype not in DTYPES:
         return f"triton attention supports float32, float16 and bfloat16, got {qkv.dtype}"
     head_dim = qkv.shape[2] // (3 * num_heads)
@@ -339,10 +148,16 @@ def _aligned(*tensors: torch.Tensor, head_dim: int) -> bool:
     )
 
 
+def _lengths_arg(lengths: torch.Tensor | None, device) -> torch.Tensor:
+    """The Lengths pointer: the lengths, or without them a cached placeholder the kernels never read."""
+    return _no_bits(torch.device(device)) if lengths is None else lengths
+
+
 def forward(qkv, num_heads, scale, dropout_p, seed, lengths=None, *, out=None, lse=None):
     """Attention forward. qkv (B, N, 3*H*d) fp32/fp16/bf16 with a contiguous last dim; seed int64 (1,) if
-    dropout_p > 0. Returns out (B, N, H*d) qkv.dtype and lse (B, H, N) float32. `out`/`lse` may be given
-    preallocated (tests fill them with NaN to catch unwritten elements)."""
+    dropout_p > 0; lengths None or (B,) int64 on qkv's device (key padding, see the module docstring). Returns out
+    (B, N, H*d) qkv.dtype and lse (B, H, N) float32 (-inf for the rows of a sequence without real tokens).
+    `out`/`lse` may be given preallocated (tests fill them with NaN to catch unwritten elements)."""
     B, N, three_hd = qkv.shape
     H = num_heads
     D = three_hd // (3 * H)
@@ -353,21 +168,21 @@ def forward(qkv, num_heads, scale, dropout_p, seed, lengths=None, *, out=None, l
     bits, words = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("fwd", qkv.dtype, D, dropout_p > 0, N)
     _attn_fwd[(B * H * triton.cdiv(N, BLOCK_M),)](
-        qkv, out, lse, bits,
+        qkv, out, lse, bits, _lengths_arg(lengths, qkv.device),
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         N, H, scale * LOG2E, words, 1.0 / (1.0 - dropout_p),
-        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0, UPCAST=_upcast(qkv),
-        ALIGNED=_aligned(qkv, out, head_dim=D), PRECISION=_precision(qkv.dtype), num_warps=num_warps,
-        num_stages=num_stages,
+        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0,
+        HAS_LENGTHS=lengths is not None, UPCAST=_upcast(qkv), ALIGNED=_aligned(qkv, out, head_dim=D),
+        PRECISION=_precision(qkv.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 
 
 def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths=None, *, grad_qkv=None):
     """Attention backward. grad_out and out (B, N, H*d), qkv (B, N, 3*H*d), all of one dtype with contiguous
-    last dims; lse (B, H, N) float32 contiguous from forward(); the same seed as the forward. Returns grad_qkv
-    (B, N, 3*H*d) qkv.dtype, contiguous (every element written: dq, dk, dv slots); it may be given preallocated
-    (any strides with a contiguous last dim)."""
+    last dims; lse (B, H, N) float32 contiguous from forward(); the same seed and lengths as the forward. Returns
+    grad_qkv (B, N, 3*H*d) qkv.dtype, contiguous (every element written: dq, dk, dv slots; zeros for padded keys
+    and for sequences without real tokens); it may be given preallocated (any strides with a contiguous last dim)."""
     B, N, three_hd = qkv.shape
     H = num_heads
     D = three_hd // (3 * H)
@@ -376,13 +191,15 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
     lse = lse.contiguous()
     delta = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
     bits, words = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)  # redrawn: cheaper than keeping B*H*N*N/8 bytes
-    common = dict(D=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0, UPCAST=_upcast(qkv),
-                  ALIGNED=_aligned(qkv, out, grad_out, grad_qkv, head_dim=D), PRECISION=_precision(qkv.dtype))
+    common = dict(D=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0, HAS_LENGTHS=lengths is not None,
+                  UPCAST=_upcast(qkv), ALIGNED=_aligned(qkv, out, grad_out, grad_qkv, head_dim=D),
+                  PRECISION=_precision(qkv.dtype))
+    lengths_arg = _lengths_arg(lengths, qkv.device)
     keep_scale = 1.0 / (1.0 - dropout_p)
 
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dq", qkv.dtype, D, dropout_p > 0, N)
     _attn_bwd_dq[(B * H * triton.cdiv(N, BLOCK_M),)](
-        qkv, out, grad_out, lse, delta, grad_qkv, bits,
+        qkv, out, grad_out, lse, delta, grad_qkv, bits, lengths_arg,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         grad_qkv.stride(0), grad_qkv.stride(1),
         N, H, scale, words, keep_scale,
@@ -390,7 +207,7 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
     )
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", qkv.dtype, D, dropout_p > 0, N)
     _attn_bwd_dkdv[(B * H * triton.cdiv(N, BLOCK_N),)](
-        qkv, grad_out, lse, delta, grad_qkv, bits,
+        qkv, grad_out, lse, delta, grad_qkv, bits, lengths_arg,
         qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1),
         N, H, scale, words, keep_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
@@ -404,8 +221,9 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
 
 
 def _sm90_check(dtype: torch.dtype, head_dim: int, dropout: bool, backward_pass: bool, N: int = 256,
-                B: int = 2, H: int = 4, tf32: bool = False) -> dict:
-    """forward() (or backward()) on meta tensors of (B, N, H, head_dim): sm90.py compiles what they launch."""
+                B: int = 2, H: int = 4, tf32: bool = False, padded: bool = False) -> dict:
+    """forward() (or backward()) on meta tensors of (B, N, H, head_dim), with key-padding lengths if `padded`:
+    sm90.py compiles what they launch."""
     p = 0.1 if dropout else 0.0
 
     def launch():
@@ -419,15 +237,16 @@ def _sm90_check(dtype: torch.dtype, head_dim: int, dropout: bool, backward_pass:
     def run():
         qkv = torch.empty(B, N, 3 * H * head_dim, dtype=dtype, device="meta")
         seed = torch.empty(1, dtype=torch.int64, device="meta")
+        lengths = torch.empty(B, dtype=torch.int64, device="meta") if padded else None
         if not backward_pass:
-            forward(qkv, H, head_dim**-0.5, p, seed)
+            forward(qkv, H, head_dim**-0.5, p, seed, lengths)
             return
         out = torch.empty(B, N, H * head_dim, dtype=dtype, device="meta")
         lse = torch.empty(B, H, N, dtype=torch.float32, device="meta")
-        backward(torch.empty_like(out), qkv, out, lse, H, head_dim**-0.5, p, seed)
+        backward(torch.empty_like(out), qkv, out, lse, H, head_dim**-0.5, p, seed, lengths)
 
     name = (f"{'bwd' if backward_pass else 'fwd'}_{str(dtype).split('.')[-1]}{'_tf32' if tf32 else ''}_d{head_dim}_N{N}"
-            f"{'_dropout' if dropout else ''}")
+            f"{'_lengths' if padded else ''}{'_dropout' if dropout else ''}")
     return {"name": name, "launch": launch, "score_elements": lambda kw: kw["BLOCK_M"] * kw["BLOCK_N"]}
 
 
@@ -444,4 +263,9 @@ SM90_CHECKS = [
     for head_dim, N in ((80, 256), (64, 196), (64, 64))
     for dropout in (False, True)
     for backward_pass in (False, True)
-] + [_sm90_check(torch.float32, 64, False, backward_pass, tf32=True) for backward_pass in (False, True)]
+] + [_sm90_check(torch.float32, 64, False, backward_pass, tf32=True) for backward_pass in (False, True)] + [
+    # key padding: the CCT tile class with and without dropout, and text_cct's head dim 75 (300 / 4) at N=64
+    _sm90_check(torch.bfloat16, head_dim, dropout, backward_pass, N=N, padded=True)
+    for head_dim, N, dropout in ((64, 256, False), (64, 256, True), (75, 64, False))
+    for backward_pass in (False, True)
+]

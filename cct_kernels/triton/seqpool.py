@@ -2,11 +2,16 @@
 
 Shapes: x (B, N, D) contiguous, weight (1, D), bias (1,); float32, float16 or bfloat16 (all the same dtype),
 accumulated in float32. Any B >= 0, N >= 1, D >= 1 (D above `MAX_BLOCK_D` is looped over in chunks).
+Key padding: lengths None or (B,) int64 on x's device, 0 <= lengths[b] <= N (row b's real tokens are its first
+lengths[b]): the softmax runs over real tokens only and the kernels loop over those only (padding is never loaded);
+padded tokens get zero gradients; a row without real tokens gives out = 0 and lse = -inf. Without lengths the
+kernels compile as before (HAS_LENGTHS).
 
 Forward, one pass over x. B alone gives too few programs to fill a GPU (128 rows on 132 SMs), so N is split too:
 program (b, s) runs an online softmax over its chunk of tokens, keeping a running max m, running sum l and a
 running weighted sum acc (D floats), and writes them to a float32 workspace; a second small kernel combines the
-chunks of each row (out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), lse = M + log L).
+chunks of each row (out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), lse = M + log L); a chunk past a row's
+real tokens leaves m = -inf, l = 0, acc = 0.
 
 Backward, from the saved lse, one pass over x: per token s = x.w + b, p = exp(s - lse), ds = p (g.x - g.out),
 dx = p g + ds w; each program writes its partial dw = sum ds x and db = sum ds to a workspace that torch sums
@@ -23,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cct_kernels.triton.key_padding import real_tokens
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_D = 1024  # widest D chunk held in registers; wider rows are looped over in chunks
 # Elements of x per loaded tile (BLOCK_N * BLOCK_D) with 8 warps: 16 (forward) or 8 (backward) per thread keeps
@@ -34,8 +41,8 @@ META_SM_COUNT = 132  # H100 SXM / H200
 
 def unsupported(x, weight, bias, lengths=None, *, backend="triton"):
     """Why the Triton kernels cannot serve these inputs, or None."""
-    if lengths is not None:
-        return "triton seqpool takes no key-padding lengths yet"
+    if lengths is not None and (lengths.dtype != torch.int64 or tuple(lengths.shape) != (x.shape[0],)):
+        return f"triton seqpool takes lengths as a (B,) int64 tensor, got {lengths.dtype} {tuple(lengths.shape)}"
     if x.dtype not in DTYPES:
         return f"triton seqpool supports float32, float16 and bfloat16, got {x.dtype}"
     if not x.is_contiguous():
@@ -50,15 +57,16 @@ def unsupported(x, weight, bias, lengths=None, *, backend="triton"):
 
 @triton.jit
 def _forward_partial_kernel(
-    x_ptr, w_ptr, b_ptr, m_ws, l_ws, acc_ws, N, D, CHUNK, SPLIT,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, lengths_ptr, m_ws, l_ws, acc_ws, N, D, CHUNK, SPLIT,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
-    """Program (row, split): online softmax over tokens [split*CHUNK, +CHUNK) of one row -> (m, l, acc[D])."""
+    """Program (row, split): online softmax over the real tokens of [split*CHUNK, +CHUNK) of one row -> (m, l,
+    acc[D]); none (a chunk past the real tokens) leaves m = -inf, l = 0, acc = 0."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     x_row = x_ptr + row.to(tl.int64) * N * D
     n_start = split * CHUNK
-    n_end = tl.minimum(n_start + CHUNK, N)
+    n_end = tl.minimum(n_start + CHUNK, real_tokens(lengths_ptr, row, N, HAS_LENGTHS))
     ws = row * SPLIT + split
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -120,7 +128,7 @@ def _forward_partial_kernel(
 @triton.jit
 def _forward_combine_kernel(
     m_ws, l_ws, acc_ws, out_ptr, lse_ptr, D, SPLIT,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
     """Program (row, d block): merge the SPLIT partial softmaxes of one row into out[row, d block] and lse[row]."""
     row = tl.program_id(0)
@@ -130,15 +138,24 @@ def _forward_combine_kernel(
     m = tl.load(m_ws + row * SPLIT + offs_s, mask=s_mask, other=float("-inf"))
     l = tl.load(l_ws + row * SPLIT + offs_s, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
-    scale = tl.where(s_mask, tl.exp(m - m_max), 0.0)
-    total = tl.sum(l * scale, 0)
+    if HAS_LENGTHS:
+        # A row without real tokens: every partial is empty (m = -inf, l = 0, acc = 0); shift by 0 instead of
+        # -inf (no NaN) and divide by 1: out = 0, lse = -inf + log 0 = -inf.
+        m_ref = tl.where(m_max > float("-inf"), m_max, 0.0)
+        scale = tl.where(s_mask, tl.exp(m - m_ref), 0.0)
+        total = tl.sum(l * scale, 0)
+        divisor = tl.where(total > 0, total, 1.0)
+    else:
+        scale = tl.where(s_mask, tl.exp(m - m_max), 0.0)
+        total = tl.sum(l * scale, 0)
+        divisor = total
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     acc = tl.load(
         acc_ws + (row * SPLIT + offs_s).to(tl.int64)[:, None] * D + d[None, :],
         mask=s_mask[:, None] & d_mask[None, :], other=0.0,
     )
-    out = tl.sum(acc * scale[:, None], 0) / total
+    out = tl.sum(acc * scale[:, None], 0) / divisor
     tl.store(out_ptr + row.to(tl.int64) * D + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
     if pid_d == 0:
         tl.store(lse_ptr + row, m_max + tl.log(total))
@@ -146,10 +163,11 @@ def _forward_combine_kernel(
 
 @triton.jit
 def _backward_kernel(
-    g_ptr, x_ptr, w_ptr, b_ptr, out_ptr, lse_ptr, dx_ptr, dw_ws, db_ws, N, D, CHUNK, SPLIT,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr,
+    g_ptr, x_ptr, w_ptr, b_ptr, lengths_ptr, out_ptr, lse_ptr, dx_ptr, dw_ws, db_ws, N, D, CHUNK, SPLIT,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
-    """Program (row, split): dx for tokens [split*CHUNK, +CHUNK) of one row, and its partial dw (D) and db."""
+    """Program (row, split): dx for tokens [split*CHUNK, +CHUNK) of one row, and its partial dw (D) and db. Only
+    the real tokens are loaded and computed; padded ones get dx = 0."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     row64 = row.to(tl.int64)
@@ -157,6 +175,7 @@ def _backward_kernel(
     dx_row = dx_ptr + row64 * N * D
     n_start = split * CHUNK
     n_end = tl.minimum(n_start + CHUNK, N)
+    real_end = tl.minimum(n_start + CHUNK, real_tokens(lengths_ptr, row, N, HAS_LENGTHS))  # n_end without lengths
     ws = row * SPLIT + split
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -170,9 +189,9 @@ def _backward_kernel(
         o = tl.load(out_ptr + row64 * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         g_out = tl.sum(g * o, 0)
         dw = tl.zeros([BLOCK_D], tl.float32)
-        for n0 in range(n_start, n_end, BLOCK_N):
+        for n0 in range(n_start, real_end, BLOCK_N):
             n = n0 + offs_n
-            n_mask = n < n_end
+            n_mask = n < real_end
             tile = n[:, None] * D + offs_d[None, :]
             mask = n_mask[:, None] & d_mask[None, :]
             xt = tl.load(x_row + tile, mask=mask, other=0.0).to(tl.float32)
@@ -195,9 +214,9 @@ def _backward_kernel(
             g = tl.load(g_ptr + row64 * D + d, mask=d_mask, other=0.0).to(tl.float32)
             o = tl.load(out_ptr + row64 * D + d, mask=d_mask, other=0.0).to(tl.float32)
             g_out += tl.sum(g * o, 0)
-        for n0 in range(n_start, n_end, BLOCK_N):
+        for n0 in range(n_start, real_end, BLOCK_N):
             n = n0 + offs_n
-            n_mask = n < n_end
+            n_mask = n < real_end
             s = tl.zeros([BLOCK_N], tl.float32)
             gx = tl.zeros([BLOCK_N], tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -224,7 +243,22 @@ def _backward_kernel(
                 tl.store(dx_row + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
                 dw = tl.load(dw_row + d, mask=d_mask, other=0.0) + tl.sum(ds[:, None] * xt, 0)
                 tl.store(dw_row + d, dw, mask=d_mask)
+    if HAS_LENGTHS:
+        _store_zeros(dx_row, tl.maximum(real_end, n_start), n_end, D, BLOCK_N, BLOCK_D)
     tl.store(db_ws + ws, tl.sum(db, 0))
+
+
+@triton.jit
+def _store_zeros(dx_row, n_from, n_to, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx = 0 for tokens [n_from, n_to) of a row (padding: no softmax weight), without loading anything."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_N, BLOCK_D], tl.float32).to(dx_row.dtype.element_ty)
+    for n0 in range(n_from, n_to, BLOCK_N):
+        n = n0 + offs_n
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            tl.store(dx_row + n[:, None] * D + d[None, :], zeros, mask=(n[:, None] < n_to) & (d[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -261,8 +295,14 @@ def _split(B: int, N: int, block_n: int, device: torch.device) -> tuple[int, int
     return chunk, triton.cdiv(N, chunk)
 
 
+def _lengths_arg(lengths, x):
+    """The lengths pointer: the lengths, or without them x (a placeholder the kernels never read)."""
+    return x if lengths is None else lengths
+
+
 def forward(x, weight, bias, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
-    """x (B, N, D), weight (1, D), bias (1,) -> (out (B, D) x.dtype, lse (B,) float32)."""
+    """x (B, N, D), weight (1, D), bias (1,), lengths None or (B,) int64 -> (out (B, D) x.dtype, lse (B,) float32;
+    a row without real tokens: out 0, lse -inf)."""
     B, N, D = x.shape
     out = _empty(B, D, device=x.device, dtype=x.dtype)
     lse = _empty(B, device=x.device, dtype=torch.float32)
@@ -276,19 +316,22 @@ def forward(x, weight, bias, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
     alloc = _empty if one_d_block else torch.zeros  # the chunked path accumulates into its workspace row
     acc_ws = alloc(B * split, D, device=x.device, dtype=torch.float32)
     _forward_partial_kernel[(B, split)](
-        x, weight, bias, m_ws, l_ws, acc_ws, N, D, chunk, split,
-        BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, num_warps=num_warps,
+        x, weight, bias, _lengths_arg(lengths, x), m_ws, l_ws, acc_ws, N, D, chunk, split,
+        BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, HAS_LENGTHS=lengths is not None,
+        num_warps=num_warps,
     )
     block_s = triton.next_power_of_2(split)
     combine_d = max(16, min(triton.next_power_of_2(D), 4096 // block_s))
     _forward_combine_kernel[(B, triton.cdiv(D, combine_d))](
-        m_ws, l_ws, acc_ws, out, lse, D, split, BLOCK_S=block_s, BLOCK_D=combine_d, num_warps=4,
+        m_ws, l_ws, acc_ws, out, lse, D, split, BLOCK_S=block_s, BLOCK_D=combine_d, HAS_LENGTHS=lengths is not None,
+        num_warps=4,
     )
     return out, lse
 
 
 def backward(grad_out, x, weight, bias, out, lse, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
-    """-> (grad_x (B, N, D) x.dtype, grad_weight (1, D), grad_bias (1,)); grad_out (B, D) contiguous."""
+    """-> (grad_x (B, N, D) x.dtype, grad_weight (1, D), grad_bias (1,)); grad_out (B, D) contiguous; lengths
+    those of the forward."""
     B, N, D = x.shape
     grad_x = _empty(B, N, D, device=x.device, dtype=x.dtype)
     if B == 0:
@@ -300,8 +343,9 @@ def backward(grad_out, x, weight, bias, out, lse, lengths=None, *, max_block_d: 
     dw_ws = alloc(B * split, D, device=x.device, dtype=torch.float32)
     db_ws = _empty(B * split, device=x.device, dtype=torch.float32)
     _backward_kernel[(B, split)](
-        grad_out.contiguous(), x, weight, bias, out, lse, grad_x, dw_ws, db_ws, N, D, chunk, split,
-        BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, num_warps=num_warps,
+        grad_out.contiguous(), x, weight, bias, _lengths_arg(lengths, x), out, lse, grad_x, dw_ws, db_ws, N, D, chunk,
+        split, BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, HAS_LENGTHS=lengths is not None,
+        num_warps=num_warps,
     )
     # Each row's ds sums to delta = g.(out_exact - out), not 0, since ds is centred on the output as saved in the
     # input dtype; the exactly centred ds give dw - delta out and db = 0 (softmax is shift-invariant), written
