@@ -1,0 +1,151 @@
+"""Triton linear (cct_kernels/triton/linear.py) against the float64 reference: forward (out and the saved
+pre-activation) and backward, every output poisoned with NaN before the launch, tails in every dimension, grad_W's
+split over M, and the sm_90 build of the D=256 kernels (wgmma, no spills).
+
+Tolerance rule (tests/cases.py, DESIGN.md): error against float64 at most 2x the same-dtype eager reference's, plus
+a small floor. On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py); shapes stay small (M, N, K <= 136).
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cct_kernels import backends, ops, reference
+from cct_kernels.triton import linear as triton_linear
+from tests.cases import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, K, N): the lead's odd case; several tiles with a tail in each dimension (16-bit tiles are 64-128 wide);
+# every dimension a whole number of tiles (the unmasked paths); dimensions below tl.dot's 16.
+SHAPES = [(111, 48, 40), (130, 80, 136), (64, 64, 64), (3, 5, 7)]
+EPILOGUES = [("gelu", True, True), ("gelu", False, False), ("none", True, True), ("none", False, False)]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every buffer the launchers leave uninitialised starts as NaN, so an element never written shows."""
+    def nan_empty(*shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(triton_linear, "_empty", nan_empty)
+
+
+def _inputs(M, K, N, dtype, device, bias, residual, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    return (rand(M, K), rand(N, K, scale=K**-0.5), rand(N) if bias else None, rand(M, N) if residual else None,
+            rand(M, N))
+
+
+def _reference(x, weight, bias, residual, grad_out, activation):
+    """(out, h = x @ W.T + b, grad_x, grad_W, grad_b) of the eager reference in the inputs' dtype."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    b = leaves[2] if bias is not None else None
+    out = reference.linear(leaves[0], leaves[1], b, activation=activation, residual=residual)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    h = F.linear(x, weight, bias)
+    return (out.detach(), h, *grads)
+
+
+@pytest.mark.parametrize("min_chunk", [16, triton_linear.MIN_CHUNK_ROWS], ids=["split_m", "one_chunk"])
+@pytest.mark.parametrize("activation,bias,residual", EPILOGUES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_match_float64(dtype, shape, activation, bias, residual, min_chunk, device):
+    M, K, N = shape
+    x, weight, b, res, grad_out = _inputs(M, K, N, dtype, device, bias, residual)
+    out, h = triton_linear.forward(x, weight, b, res, activation, True)
+    grads = triton_linear.backward(grad_out, x, weight, bias, h, activation, min_chunk=min_chunk)
+
+    exact = _reference(*(None if t is None else t.double() for t in (x, weight, b, res, grad_out)), activation)
+    eager = _reference(x, weight, b, res, grad_out, activation)
+    got = (out, h) + grads[:2] + ((grads[2],) if bias else ())
+    names = ("out", "pre_activation", "grad_x", "grad_weight", "grad_bias")
+    for name, g, r, e in zip(names, got, exact, eager):
+        if name == "pre_activation" and activation != "gelu":
+            assert h.shape == (0,)
+            continue
+        assert g.dtype == dtype and not g.isnan().any(), f"{name}: NaN (an element left unwritten?)"
+        assert_close_to_reference(g, r, e, name)
+    if not bias:
+        assert grads[2].shape == (0,)
+
+
+def test_float16_gelu_through_the_op_matches_float64(device):
+    """The registered op path (autograd, saved pre-activation) in float16, with the residual's gradient."""
+    x, weight, b, res, grad_out = _inputs(3 * 37, 48, 40, torch.float16, device, True, True, seed=3)
+    leaves = [t.requires_grad_() for t in (x, weight, b, res)]
+    out = ops.linear(x.view(3, 37, 48), weight, b, activation="gelu", residual=res.view(3, 37, 40), backend="triton")
+    got = [out.reshape(-1, 40)] + list(torch.autograd.grad(out, leaves, grad_out.view(3, 37, 40)))
+    as64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref64 = reference.linear(*as64[:3], activation="gelu", residual=as64[3])
+    exact = [ref64] + list(torch.autograd.grad(ref64, as64, grad_out.double()))
+    eager_out = reference.linear(*leaves[:3], activation="gelu", residual=leaves[3])
+    eager = [eager_out] + list(torch.autograd.grad(eager_out, leaves, grad_out))
+    for name, g, r, e in zip(("out", "grad_x", "grad_weight", "grad_bias", "grad_residual"), got, exact, eager):
+        assert_close_to_reference(g, r.detach(), e.detach(), name)
+
+
+def test_float32_precision_follows_allow_tf32_per_call():
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert triton_linear._precision(torch.float32) == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert triton_linear._precision(torch.float32) == "ieee"
+        assert triton_linear._precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def test_split_covers_m_in_whole_blocks():
+    """grad_W's chunks: multiples of the row block, covering M, about filling the device, never above 2**31."""
+    for M, block_m, tiles, NK in [(16384, 64, 8, 512 * 256), (111, 16, 1, 40 * 48), (10**6, 64, 1, 2**30)]:
+        split, chunk = triton_linear._split(M, block_m, tiles, NK, torch.device("meta"), 512)
+        assert chunk % block_m == 0 and (split - 1) * chunk < M <= split * chunk
+        assert split * NK < 2**31 and split * tiles <= triton_linear.META_SM_COUNT + tiles
+
+
+def test_empty_batch_and_refusals(device):
+    x, weight, b, _, _ = _inputs(0, 8, 6, torch.float32, device, True, False)
+    out, h = triton_linear.forward(x, weight, b, None, "gelu", True)
+    grad_x, grad_w, grad_b = triton_linear.backward(out, x, weight, True, h, "gelu")
+    assert out.shape == h.shape == (0, 6) and grad_x.shape == (0, 8)
+    assert (grad_w == 0).all() and (grad_b == 0).all()
+    assert "float32, float16 and bfloat16" in triton_linear.unsupported(x.double(), weight.double(), None, None,
+                                                                        "none")
+    with pytest.raises(backends.BackendUnavailable, match="float32, float16 and bfloat16"):
+        ops.linear(x.double(), weight.double(), backend="triton")
+    huge = torch.empty(2**16, 2**15, device="meta")
+    assert "int32" in triton_linear.unsupported(huge, torch.empty(4, 2**15, device="meta"), None, None, "none")
+
+
+SM90_SCRIPT = """
+import json
+from cct_kernels.triton import linear, sm90
+checks = [c for c in linear.SM90_CHECKS if c["name"] in {names!r}]
+print(json.dumps({{k: v for c in checks for k, v in sm90.check_figures(c).items()}}))
+"""
+
+
+def test_sm90_build_of_the_d256_block_uses_wgmma_without_spills():
+    """bf16, D = 256, M = 16384: linear1's forward (GELU, pre-activation saved) and backward, compiled as the JIT
+    specialises them at launch (a subprocess without the interpreter)."""
+    names = ["fwd_bfloat16_M16384_K256_N512_bias_gelu", "bwd_bfloat16_M16384_K256_N512_bias_gelu"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SM90_SCRIPT.format(names=names)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(proc.stdout.splitlines()[-1])
+    assert sorted(k.split("/")[1] for k in figures) == ["_forward_kernel", "_grad_w_kernel", "_grad_x_kernel"]
+    for name, f in figures.items():
+        assert f["spill_bytes"] == 0 and f["registers"] <= 255 and f["shared_bytes"] <= 227 * 1024, (name, f)
+        assert f["mma"] == "wgmma" and f["cp_async"] and f["ldg_128"], (name, f)
