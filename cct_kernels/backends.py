@@ -5,12 +5,17 @@ per-op module lives in a package: "triton" -> cct_kernels.triton.<op>, "cpu"/"cu
 A kernel module defines
     unsupported(*inputs, backend) -> str | None   why it cannot serve these inputs (None: it can)
     forward(*inputs)  and  backward(*grads_and_saved)   with the signatures of the op's registered custom ops.
+and may define
+    auto_declines(*inputs, backend) -> str | None   why "auto" should not pick it for inputs it can serve (another
+                                                    backend is expected to be faster); a backend named explicitly
+                                                    still serves them.
 
 The backend for a call is the first of: the explicit argument (per call, or per model via its `backend=`),
 the innermost `use_backend(...)` context of the calling thread and asyncio task, the environment variable
 CCT_KERNELS_BACKEND, "auto".
-"auto" takes the first kernel backend that can serve the call (triton then cuda for CUDA tensors, cpu for CPU
-tensors) and falls back to eager; an explicitly named backend that cannot serve raises BackendUnavailable.
+"auto" takes the first kernel backend that can serve the call and does not decline it (triton then cuda for CUDA
+tensors, cpu for CPU tensors) and falls back to eager; an explicitly named backend that cannot serve raises
+BackendUnavailable.
 """
 from __future__ import annotations
 
@@ -147,6 +152,13 @@ def unsupported_reason(backend: str, op: str, device: torch.device, *inputs) -> 
     return module.unsupported(*inputs, backend=backend)
 
 
+def auto_declines(backend: str, op: str, *inputs) -> str | None:
+    """Why "auto" should pass over kernel backend `backend` for inputs it can serve, or None (the module's optional
+    auto_declines hook)."""
+    declines = getattr(kernel_module(backend, op), "auto_declines", None)
+    return None if declines is None else declines(*inputs, backend=backend)
+
+
 def select(op: str, explicit: str | None, device: torch.device, *inputs, eager_only: str | None = None) -> str:
     """The concrete backend ("eager" or a kernel backend) that runs `op` for these inputs.
 
@@ -163,7 +175,7 @@ def select(op: str, explicit: str | None, device: torch.device, *inputs, eager_o
 
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ()):
-            if reason(candidate) is None:
+            if reason(candidate) is None and auto_declines(candidate, op, *inputs) is None:
                 return candidate
         return "eager"
     why = reason(name)

@@ -48,6 +48,25 @@ def test_auto_on_cpu_picks_the_cpu_extension_or_eager():
     assert backends.select("seqpool", "eager", x.device, x) == "eager"
 
 
+def test_auto_passes_over_a_backend_that_declines_but_a_named_one_still_serves(monkeypatch):
+    """A kernel module's optional auto_declines hook is asked by "auto" only: auto takes the next backend, an
+    explicit name still gets the declining one (here triton on CUDA tensors; select needs only the device type)."""
+    x, w, b = torch.randn(2, 4, 8), torch.randn(1, 8), torch.randn(1)
+    cuda = torch.device("cuda")
+    asked = []
+    module = backends.kernel_module("triton", "seqpool")
+    assert backends.select("seqpool", "auto", cuda, x, w, b) == "triton"
+    monkeypatch.setattr(module, "auto_declines", lambda *inputs, backend: asked.append(backend) or "slower here",
+                        raising=False)
+    next_best = "cuda" if backends.unsupported_reason("cuda", "seqpool", cuda, x, w, b) is None else "eager"
+    assert backends.select("seqpool", "auto", cuda, x, w, b) == next_best
+    assert asked == ["triton"]
+    assert backends.select("seqpool", "triton", cuda, x, w, b) == "triton"
+    with cct_kernels.use_backend("triton"):
+        assert backends.select("seqpool", None, cuda, x, w, b) == "triton"
+    assert asked == ["triton"]
+
+
 def test_model_backend_reaches_every_op_module():
     model = cct_kernels.cct_2_3x2_32(backend="eager")
     op_modules = [m for m in model.modules() if isinstance(m, cct_kernels.nn._backend.UsesBackend)]

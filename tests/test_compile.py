@@ -12,6 +12,8 @@ from tests.cases import DEVICE, backends_serving_model
 # The cpu tokenizer's layout paths (csrc/cpu/tokenize.cpp): the direct stem (C_in*k*k <= 32 with a pool), the
 # general path with a channels-last convolution (3x3, or C_in <= 4) or an NCHW one (7x7 over > 4 channels, 1x1),
 # and no pool (the patch embedding; a 1x1 conv whose token output is a permuted view) - each as tokens and NCHW.
+# The triton kernel returns its NCHW output (and pool_index) channels-last and grad_x in x's layout: its paths are
+# the flat-K patch embedding and a per-tap stage reading a channels-last x (the previous stage's output).
 TOKENIZE_PATHS = {
     "direct-stem": dict(c_in=3, c_out=8, k=3, stride=1, padding=1, pool=(3, 2, 1)),
     "channels-last-3x3": dict(c_in=8, c_out=6, k=3, stride=1, padding=1, pool=(3, 2, 1)),
@@ -19,7 +21,9 @@ TOKENIZE_PATHS = {
     "nchw-1x1": dict(c_in=40, c_out=6, k=1, stride=2, padding=0, pool=(3, 2, 1)),
     "patch-no-pool": dict(c_in=3, c_out=8, k=4, stride=4, padding=0, pool=None),
     "1x1-no-pool": dict(c_in=5, c_out=6, k=1, stride=1, padding=0, pool=None),
+    "channels-last-input": dict(c_in=16, c_out=6, k=3, stride=1, padding=1, pool=(3, 2, 1), channels_last=True),
 }
+TRITON_INTERPRETED_PATHS = ("patch-no-pool", "channels-last-input")  # the interpreter is too slow for every path
 
 
 def _kernel_backends(op, *inputs):
@@ -29,19 +33,21 @@ def _kernel_backends(op, *inputs):
 def _tokenize_cases():
     for path, p in TOKENIZE_PATHS.items():
         x = torch.randn(2, p["c_in"], 12, 12, device=DEVICE)
+        if p.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
         w = torch.randn(p["c_out"], p["c_in"], p["k"], p["k"], device=DEVICE)
         pool = p["pool"] or (0, 1, 0)
         for to_tokens in (True, False):
             args = (x, w, torch.randn(p["c_out"], device=DEVICE), p["stride"], p["padding"], True, *pool, to_tokens)
             for backend in _kernel_backends("tokenize", *args):
-                if backend == "triton" and DEVICE.type == "cpu" and path != "patch-no-pool":
-                    continue  # one launcher, one layout: the interpreter is too slow to repeat it on every path
+                if backend == "triton" and DEVICE.type == "cpu" and path not in TRITON_INTERPRETED_PATHS:
+                    continue
                 yield pytest.param(args, backend, id=f"{path}-{'tokens' if to_tokens else 'nchw'}-{backend}")
 
 
 def _with_grad(args):
-    return tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
+    return tuple(a.clone(memory_format=torch.preserve_format).requires_grad_()
+                 if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 @pytest.mark.parametrize("args,backend", list(_tokenize_cases()))
@@ -49,8 +55,12 @@ def test_tokenize_fakes_match_every_layout_path(args, backend):
     torch.library.opcheck(torch.ops.cct_kernels.tokenize_forward, (*_with_grad(args), backend))
     out, index = torch.ops.cct_kernels.tokenize_forward(*args, backend)
     x, w, b, *params = args
-    backward_args = (torch.randn_like(out), x, w, b, out, index, *params, True, backend)
-    torch.library.opcheck(torch.ops.cct_kernels.tokenize_backward, backward_args)
+    grads = [torch.randn_like(out)]  # in out's layout
+    if not out.is_contiguous():
+        grads.append(torch.randn(out.shape, device=DEVICE))  # row-major: autograd may hand over either
+    for grad_out in grads:
+        backward_args = (grad_out, x, w, b, out, index, *params, True, backend)
+        torch.library.opcheck(torch.ops.cct_kernels.tokenize_backward, backward_args)
 
 
 def _attention_and_seqpool_cases():

@@ -191,3 +191,106 @@ def test_torch_compile_fullgraph_two_stages_with_backward(device):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for got, expected in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-4)
+
+
+class _KernelSpy:
+    """Stands in for a @triton.jit kernel: records each launch's first argument, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.first_args = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.first_args.append(args[0])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_two_stages_pass_the_activation_channels_last_without_a_copy(monkeypatch, device):
+    """Stage 1 (to_tokens=False) returns a channels-last (B, C, H, W) tensor; stage 2 hands it to the kernel as it
+    is (no transpose), and its gradient comes back to stage 1 channels-last; values and gradients match float64."""
+    x = torch.randn(2, 3, 10, 9, device=device)
+    w1 = torch.randn(16, 3, 3, 3, device=device) * (2 / 27) ** 0.5
+    w2 = torch.randn(20, 16, 3, 3, device=device) * (2 / 144) ** 0.5  # C_in 16: the per-tap channels-last path
+    grad_out = torch.randn(2, 9, 20, device=device)
+    spy = _KernelSpy(triton_tokenize._forward_kernel)
+    monkeypatch.setattr(triton_tokenize, "_forward_kernel", spy)
+    stage_grads = []
+
+    def two_stages(tokenize, x, w1, w2):
+        y = tokenize(x, w1, stride=1, padding=1, to_tokens=False)
+        if y.requires_grad:
+            y.register_hook(stage_grads.append)
+        return y, tokenize(y, w2, stride=1, padding=1, to_tokens=True)
+
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    y, out = two_stages(lambda *a, **k: ops.tokenize(*a, **k, backend="triton"), *leaves)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert [a.data_ptr() for a in spy.first_args] == [leaves[0].data_ptr(), y.data_ptr()]  # stage 2 read y in place
+    out.backward(grad_out)
+    assert stage_grads[0].is_contiguous(memory_format=torch.channels_last) and not stage_grads[0].is_contiguous()
+    exact = [t.double().requires_grad_() for t in (x, w1, w2)]
+    exact_y, exact_out = two_stages(reference.tokenize, *exact)
+    exact_out.backward(grad_out.double())
+    torch.testing.assert_close(y.double(), exact_y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double(), exact_out, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(leaves, exact):
+        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_takes_the_gradient_in_the_layout_it_gets(device):
+    """grad_out of a channels-last NCHW output: channels-last, row-major, or a strided slice (copied, since its
+    positions have no single stride) all give the same gradients; so does a row-major out and pool_index."""
+    x = torch.randn(1, 16, 9, 10, device=device)
+    weight = torch.randn(12, 16, 3, 3, device=device) * (2 / 144) ** 0.5
+    out, index = triton_tokenize.forward(x, weight, None, 1, 1, True, 3, 2, 1, False)
+    assert out.is_contiguous(memory_format=torch.channels_last) and index.stride() == out.stride()
+    grad = torch.randn(out.shape, device=device)
+    wide = torch.zeros(*out.shape[:3], out.shape[3] + 3, device=device)
+    wide[..., :out.shape[3]] = grad
+
+    def grads(g, o=out, i=index):
+        return triton_tokenize.backward(g, x, weight, None, o, i, 1, 1, True, 3, 2, 1, False)
+
+    expected = grads(grad.contiguous(memory_format=torch.channels_last))
+    for g, o, i in ((grad, out, index), (wide[..., :out.shape[3]], out, index),
+                    (grad, out.contiguous(), index.contiguous())):
+        for e, got in zip(expected, grads(g, o, i)):
+            torch.testing.assert_close(got, e, rtol=0, atol=0)
+
+
+def _meta_stage(c_in, c_out, k, stride, padding, size, dtype=torch.bfloat16, batch=64):
+    x = torch.empty(batch, c_in, size, size, dtype=dtype, device="meta")
+    weight = torch.empty(c_out, c_in, k, k, dtype=dtype, device="meta")
+    return x, weight, None, stride, padding, True, 3, 2, 1, False
+
+
+@pytest.mark.parametrize("stage,declined", [
+    ((64, 384, 7, 2, 3, 56), True),   # cct_14_7x2_224 stage 2: compute bound, 2.25x recompute loses to cuDNN
+    ((64, 384, 7, 2, 3, 96), True),   # cct_14_7x2_384 stage 2
+    ((3, 64, 7, 2, 3, 224), False),   # the 224 models' RGB stem: eager's 112x112x64 round trips cost more
+    ((3, 256, 3, 1, 1, 32), False),   # cct_7_3x1_32 stem
+    ((64, 128, 3, 1, 1, 16), False),  # cct_7_3x2_32 stage 2
+], ids=str)
+def test_auto_keeps_cudnn_where_the_floors_say_it_wins(stage, declined):
+    """auto passes over triton (to the cuda backend's cuDNN conv, or eager) exactly where the fused kernel's H100
+    floor is above cuDNN's; backend="triton" by name still gets triton."""
+    inputs = _meta_stage(*stage)
+    fused, eager = triton_tokenize.floors(*inputs[:2], *inputs[3:5], *inputs[6:9])
+    assert (fused > eager) == declined
+    assert (triton_tokenize.auto_declines(*inputs) is not None) == declined
+    cuda = torch.device("cuda")  # select() needs only the device type: meta tensors stand in for CUDA ones
+    fallback = "cuda" if backends.unsupported_reason("cuda", "tokenize", cuda, *inputs) is None else "eager"
+    assert backends.select("tokenize", "auto", cuda, *inputs) == (fallback if declined else "triton")
+    assert backends.select("tokenize", "triton", cuda, *inputs) == "triton"
+
+
+def test_a_declined_stage_still_runs_when_triton_is_named(device):
+    """float32 with many input channels: exact FMA products at 2.25x the conv lose to cuDNN (auto declines it),
+    but backend="triton" computes it, and correctly."""
+    case = CASES["k7_stage2_15x13"]
+    x, weight, _ = _inputs(case, torch.float32, device)
+    kw = _kwargs(case)
+    assert triton_tokenize.auto_declines(x, weight, None, 2, 3, True, 3, 2, 1, True) is not None
+    out = ops.tokenize(x, weight, **kw, backend="triton")
+    torch.testing.assert_close(out, reference.tokenize(x, weight, **kw), rtol=1e-5, atol=1e-5)

@@ -3,7 +3,8 @@
 Every custom op implementation goes through run_kernel, so three rules hold for every kernel of every backend:
 - Device: Triton and CUDA launches go to the *current* CUDA device, not the tensor's; run_kernel makes the tensor's
   device current for the call (a tensor on cuda:1 would otherwise be read from a cuda:0 launch).
-- Layout: every output tensor is returned contiguous (row-major), which is what the fake implementations state.
+- Layout: every output tensor is returned contiguous (row-major), or contiguous in the memory format the op names
+  for it (the Triton tokenizer's channels-last NCHW output), which is what the fake implementations state.
   Kernels may return other layouts (the cpu tokenizer's direct path returns grad_weight as a transposed view, its
   1x1 no-pool token output is a permuted view); the copy costs nothing when the kernel already returns contiguous
   tensors, and torch.compile's stride assertions hold on every layout path.
@@ -24,14 +25,16 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def run_kernel(backend: str, op: str, function: str, device: torch.device, *args):
-    """kernel_module(backend, op).<function>(*args) on `device`, every output tensor contiguous."""
+def run_kernel(backend: str, op: str, function: str, device: torch.device, *args, memory_formats=None):
+    """kernel_module(backend, op).<function>(*args) on `device`, every output tensor contiguous (in its entry of
+    memory_formats, one per output, when given)."""
     kernel = getattr(backends.kernel_module(backend, op), function)
     with device_guard(device):
         outputs = kernel(*args)
     if isinstance(outputs, torch.Tensor):
         return outputs.contiguous()
-    return tuple(o.contiguous() for o in outputs)
+    formats = memory_formats or (torch.contiguous_format,) * len(outputs)
+    return tuple(o.contiguous(memory_format=f) for o, f in zip(outputs, formats))
 
 
 def forbid_double_backward(backward_op, op: str) -> None:

@@ -4,7 +4,9 @@
 
 Shapes: x (B, C_in, H, W), weight (C_out, C_in, kh, kw), bias (C_out,) or None. The conv output is
 Ho = (H + 2*padding - kh) // stride + 1 (likewise Wo); with pool=(k, s, p) the pooled size is (Ho + 2p - k) // s + 1.
-Returns (B, Hp*Wp, C_out) in row-major token order if to_tokens, else (B, C_out, Hp, Wp).
+Returns (B, Hp*Wp, C_out) in row-major token order if to_tokens, else (B, C_out, Hp, Wp): contiguous, except that
+the triton backend returns it channels-last (the layout the next stage's kernel reads, so a multi-stage tokenizer
+never transposes its activation). x may come in either layout (NCHW or channels-last) and is read as it is.
 Dtypes: float32, float16, bfloat16, all tensors the same dtype. relu=False / pool=None drop those steps (the
 ViT-Lite/CVT patch embedding is tokenize(x, w, b, stride=4, padding=0, relu=False, pool=None)).
 
@@ -16,6 +18,8 @@ Kernel backends implement two registered ops (the kernel-module interface of cct
              pool_padding, to_tokens, needs_input_grad)
         -> (grad_x (empty when not needs_input_grad: the image stem's input needs none), grad_weight,
             grad_bias (empty when bias is None))
+    Output layouts (what the fakes state; run_kernel makes each output contiguous in its format): see
+    forward_memory_formats and grad_x_memory_format. grad_out may come in any layout.
 
 Errors (from tokenize's own checks, before any kernel runs):
     TypeError   x, weight or bias not a floating-point torch.Tensor, or dtypes that differ; stride, padding or a
@@ -53,13 +57,37 @@ def output_shape(x_shape, weight_shape, stride, padding, pool_kernel, pool_strid
     return (B, H * W, C_out) if to_tokens else (B, C_out, H, W)
 
 
+# Kernel backends whose (B, C_out, Hp, Wp) output (to_tokens=False) is channels-last, with grad_x in x's layout: the
+# Triton kernel writes every output channel-fastest and reads channels-last x without a copy.
+CHANNELS_LAST_BACKENDS = ("triton",)
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor stored channels-last (and not also row-major), else contiguous_format."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def forward_memory_formats(backend: str, pool_kernel: int, to_tokens: bool) -> tuple:
+    """Memory formats of tokenize_forward's (out, pool_index) for this backend and layout path."""
+    fmt = torch.channels_last if backend in CHANNELS_LAST_BACKENDS and not to_tokens else torch.contiguous_format
+    return fmt, fmt if pool_kernel else torch.contiguous_format  # no pool: pool_index is empty, 1-D
+
+
+def grad_x_memory_format(backend: str, x: torch.Tensor, needs_input_grad: bool) -> torch.memory_format:
+    """Memory format of tokenize_backward's grad_x: x's own layout for CHANNELS_LAST_BACKENDS, else row-major."""
+    return memory_format(x) if backend in CHANNELS_LAST_BACKENDS and needs_input_grad else torch.contiguous_format
+
+
 @torch.library.custom_op("cct_kernels::tokenize_forward", mutates_args=())
 def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int, relu: bool,
     pool_kernel: int, pool_stride: int, pool_padding: int, to_tokens: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return run_kernel(
-        backend, OP, "forward", x.device, x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens
+        backend, OP, "forward", x.device, x, weight, bias, stride, padding, relu, pool_kernel, pool_stride,
+        pool_padding, to_tokens, memory_formats=forward_memory_formats(backend, pool_kernel, to_tokens),
     )
 
 
@@ -67,7 +95,9 @@ def _forward(
 def _(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, backend):
     shape = output_shape(x.shape, weight.shape, stride, padding, pool_kernel, pool_stride, pool_padding, to_tokens)
     index_shape = shape if pool_kernel else (0,)
-    return x.new_empty(shape), x.new_empty(index_shape, dtype=torch.int8)
+    out_format, index_format = forward_memory_formats(backend, pool_kernel, to_tokens)
+    return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format),
+            torch.empty(index_shape, dtype=torch.int8, device=x.device, memory_format=index_format))
 
 
 @torch.library.custom_op("cct_kernels::tokenize_backward", mutates_args=())
@@ -76,16 +106,19 @@ def _backward(
     pool_index: torch.Tensor, stride: int, padding: int, relu: bool, pool_kernel: int, pool_stride: int,
     pool_padding: int, to_tokens: bool, needs_input_grad: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    formats = (grad_x_memory_format(backend, x, needs_input_grad), torch.contiguous_format, torch.contiguous_format)
     return run_kernel(
-        backend, OP, "backward", x.device, grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride, pool_padding,
-        to_tokens, needs_input_grad,
+        backend, OP, "backward", x.device, grad_out, x, weight, bias, out, pool_index, stride, padding, relu,
+        pool_kernel, pool_stride, pool_padding, to_tokens, needs_input_grad, memory_formats=formats,
     )
 
 
 @_backward.register_fake
 def _(grad_out, x, weight, bias, out, pool_index, *args):
-    needs_input_grad = args[-2]
-    grad_x = x.new_empty(x.shape) if needs_input_grad else x.new_empty(0)
+    needs_input_grad, backend = args[-2:]
+    grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                          memory_format=grad_x_memory_format(backend, x, needs_input_grad))
+              if needs_input_grad else x.new_empty(0))
     grad_bias = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
     return grad_x, weight.new_empty(weight.shape), grad_bias
 
@@ -100,7 +133,7 @@ def _autograd_backward(ctx, grad_out, _grad_index):
     x, weight, bias, out, pool_index = ctx.saved_tensors
     needs_input_grad = ctx.needs_input_grad[0]
     grad_x, grad_weight, grad_bias = _backward(
-        grad_out.contiguous(), x, weight, bias, out, pool_index, *ctx.params, needs_input_grad, ctx.backend
+        grad_out, x, weight, bias, out, pool_index, *ctx.params, needs_input_grad, ctx.backend
     )
     return (grad_x if needs_input_grad else None, grad_weight, grad_bias if bias is not None else None) + (
         None,) * (len(ctx.params) + 1)
@@ -168,7 +201,9 @@ def tokenize(
         return reference.tokenize(
             x, weight, bias, stride=stride, padding=padding, relu=relu, pool=pool, to_tokens=to_tokens
         )
-    x, weight = x.contiguous(), weight.contiguous()
+    if memory_format(x) != torch.channels_last:  # a channels-last x (the previous Triton stage's) stays as it is
+        x = x.contiguous()
+    weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     return _forward(
         x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, name

@@ -2,7 +2,8 @@
 
 Shapes (see cct_kernels/ops/tokenize.py): x (B, C_in, H, W) any strides, weight (C_out, C_in, KH, KW) contiguous,
 bias (C_out,) or None; square stride/padding. The conv output is (Ho, Wo), the pooled one (Hp, Wp). Output
-(B, Hp*Wp, C_out) row-major tokens if to_tokens, else (B, C_out, Hp, Wp) contiguous. float32, float16, bfloat16;
+(B, Hp*Wp, C_out) row-major tokens if to_tokens, else (B, C_out, Hp, Wp) channels-last (the same channel-fastest
+writes; the next stage reads it without a copy). float32, float16, bfloat16;
 products on tensor cores (tl.dot, fp32 accumulation; exact fp32 'ieee' products for float32 inputs).
 Limits: pool windows up to 11x11 (pool_index is int8: offsets up to 120), tensors under 2**31 elements.
 
@@ -50,6 +51,48 @@ def unsupported(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride
     Ho, Wo = (H + 2 * padding - KH) // stride + 1, (W + 2 * padding - KW) // stride + 1
     if B * C_out * Ho * Wo >= 2**31:
         return "triton tokenize indexes the conv output with int32; B*C_out*Ho*Wo must be below 2**31"
+    return None
+
+
+# H100 SXM (the smaller of the lent GPUs' bandwidths): HBM bytes/s, dense tensor-core FLOP/s for 16-bit and TF32
+# operands, FP32 FMA FLOP/s (the kernel's exact 'ieee' float32 products).
+HBM_BYTES_PER_S = 3.35e12
+PEAK_FLOPS = {"16-bit": 989e12, "tf32": 494e12, "ieee": 67e12}
+
+
+def floors(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding, relu=True) -> tuple[float, float]:
+    """Lower bounds (seconds, H100 SXM) on the forward of one stage: (this fused kernel, eager cuDNN).
+
+    Fused: max(conv FLOPs x recompute / peak, (x + weight + out + int8 index) / HBM); overlapping pool windows make
+    it evaluate each conv output Hp*Wp*k*k / (Ho*Wo) times ((3/2)**2 = 2.25 for CCT's 3/2/1 pool). Eager:
+    max(conv FLOPs / peak, (x + weight + conv output) / HBM) for cuDNN's conv, then ReLU (read + write) and the pool
+    (read, write out) pass over the conv output. cuDNN runs float32 on TF32 tensor cores when torch allows it."""
+    B, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    Ho, Wo, Hp, Wp = _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding)
+    e = x.element_size()
+    flops = 2 * B * Ho * Wo * C_out * C_in * KH * KW
+    recompute = Hp * Wp * pool_kernel ** 2 / (Ho * Wo) if pool_kernel else 1.0
+    inputs, conv, out = (x.numel() + weight.numel()) * e, B * C_out * Ho * Wo * e, B * C_out * Hp * Wp * e
+    precision = forward_config(C_in, C_out, KH, KW, x.dtype)["PRECISION"]
+    fused_peak = PEAK_FLOPS["16-bit" if e == 2 else precision]
+    cudnn_peak = PEAK_FLOPS["16-bit" if e == 2 else ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee")]
+    fused = max(flops * recompute / fused_peak, (inputs + out + (out // e if pool_kernel else 0)) / HBM_BYTES_PER_S)
+    epilogue = (2 * conv if relu else 0) + (conv + out if pool_kernel else 0)
+    eager = max(flops / cudnn_peak, (inputs + conv) / HBM_BYTES_PER_S) + epilogue / HBM_BYTES_PER_S
+    return fused, eager
+
+
+def auto_declines(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, *,
+                  backend="triton"):
+    """Why "auto" should leave this stage to cuDNN (the cuda backend, or eager), or None: the fused kernel's floor
+    is above cuDNN's conv + ReLU + pool. That is the compute-bound 7x7 stage 2 of the 224/384 models (64 -> 384
+    channels), where recomputing 2.25x the conv costs more than the conv output's round trips through HBM; the RGB
+    stems and the 32x32 models' stages stay here. backend="triton" by name still runs it."""
+    fused, eager = floors(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding, relu)
+    if fused > eager:
+        return (f"the fused triton stage's H100 floor ({fused * 1e6:.3g} us, overlapping pool windows recompute conv "
+                f"outputs) is above cuDNN conv + ReLU + pool ({eager * 1e6:.3g} us)")
     return None
 
 
@@ -145,11 +188,14 @@ def _forward_kernel(
 def _grad_conv_kernel(
     g_ptr, out_ptr, idx_ptr, dy_ptr,
     M, C_out, Ho, Wo, Hp, Wp,
-    sob, sop, soc, syb, syc, syh, syw,
+    sgb, sgp, sgc, sob, sop, soc, sib, sip, sic, syb, syc, syh, syw,
     POOL_K: tl.constexpr, POOL_S: tl.constexpr, POOL_P: tl.constexpr,
     RELU: tl.constexpr, HAS_POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dy[b, c, oh, ow] = sum of grad_out[b, (ph, pw), c] over the windows holding (oh, ow) that picked it."""
+    """dy[b, c, oh, ow] = sum of grad_out[b, (ph, pw), c] over the windows holding (oh, ow) that picked it.
+
+    grad_out (g), out (o) and pool_index (i) each come with their own (batch, flat pooled position, channel) strides:
+    the gradient arrives in whatever layout autograd hands over."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flat over (b, oh, ow)
@@ -160,7 +206,9 @@ def _grad_conv_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C_out
     mask = m_mask[:, None] & c_mask[None, :]
-    base = bb[:, None] * sob + offs_c[None, :] * soc
+    g_base = bb[:, None] * sgb + offs_c[None, :] * sgc
+    o_base = bb[:, None] * sob + offs_c[None, :] * soc
+    i_base = bb[:, None] * sib + offs_c[None, :] * sic
     acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     # The windows holding row oh start at ph*POOL_S - POOL_P in (oh - POOL_K, oh]: at most ceil(K/S) of them per axis.
     ph_last = (oh + POOL_P) // POOL_S
@@ -173,14 +221,14 @@ def _grad_conv_kernel(
             pw = pw_last - c
             j = ow + POOL_P - pw * POOL_S
             ok = mask & (ok_h & (pw >= 0) & (pw < Wp) & (j < POOL_K))[:, None]
-            offs = base + (ph * Wp + pw)[:, None] * sop
+            pos = (ph * Wp + pw)[:, None]
             if HAS_POOL:
-                picked = tl.load(idx_ptr + offs, mask=ok, other=-1).to(tl.int32)
+                picked = tl.load(idx_ptr + i_base + pos * sip, mask=ok, other=-1).to(tl.int32)
                 ok = ok & (picked == (i * POOL_K + j)[:, None])
-            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + g_base + pos * sgp, mask=ok, other=0.0).to(tl.float32)
             if RELU:
                 # ReLU's gradient passes where out is not <= 0, NaN included (torch's threshold_backward rule)
-                g = tl.where(tl.load(out_ptr + offs, mask=ok, other=0.0) <= 0, 0.0, g)
+                g = tl.where(tl.load(out_ptr + o_base + pos * sop, mask=ok, other=0.0) <= 0, 0.0, g)
             acc += g
     offs_y = bb[:, None] * syb + offs_c[None, :] * syc + (oh * syh + ow * syw)[:, None]
     tl.store(dy_ptr + offs_y, acc.to(dy_ptr.dtype.element_ty), mask=mask)
@@ -252,10 +300,18 @@ def forward_config(C_in: int, C_out: int, KH: int, KW: int, dtype: torch.dtype) 
 
 
 def _out_strides(out, to_tokens):
-    """(batch, flat pooled position, channel) strides of out in either layout."""
+    """(batch, flat pooled position, channel) strides of out: tokens (B, P, C) of any strides, or (B, C, Hp, Wp)
+    NCHW- or channels-last-contiguous (a row is Wp positions: the flat position has stride w's stride)."""
     if to_tokens:
         return out.stride(0), out.stride(1), out.stride(2)
-    return out.stride(0), out.stride(3), out.stride(1)  # NCHW contiguous: the flat position has stride 1
+    return out.stride(0), out.stride(3), out.stride(1)
+
+
+def _flat_positions(t, to_tokens):
+    """t, or a channels-last copy when its (Hp, Wp) positions cannot be walked with one flat stride."""
+    if to_tokens or t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens):
@@ -263,15 +319,22 @@ def forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, po
     B, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     Ho, Wo, Hp, Wp = _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding)
+    # The kernel writes channel-fastest, so the (B, C_out, Hp, Wp) output is channels-last: the layout the next
+    # stage reads (no transpose between stages); the op's fake states it (cct_kernels/ops/tokenize.py).
     shape = (B, Hp * Wp, C_out) if to_tokens else (B, C_out, Hp, Wp)
-    out = _empty(*shape, device=x.device, dtype=x.dtype)
-    index = _empty(*(shape if pool_kernel else (0,)), device=x.device, dtype=torch.int8)
+    fmt = torch.contiguous_format if to_tokens else torch.channels_last
+    out = _empty(*shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+    if pool_kernel:
+        index = _empty(*shape, device=x.device, dtype=torch.int8, memory_format=fmt)
+    else:
+        index = _empty(0, device=x.device, dtype=torch.int8)
     M = B * Hp * Wp
     if M == 0 or C_out == 0:
         return out, index
     cfg = forward_config(C_in, C_out, KH, KW, x.dtype)
     if not cfg["FLAT_K"]:
-        x = x.contiguous(memory_format=torch.channels_last)  # a tap's channels: one contiguous run per position
+        # A tap's channels: one contiguous run per position. No copy when x is a previous stage's output.
+        x = x.contiguous(memory_format=torch.channels_last)
     w_taps = _weight_taps(weight)
     pk, ps, pp = _pool(pool_kernel, pool_stride, pool_padding)
     grid = (triton.cdiv(M, cfg["BLOCK_P"]), triton.cdiv(C_out, cfg["BLOCK_C"]))
@@ -289,23 +352,24 @@ def forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, po
 def backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel, pool_stride,
              pool_padding, to_tokens, needs_input_grad=True):
     """-> (grad_x or an empty tensor when not needs_input_grad, grad_weight, grad_bias or an empty tensor when
-    bias is None)."""
+    bias is None). grad_out in any layout."""
     B, C_in, H, W = x.shape
     C_out = weight.shape[0]
     Ho, Wo, Hp, Wp = _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding)
-    # The conv gradient in the layout that matches grad_out's channel-fastest reads when it comes as tokens.
-    memory_format = torch.channels_last if to_tokens else torch.contiguous_format
-    grad_conv = _empty(B, C_out, Ho, Wo, device=x.device, dtype=x.dtype, memory_format=memory_format)
+    # The conv gradient channels-last, like out: the gather reads and writes channel-fastest.
+    grad_conv = _empty(B, C_out, Ho, Wo, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     M = B * Ho * Wo
     if M and C_out:
-        grad_out = grad_out.contiguous()
+        grad_out, out = _flat_positions(grad_out, to_tokens), _flat_positions(out, to_tokens)
+        if pool_kernel:
+            pool_index = _flat_positions(pool_index, to_tokens)
         pk, ps, pp = _pool(pool_kernel, pool_stride, pool_padding)
         block_c = max(16, min(64, triton.next_power_of_2(C_out)))
         grid = (triton.cdiv(M, GRAD_BLOCK_M), triton.cdiv(C_out, block_c))
         _grad_conv_kernel[grid](
             grad_out, out, pool_index if pool_kernel else out, grad_conv,
-            M, C_out, Ho, Wo, Hp, Wp,
-            *_out_strides(grad_out, to_tokens), *grad_conv.stride(),
+            M, C_out, Ho, Wo, Hp, Wp, *_out_strides(grad_out, to_tokens), *_out_strides(out, to_tokens),
+            *_out_strides(pool_index if pool_kernel else out, to_tokens), *grad_conv.stride(),
             POOL_K=pk, POOL_S=ps, POOL_P=pp, RELU=relu, HAS_POOL=pool_kernel > 0,
             BLOCK_M=GRAD_BLOCK_M, BLOCK_C=block_c, num_warps=8,
         )
