@@ -49,6 +49,13 @@ META_SM_COUNT = 132  # H100 SXM / H200: what the sm_90 static check (meta tensor
 MIN_CHUNK_ROWS = 512
 _RSQRT2 = tl.constexpr(0.7071067811865476)
 _RSQRT_2PI = tl.constexpr(0.3989422804014327)
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_NEG_HALF_LOG2E = tl.constexpr(-0.5 * 1.4426950408889634)
+# Abramowitz & Stegun 7.1.26 for erfc(x) / 2: p times 1 / sqrt 2 (the polynomial takes h, not x = h / sqrt 2),
+# the a_i halved (the tail of the normal is half of erfc)
+_AS_P = tl.constexpr(0.3275911 * 0.7071067811865476)
+_AS_A1, _AS_A2, _AS_A3 = tl.constexpr(0.254829592 / 2), tl.constexpr(-0.284496736 / 2), tl.constexpr(1.421413741 / 2)
+_AS_A4, _AS_A5 = tl.constexpr(-1.453152027 / 2), tl.constexpr(1.061405429 / 2)
 
 
 def unsupported(x, weight, bias, residual, activation, *, backend: str = "triton") -> str | None:
@@ -73,9 +80,25 @@ def _gelu(h):
 
 
 @triton.jit
+def _reciprocal(d):
+    """1 / d for d >= 1: one MUFU.RCP on the GPU (rcp.approx.ftz, 1 ulp); '/' would add the range fix-ups of
+    div.full (seven instructions per element). The interpreter, which runs no PTX, divides."""
+    if _INTERPRETED:
+        return 1.0 / d
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def _gelu_grad(h):
-    """d/dh of h * Phi(h) = Phi(h) + h * phi(h)."""
-    return 0.5 * (1.0 + tl.math.erf(h * _RSQRT2)) + h * _RSQRT_2PI * tl.exp(-0.5 * h * h)
+    """GELU'(h) = Phi(h) + h phi(h). The normal tail Phi(-|h|) = erfc(|h| / sqrt 2) / 2 is Abramowitz-Stegun
+    7.1.26: one polynomial in t = 1 / (1 + p |h| / sqrt 2) times the exp(-h^2 / 2) that phi needs anyway (|error|
+    <= 1.5e-7 on erf; 3.0e-7 on GELU' over all float32 h, against 1.4e-7 for float32 libdevice erf). libdevice's
+    erf picks one of two polynomials per element, which made the backward's inner loops twice as long."""
+    e = tl.math.exp2(h * h * _NEG_HALF_LOG2E)
+    t = _reciprocal(1.0 + _AS_P * tl.abs(h))
+    tail = (t * e) * (_AS_A1 + t * (_AS_A2 + t * (_AS_A3 + t * (_AS_A4 + t * _AS_A5))))
+    return tl.where(h >= 0, 1.0 - tail, tail) + (h * _RSQRT_2PI) * e
 
 
 @triton.jit
@@ -182,7 +205,10 @@ def _grad_w_kernel(
     """One program (chunk, N tile, K tile): the chunk's partial of grad_W = grad_h^T @ x over rows
     [chunk*CHUNK, +CHUNK) into gw_ptr[chunk] (N, K), and with HAS_BIAS, on the K-tile-0 programs, the chunk's
     column sums of grad_h into gb_ptr[chunk] (N,). CHUNK is a multiple of BLOCK_M. Programs of one chunk are
-    adjacent, so its grad_out, h and x rows stay in L2."""
+    adjacent, so its grad_out, h and x rows stay in L2.
+    The tile is computed transposed, grad_W^T = x^T @ grad_h, so that grad_h, made in registers, is the plain
+    B operand of the MMA and db sums it in the same layout (grad_h^T as the A operand made Triton compute grad_h
+    twice, once per layout); x^T is a transposed view of the x tile in shared memory, which wgmma reads as is."""
     tiles_k = tl.cdiv(K, BLOCK_K)
     tiles = tl.cdiv(N, BLOCK_N) * tiles_k
     pid = tl.program_id(0)
@@ -196,38 +222,42 @@ def _grad_w_kernel(
     m_end = tl.minimum(m_start + CHUNK, M)
     g_offs = (m_start + offs_m)[:, None] * N + (cols_n % N)[None, :]
     x_ptrs = x_ptr + (m_start + offs_m)[:, None] * K + (cols_k % K)[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    db = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # summed over rows after the loop: no shuffles per step
     for m0 in range(m_start, m_end, BLOCK_M):
         m_ok = (offs_m < m_end - m0)[:, None]
         grad_h = _grad_h(g_ptr, h_ptr, g_offs, m_ok, EVEN_M, GELU, UPCAST)
         a = _load(x_ptrs, m_ok, EVEN_M, UPCAST)
         if HAS_BIAS:
-            db += tl.sum(grad_h.to(tl.float32), 0)
-        acc = tl.dot(tl.trans(grad_h), a, acc, input_precision=PRECISION)
+            db += grad_h.to(tl.float32)
+        acc = tl.dot(tl.trans(a), grad_h, acc, input_precision=PRECISION)
         g_offs += BLOCK_M * N
         x_ptrs += BLOCK_M * K
     n_ok = cols_n < N
-    gw_offs = chunk * N * K + cols_n[:, None] * K + cols_k[None, :]
-    tl.store(gw_ptr + gw_offs, acc.to(gw_ptr.dtype.element_ty), mask=n_ok[:, None] & (cols_k < K)[None, :])
+    gw_offs = chunk * N * K + cols_n[None, :] * K + cols_k[:, None]
+    tl.store(gw_ptr + gw_offs, acc.to(gw_ptr.dtype.element_ty), mask=n_ok[None, :] & (cols_k < K)[:, None])
     if HAS_BIAS:
+        db = tl.sum(db, 0)
         tl.store(gb_ptr + chunk * N + cols_n, db.to(gb_ptr.dtype.element_ty), mask=n_ok & (pid_k == 0))
 
 
 # ---------------------------------------------------------------------------------------------------- configs
 
 # kernel -> (output row block, output column block, reduction block, num_warps, num_stages) for 16-bit inputs and
-# for float32; grad_x's "columns" are K and its reduction N; grad_w's rows are N, columns K, reduction M.
-# 16-bit: 128x128 tiles of 8 warps (two warpgroups of 64x128 wgmma), 64-deep steps, 3 stages of cp.async
-# (3 * 32 KB of shared memory); float32 (FMA or TF32): 64x64x32 tiles of 4 warps. Chosen from the sm_90 figures:
-# no spills (see _sm90_check and benchmarks/NOTES.md).
+# for float32. forward: (M, N, K); grad_x: (M, K, N); grad_w computes grad_W^T: (K, N, M).
+# 16-bit forward: 128x128 tiles of 8 warps (two warpgroups of 64x128 wgmma), 64-deep steps, 3 cp.async stages.
+# The backward kernels make grad_h = GELU'(h) * grad_out in registers (about 23 instructions per element on
+# sm_90), once per output tile that reads it: their tiles span K = 256 (CCT-7's D) so that each element is made
+# once per kernel, and the GELU' work (~1500 issue cycles per 128x64 step of grad_x) stays near the tensor cores'
+# (~1000 for the 128x256x64 wgmma). float32 (FMA or TF32): 64x64x32 tiles of 4 warps. All from the sm_90 static
+# figures: no spills (registers 167-208 at D=256; see _sm90_check and benchmarks/NOTES.md).
 _CONFIGS = {
     ("forward", False): (128, 128, 64, 8, 3),
-    ("grad_x", False): (128, 128, 64, 8, 3),
-    ("grad_w", False): (128, 128, 64, 8, 3),
+    ("grad_x", False): (128, 256, 64, 8, 2),
+    ("grad_w", False): (256, 64, 64, 8, 3),
     ("forward", True): (64, 64, 32, 4, 2),
     ("grad_x", True): (64, 64, 32, 4, 2),
-    ("grad_w", True): (64, 64, 32, 4, 2),
+    ("grad_w", True): (64, 64, 32, 8, 2),  # 4 warps spill 1444 bytes (FMA)
 }
 
 
@@ -238,11 +268,12 @@ def _fit(block: int, size: int) -> int:
 
 def _config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tuple[int, int, int, int, int]:
     """The table's entry with each block cut to its dimension. A 16-bit output-tiled kernel (forward, grad_x)
-    whose 128-row tiles would not fill one wave of an H100 (small batches: M = 256 at batch 1) takes 64-row tiles
-    of one warpgroup, doubling its programs."""
+    whose 128-row tiles would fill less than half of an H100 (small batches: M = 256 at batch 1) takes 64-row
+    tiles of one warpgroup, doubling its programs."""
     block_r, block_c, block_red, num_warps, num_stages = _CONFIGS[kind, dtype == torch.float32]
     block_r, block_c, block_red = _fit(block_r, rows), _fit(block_c, cols), _fit(block_red, red)
-    if kind != "grad_w" and block_r == 128 and triton.cdiv(rows, 128) * triton.cdiv(cols, block_c) < META_SM_COUNT:
+    tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, block_c)
+    if kind != "grad_w" and block_r == 128 and tiles < META_SM_COUNT // 2:
         block_r, num_warps = 64, 4
     return block_r, block_c, block_red, num_warps, num_stages
 
@@ -325,7 +356,7 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, *, min_c
         EVEN_N=N % block_n == 0, num_warps=num_warps, num_stages=num_stages, **common,
     )
 
-    block_n, block_k, block_m, num_warps, num_stages = _config("grad_w", dtype, N, K, M)
+    block_k, block_n, block_m, num_warps, num_stages = _config("grad_w", dtype, K, N, M)
     tiles = triton.cdiv(N, block_n) * triton.cdiv(K, block_k)
     split, chunk = _split(M, block_m, tiles, N * K, device, min_chunk)
     partial = dtype if split == 1 else torch.float32  # one chunk stores the result itself
@@ -388,6 +419,7 @@ SM90_CHECKS = [
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu"),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", tf32=True),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True),
+    _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True, tf32=True),
     _sm90_check(torch.float16, 111, 48, 40, activation="gelu", residual=True),
     _sm90_check(torch.float16, 111, 48, 40, activation="gelu", backward_pass=True),
 ]
