@@ -3,15 +3,17 @@
 Shapes (see cct_kernels/ops/tokenize.py): x (B, C_in, H, W) any strides, weight (C_out, C_in, KH, KW) contiguous,
 bias (C_out,) or None; square stride/padding. The conv output is (Ho, Wo), the pooled one (Hp, Wp). Output
 (B, Hp*Wp, C_out) row-major tokens if to_tokens, else (B, C_out, Hp, Wp) channels-last (the same channel-fastest
-writes; the next stage reads it without a copy). float32, float16, bfloat16;
-products on tensor cores (tl.dot, fp32 accumulation; exact fp32 'ieee' products for float32 inputs).
+writes; the next stage reads it without a copy). float32, float16, bfloat16; products on tensor cores (tl.dot, fp32
+accumulation; exact fp32 'ieee' products for float32 inputs).
 Limits: pool windows up to 11x11 (pool_index is int8: offsets up to 120), tensors under 2**31 elements.
 
 Forward, one kernel: program (tile of BLOCK_P pooled positions over (b, ph, pw), tile of BLOCK_C channels) runs,
 for each of the pool window's k*k offsets, the implicit GEMM [BLOCK_P, C_in*KH*KW] x [C_in*KH*KW, BLOCK_C] that
 gives the conv outputs at that offset (the im2col rows are gathered from x on the fly, zero outside the image),
 and keeps a running max and its offset. The full-resolution conv activation is never written. The cost: overlapping
-windows recompute conv outputs, (k/s)**2 = 2.25x the conv FLOPs for CCT's 3/2/1 pool (1x without pool).
+windows recompute conv outputs, (k/s)**2 = 2.25x the conv FLOPs for CCT's 3/2/1 pool (1x without pool); where
+that makes the stage slower than cuDNN by the floors (the 224/384 models' 64 -> 384 stage), auto_declines leaves it
+to cuDNN.
 max(relu(v)) = relu(max(v)), so ReLU is applied once, after the pool. The offset kept is the first maximum of the
 pre-ReLU conv in row-major window order (PyTorch's rule); where the output is 0 after ReLU its gradient is 0
 whatever offset was kept, so this agrees with max_pool2d(relu(conv)) wherever it matters.
