@@ -66,6 +66,22 @@ def seqpool(x, weight, bias, *, mask=None):
     return (w.transpose(-1, -2) @ x).squeeze(-2)
 
 
+ACTIVATIONS = ("none", "gelu")
+
+
+def linear(x, weight, bias=None, *, activation="none", residual=None):
+    """A linear layer with its epilogue: activation(x @ weight.T + bias) + residual.
+
+    x (..., K); weight (N, K); bias (N,) or None; residual (..., N) or None; activation "none" or "gelu" (the
+    exact, erf-based GELU of F.gelu, as the official MLP uses). The encoder block's proj and linear2 take the
+    residual stream as `residual`, linear1 takes activation="gelu".
+    """
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    return y if residual is None else y + residual
+
+
 def _masked_softmax(scores, keep, dim=-1):
     """softmax over `dim` of the entries where `keep` (broadcast) is True; zero where no entry is kept."""
     probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=dim)

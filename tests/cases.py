@@ -7,7 +7,7 @@ import torch
 from cct_kernels import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-OPS = ("tokenize", "attention", "seqpool")
+OPS = ("tokenize", "attention", "seqpool", "linear")
 
 
 def sample(op):
@@ -17,6 +17,11 @@ def sample(op):
         return torch.ops.cct_kernels.seqpool_forward, (torch.randn(2, 7, 24, **g, requires_grad=True),
                                                        torch.randn(1, 24, **g, requires_grad=True),
                                                        torch.randn(1, **g, requires_grad=True))
+    if op == "linear":
+        return torch.ops.cct_kernels.linear_forward, (torch.randn(5, 16, **g, requires_grad=True),
+                                                      torch.randn(12, 16, **g, requires_grad=True),
+                                                      torch.randn(12, **g, requires_grad=True),
+                                                      torch.randn(5, 12, **g, requires_grad=True), "gelu", True)
     if op == "attention":
         return torch.ops.cct_kernels.attention_forward, (torch.randn(2, 9, 3 * 2 * 16, **g, requires_grad=True),
                                                          2, 0.25, 0.0, torch.empty(0, dtype=torch.int64, device=DEVICE))
@@ -30,7 +35,7 @@ def runnable_pairs():
     pairs = []
     for op in OPS:
         _, args = sample(op)
-        inputs = args[:-1] if op == "attention" else args  # unsupported() takes no seed
+        inputs = args[:-1] if op in ("attention", "linear") else args  # unsupported() takes no seed / save flag
         for backend in backends.KERNEL_BACKENDS:
             if backends.unsupported_reason(backend, op, DEVICE, *inputs) is None:
                 pairs.append((op, backend))

@@ -70,7 +70,7 @@ def test_auto_passes_over_a_backend_that_declines_but_a_named_one_still_serves(m
 def test_model_backend_reaches_every_op_module():
     model = cct_kernels.cct_2_3x2_32(backend="eager")
     op_modules = [m for m in model.modules() if isinstance(m, cct_kernels.nn._backend.UsesBackend)]
-    assert len(op_modules) == 2 + 2 + 1  # two tokenizer stages, two attention layers, SeqPool
+    assert len(op_modules) == 2 + 2 + 2 + 1  # two tokenizer stages, two encoder blocks and their attention, SeqPool
     assert all(m.backend == "eager" for m in op_modules)
     model.set_backend(None)
     assert all(m.backend is None for m in op_modules)

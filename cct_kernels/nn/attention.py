@@ -26,9 +26,17 @@ class Attention(UsesBackend, nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(projection_dropout)
 
-    def forward(self, x, mask=None):
-        """x (B, N, dim); mask None or (B, N) bool, True = real token (key padding, text models)."""
+    def forward(self, x, mask=None, residual=None):
+        """x (B, N, dim); mask None or (B, N) bool, True = real token (key padding, text models); residual None or
+        (B, N, dim), added after proj_drop (fused into the projection's epilogue when proj_drop is inactive)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
-        x = ops.attention(self.qkv(x), self.num_heads, scale=self.scale, dropout_p=dropout_p, mask=mask,
-                          backend=self.backend)
-        return self.proj_drop(self.proj(x))
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=self.backend)
+        x = ops.attention(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p, mask=mask, backend=self.backend)
+        if residual is not None and not _active(self.proj_drop):
+            return ops.linear(x, self.proj.weight, self.proj.bias, residual=residual, backend=self.backend)
+        x = self.proj_drop(ops.linear(x, self.proj.weight, self.proj.bias, backend=self.backend))
+        return x if residual is None else x + residual
+
+
+def _active(dropout: nn.Dropout) -> bool:
+    return dropout.training and dropout.p > 0

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cct_kernels import ops
+from cct_kernels.nn._backend import UsesBackend
 from cct_kernels.nn._checks import check_int, check_probability
 from cct_kernels.nn.attention import Attention
 
@@ -33,8 +34,13 @@ class DropPath(nn.Module):
         return drop_path(x, self.drop_prob, self.training)
 
 
-class TransformerEncoderLayer(nn.Module):
-    """(B, N, d_model) -> (B, N, d_model). Sizes are ints >= 1 (d_model a multiple of nhead), rates in [0, 1]."""
+class TransformerEncoderLayer(UsesBackend, nn.Module):
+    """(B, N, d_model) -> (B, N, d_model). Sizes are ints >= 1 (d_model a multiple of nhead), rates in [0, 1].
+
+    The official function, with the four linears run by ops.linear: linear1's GELU and the two residual adds are
+    fused into their linear's epilogue (the residual ones whenever no dropout or stochastic depth runs in between:
+    eval mode, or zero rates).
+    """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, attention_dropout=0.1, drop_path_rate=0.1):
         super().__init__()
@@ -51,7 +57,22 @@ class TransformerEncoderLayer(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, src, mask=None):
-        src = src + self.drop_path(self.self_attn(self.pre_norm(src), mask))
+        if self._random_between_linear_and_residual():
+            src = src + self.drop_path(self.self_attn(self.pre_norm(src), mask))
+        else:
+            src = self.self_attn(self.pre_norm(src), mask, residual=src)
         src = self.norm1(src)
-        src2 = self.linear2(self.dropout1(F.gelu(self.linear1(src))))
-        return src + self.drop_path(self.dropout2(src2))
+        hidden = ops.linear(src, self.linear1.weight, self.linear1.bias, activation="gelu", backend=self.backend)
+        hidden = self.dropout1(hidden)
+        if self._random_between_linear_and_residual(self.dropout2):
+            return src + self.drop_path(self.dropout2(self._linear2(hidden)))
+        return self._linear2(hidden, residual=src)
+
+    def _linear2(self, hidden, residual=None):
+        return ops.linear(hidden, self.linear2.weight, self.linear2.bias, residual=residual, backend=self.backend)
+
+    def _random_between_linear_and_residual(self, dropout: nn.Dropout | None = None) -> bool:
+        """Whether stochastic depth (or `dropout`) runs between a linear and its residual add in this call."""
+        if not self.training:
+            return False
+        return isinstance(self.drop_path, DropPath) or (dropout is not None and dropout.p > 0)

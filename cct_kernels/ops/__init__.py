@@ -1,6 +1,7 @@
 """The functional ops: input checks, backend choice, and the torch.library registration of kernel backends."""
 from cct_kernels.ops.attention import attention
+from cct_kernels.ops.linear import linear
 from cct_kernels.ops.seqpool import seqpool
 from cct_kernels.ops.tokenize import tokenize
 
-__all__ = ["attention", "seqpool", "tokenize"]
+__all__ = ["attention", "linear", "seqpool", "tokenize"]

@@ -1,0 +1,131 @@
+"""A linear layer with its epilogue fused: the encoder block's four linears and what follows each of them.
+
+    linear(x, weight, bias, activation, residual) = activation(x @ weight.T + bias) + residual
+
+The block uses it as qkv (no bias), proj (+ residual stream), linear1 (+ GELU) and linear2 (+ residual stream), so
+the GELU and the residual adds never make a pass of their own over memory. In training, dropout and stochastic
+depth (when their rates are > 0) still run as separate modules between the linear and the residual add.
+
+Shapes: x (..., K), weight (N, K), bias (N,) or None, residual (..., N) or None -> (..., N). Dtypes: float32,
+float16, bfloat16, all tensors the same. activation: "none" or "gelu" (exact erf GELU, F.gelu's default).
+Any M = prod(x.shape[:-1]) >= 0, K >= 1, N >= 1.
+
+Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends); x and
+residual arrive flattened to 2-D, every tensor contiguous:
+    forward(x (M, K), weight, bias, residual (M, N) | None, activation, save_pre_activation)
+        -> (out (M, N), pre_activation: x @ weight.T + bias (M, N) when activation is "gelu" and
+            save_pre_activation, else an empty (0,) tensor; the backward's GELU derivative reads it)
+    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation)
+        -> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or an empty (0,) tensor without bias)
+    unsupported(x, weight, bias, residual, activation, *, backend) -> why a kernel cannot serve the call, or None
+The residual's gradient is grad_out itself, passed through by autograd with no kernel.
+
+Errors (from linear's own checks, before any kernel runs):
+    TypeError   x, weight, bias or residual not a floating-point torch.Tensor, or dtypes that differ.
+    ValueError  x of rank 0; weight not 2-D or K = 0; x's last dim not weight's K; bias not (N,); residual not
+                x.shape[:-1] + (N,); tensors on different devices; activation not "none"/"gelu"; an unknown
+                backend name.
+    BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
+    RuntimeError  double backward through a kernel backend (use backend="eager" for that).
+"""
+from __future__ import annotations
+
+import torch
+
+from cct_kernels import backends, reference
+from cct_kernels.ops._checks import autocast_inputs, check_shape, check_tensor
+from cct_kernels.ops._launch import forbid_double_backward, run_kernel
+
+OP = "linear"
+ACTIVATIONS = reference.ACTIVATIONS
+
+
+def _pre_activation_shape(x, weight, activation, save_pre_activation):
+    return (x.shape[0], weight.shape[0]) if activation == "gelu" and save_pre_activation else (0,)
+
+
+@torch.library.custom_op("cct_kernels::linear_forward", mutates_args=())
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    activation: str, save_pre_activation: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return run_kernel(backend, OP, "forward", x.device, x, weight, bias, residual, activation, save_pre_activation)
+
+
+@_forward.register_fake
+def _(x, weight, bias, residual, activation, save_pre_activation, backend):
+    pre_activation = x.new_empty(_pre_activation_shape(x, weight, activation, save_pre_activation))
+    return x.new_empty(x.shape[0], weight.shape[0]), pre_activation
+
+
+@torch.library.custom_op("cct_kernels::linear_backward", mutates_args=())
+def _backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, pre_activation: torch.Tensor,
+    activation: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, has_bias, pre_activation, activation)
+
+
+@_backward.register_fake
+def _(grad_out, x, weight, has_bias, pre_activation, activation, backend):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0] if has_bias else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, activation, save_pre_activation, backend = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.args = (bias is not None, residual is not None, activation, backend)
+
+
+def _autograd_backward(ctx, grad_out, _grad_pre_activation):
+    x, weight, pre_activation = ctx.saved_tensors
+    has_bias, has_residual, activation, backend = ctx.args
+    grad_out = grad_out.contiguous()
+    if activation == "gelu" and pre_activation.numel() == 0 and grad_out.numel() > 0:
+        raise RuntimeError("linear_forward ran with save_pre_activation=False, so the GELU's input was not kept for "
+                           "the backward; pass True when a gradient is needed (ops.linear does)")
+    grad_x, grad_weight, grad_bias = _backward(grad_out, x, weight, has_bias, pre_activation, activation, backend)
+    return (grad_x, grad_weight, grad_bias if has_bias else None, grad_out if has_residual else None,
+            None, None, None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+forbid_double_backward(_backward, OP)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none",
+    residual: torch.Tensor | None = None, backend: str | None = None,
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias) + residual; see the module docstring for shapes, dtypes and limits."""
+    check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., K), got a 0-dimensional tensor")
+    x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
+    check_tensor("weight", weight, ndim=2, like=x)
+    out_features, in_features = weight.shape
+    if in_features == 0 or out_features == 0:
+        raise ValueError(f"weight must be (N, K) with N, K >= 1, got shape {tuple(weight.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features K = {in_features} "
+                         f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
+    out_shape = (*x.shape[:-1], out_features)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, like=x)
+        check_shape("bias", bias, (out_features,))
+    if residual is not None:
+        check_tensor("residual", residual, like=x)
+        check_shape("residual", residual, out_shape)
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    x2 = x.reshape(-1, in_features).contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    residual2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
+    name = backends.select(OP, backend, x.device, x2, weight, bias, residual2, activation)
+    if name == "eager":
+        return reference.linear(x, weight, bias, activation=activation, residual=residual)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    out = _forward(x2, weight, bias, residual2, activation, needs_grad, name)[0]
+    return out.view(out_shape)
