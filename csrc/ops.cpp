@@ -82,9 +82,14 @@ void check_seqpool_cuda(const at::Tensor& x) {
 
 Strides4 strides4(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-// The CUDA kernels take no key-padding lengths yet (the Python kernel modules decline such calls first).
-void check_no_lengths(const c10::optional<at::Tensor>& lengths, const char* op) {
-  TORCH_CHECK(!lengths.has_value(), op, " (cuda): key-padding lengths are not supported");
+// Key-padding lengths for the kernels: nullptr for none, else a contiguous (B,) int64 tensor on x's device (the op
+// layer has checked 0 <= lengths <= N; the kernels clamp, so a bad value cannot read out of bounds).
+const int64_t* lengths_cuda(const c10::optional<at::Tensor>& lengths, const at::Tensor& x, const char* op) {
+  if (!lengths.has_value()) return nullptr;
+  TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == x.size(0) &&
+                  lengths->is_contiguous() && lengths->device() == x.device(),
+              op, " (cuda): lengths must be a contiguous (B,) int64 tensor on ", x.device());
+  return lengths->data_ptr<int64_t>();
 }
 
 }  // namespace
@@ -93,16 +98,16 @@ std::tuple<at::Tensor, at::Tensor> seqpool_forward_cuda(const at::Tensor& x, con
                                                         const at::Tensor& bias,
                                                         const c10::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(x.device());
-  check_no_lengths(lengths, "seqpool");
   check_seqpool_cuda(x);
+  const int64_t* lens = lengths_cuda(lengths, x, "seqpool");
   const auto xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous();
   auto out = at::empty({x.size(0), x.size(2)}, x.options());
   auto lse = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   auto workspace = at::empty({seqpool_cuda_workspace_floats(x.size(0), x.size(1), x.size(2))},
                              x.options().dtype(at::kFloat));
-  check_launch(seqpool_forward_cuda_launch(dtype_code(x), xc.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
-                                           lse.data_ptr<float>(), workspace.data_ptr<float>(), x.size(0), x.size(1),
-                                           x.size(2), stream()),
+  check_launch(seqpool_forward_cuda_launch(dtype_code(x), xc.data_ptr(), w.data_ptr(), b.data_ptr(), lens,
+                                           out.data_ptr(), lse.data_ptr<float>(), workspace.data_ptr<float>(),
+                                           x.size(0), x.size(1), x.size(2), stream()),
                "seqpool forward");
   return {out, lse};
 }
@@ -112,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::T
                                                                      const at::Tensor& out, const at::Tensor& lse,
                                                                      const c10::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(x.device());
-  check_no_lengths(lengths, "seqpool");
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   check_seqpool_cuda(x);
+  const int64_t* lens = lengths_cuda(lengths, x, "seqpool");
   const auto g = grad_out.contiguous(), xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous(),
              o = out.contiguous(), l = lse.to(at::kFloat).contiguous();
   auto gx = at::empty_like(xc);
@@ -122,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::T
   auto gw_rows = at::empty({parts, D}, x.options().dtype(at::kFloat));
   auto gb_rows = at::empty({parts}, x.options().dtype(at::kFloat));
   check_launch(seqpool_backward_cuda_launch(dtype_code(x), g.data_ptr(), xc.data_ptr(), w.data_ptr(), b.data_ptr(),
-                                            o.data_ptr(), l.data_ptr<float>(), gx.data_ptr(), gw_rows.data_ptr<float>(),
-                                            gb_rows.data_ptr<float>(), B, N, D, stream()),
+                                            o.data_ptr(), l.data_ptr<float>(), lens, gx.data_ptr(),
+                                            gw_rows.data_ptr<float>(), gb_rows.data_ptr<float>(), B, N, D, stream()),
                "seqpool backward");
   // Each row's ds sums to delta = g.(out_exact - out), not 0, since ds is centred on the output as saved in the
   // input dtype; the exactly centred ds give dw - delta out and db = 0 (softmax is shift-invariant), written
@@ -191,13 +196,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& qkv,
                                                           const c10::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(qkv.device());
   check_attention_cuda(qkv, num_heads, dropout_p);
-  check_no_lengths(lengths, "attention");
+  const int64_t* lens = lengths_cuda(lengths, qkv, "attention");
   const auto q = aligned16(qkv);
   const int64_t B = q.size(0), N = q.size(1), H = num_heads;
   auto out = at::empty({B, N, H * 64}, q.options());
   auto lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
-  check_launch(attention_forward_cuda_launch(dtype_code(q), q.data_ptr(), out.data_ptr(), lse.data_ptr<float>(), B, N,
-                                             H, (float)scale, stream()),
+  check_launch(attention_forward_cuda_launch(dtype_code(q), q.data_ptr(), out.data_ptr(), lse.data_ptr<float>(), lens,
+                                             B, N, H, (float)scale, stream()),
                "attention forward");
   return {out, lse};
 }
@@ -207,14 +212,14 @@ at::Tensor attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    const at::Tensor& seed, const c10::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(qkv.device());
   check_attention_cuda(qkv, num_heads, dropout_p);
-  check_no_lengths(lengths, "attention");
+  const int64_t* lens = lengths_cuda(lengths, qkv, "attention");
   const auto q = aligned16(qkv), g = aligned16(grad_out), o = aligned16(out), l = lse.to(at::kFloat).contiguous();
   const int64_t B = q.size(0), N = q.size(1), H = num_heads;
   auto gqkv = at::empty_like(q);
   auto delta = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   auto dq_accum = at::zeros({B, N, H * 64}, q.options().dtype(at::kFloat));
   check_launch(attention_backward_cuda_launch(dtype_code(q), g.data_ptr(), q.data_ptr(), o.data_ptr(),
-                                              l.data_ptr<float>(), gqkv.data_ptr(), delta.data_ptr<float>(),
+                                              l.data_ptr<float>(), lens, gqkv.data_ptr(), delta.data_ptr<float>(),
                                               dq_accum.data_ptr<float>(), B, N, H, (float)scale, stream()),
                "attention backward");
   return gqkv;

@@ -31,7 +31,7 @@ THREADS = {
     "seqpool_fwd_kernel": 512, "seqpool_bwd_kernel": 512, "seqpool_combine_kernel": 256,
     "pool_fwd_kernel": 256, "pool_bwd_kernel": 256,
 }
-# Dynamic shared memory per CTA that ptxas does not see (kBwdSmem in attention.cu); seqpool's is 8*D (forward) or
+# Dynamic shared memory per CTA that ptxas does not see (kBwdSmem in attention_backward.cu); seqpool's is 8*D (forward) or
 # 16*D (backward) bytes, at most 32 KB, and its 512-thread CTAs are limited by threads first.
 DYNAMIC_SMEM = {"attn_bwd_kernel": 7 * 64 * 64 * 2 + 4 * 64 * 4}
 # sm_90 limits per SM (CUDA occupancy calculator): registers, shared memory, threads, CTAs.

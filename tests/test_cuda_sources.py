@@ -26,7 +26,8 @@ _spec.loader.exec_module(cuda_static)
 SOURCES = cuda_static.SOURCES
 # Kernels each file must define (mangled names contain these); a file that silently compiles nothing fails.
 EXPECTED_KERNELS = {
-    "attention.cu": ["attn_fwd_kernel", "attn_bwd_kernel", "attn_bwd_delta_kernel", "attn_bwd_dq_kernel"],
+    "attention_forward.cu": ["attn_fwd_kernel"],
+    "attention_backward.cu": ["attn_bwd_kernel", "attn_bwd_delta_kernel", "attn_bwd_dq_kernel"],
     "seqpool.cu": ["seqpool_fwd_kernel", "seqpool_bwd_kernel", "seqpool_combine_kernel"],
     "tokenize.cu": ["pool_fwd_kernel", "pool_bwd_kernel"],
 }
@@ -38,7 +39,7 @@ REQUIRE = os.environ.get("CCT_KERNELS_REQUIRE_NVCC", "1") != "0"
 
 @pytest.mark.parametrize("capability", [(7, 5), (8, 0), (9, 0)])
 def test_cuda_attention_declines_gpus_below_sm80(capability, monkeypatch):
-    """attention.cu stops at #error below sm_80, so the extension has no attention kernel for such a GPU: the
+    """The attention sources stop at #error below sm_80, so the extension has no attention kernel for such a GPU: the
     adapter says so (and "auto" picks another backend) instead of failing at launch."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     qkv = types.SimpleNamespace(shape=(2, 70, 3 * 2 * 64), dtype=torch.float16, is_cuda=True,
@@ -91,12 +92,13 @@ if NVCC is not None:
                 f"{cuda_static.DEFAULT_OUT.name} is stale for {source.name}: run `python scripts/cuda_static.py`"
             )
 
-    def test_attention_names_the_minimum_arch(tmp_path):
+    @pytest.mark.parametrize("source", ["attention_forward.cu", "attention_backward.cu"])
+    def test_attention_names_the_minimum_arch(source, tmp_path):
         """A build for sm_75 stops with the #error naming sm_80, not with a ptxas error about cp.async."""
         proc = subprocess.run([NVCC, "-c", "-arch=sm_75", "-std=c++17", f"-I{ROOT / 'csrc'}",
-                               str(ROOT / "csrc" / "cuda" / "attention.cu"), "-o", str(tmp_path / "x.o")],
+                               str(ROOT / "csrc" / "cuda" / source), "-o", str(tmp_path / "x.o")],
                               capture_output=True, text=True, timeout=600)
-        assert proc.returncode != 0 and "needs sm_80+" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "need sm_80+" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
     @pytest.fixture(scope="module")
     def header_max_d(tmp_path_factory):

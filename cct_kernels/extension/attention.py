@@ -2,10 +2,14 @@
 
 "cpu" (csrc/cpu/attention.cpp): float32/float16/bfloat16 (computed in float32), any head dim, N < 65536, dropout
     from a counter-based hash of the seed (the same mask in backward; attention_dropout_mask() returns it).
-"cuda" (csrc/cuda/attention.cu): tensor-core flash attention (mma.sync, float32 accumulation, double-buffered
-    cp.async loads) for head dim 64, float16/bfloat16 only, GPUs of compute capability 8.0 or newer, no dropout
-    (training with attention dropout falls back under "auto"). Its backward accumulates dQ with float atomics
-    (16-byte vector atomics on sm_90), so it declines while torch.use_deterministic_algorithms(True) is on.
+"cuda" (csrc/cuda/attention_forward.cu, attention_backward.cu): tensor-core flash attention (mma.sync, float32
+    accumulation, double-buffered cp.async loads) for head dim 64, float16/bfloat16 only, GPUs of compute capability
+    8.0 or newer, no dropout (training with attention dropout falls back under "auto"). Its backward accumulates dQ
+    with float atomics (16-byte vector atomics on sm_90), so it declines while torch.use_deterministic_algorithms(True)
+    is on.
+Both take key-padding lengths ((B,) int64 on qkv's device, 0 <= lengths[b] <= N: every query attends to the first
+lengths[b] keys only; a sequence with none gives zeros and zero gradients). The cuda kernels skip key blocks past a
+sequence's length (forward and backward), so a padded batch pays for its real keys.
 """
 from __future__ import annotations
 
@@ -19,8 +23,6 @@ CUDA_HEAD_DIM = 64
 def unsupported(qkv, num_heads, scale, dropout_p, lengths=None, *, backend: str) -> str | None:
     head_dim = qkv.shape[2] // (3 * num_heads)
     if backend == "cuda":
-        if lengths is not None:
-            return "the cuda attention kernel takes no key-padding lengths yet"
         reason = extension.dtype_reason(qkv.dtype, (torch.float16, torch.bfloat16))
         if reason is not None:
             return reason + " by the cuda attention kernel (tensor cores); use the triton backend for float32"

@@ -3,6 +3,9 @@ and sequence chunks) and "cuda" (csrc/cuda/seqpool.cu: rows split over ~256 bloc
 vectors, online softmax per warp, partials merged in a fixed order). Interface: cct_kernels/ops/seqpool.py.
 x (B, N, D), weight (1, D), bias (1,), float32/float16/bfloat16; float32 accumulation; any B >= 0, N >= 1, D >= 1,
 except "cuda": D <= cuda_max_d(x) (1024, or 256 when a row is not a multiple of 16 bytes).
+Both take key-padding lengths ((B,) int64 on x's device, 0 <= lengths[b] <= N): the softmax runs over the first
+lengths[b] tokens only (the kernels read only those), padded tokens get zero gradient, and a row with none gives
+out 0 (lse -inf).
 """
 from __future__ import annotations
 
@@ -17,8 +20,6 @@ def cuda_max_d(x) -> int:
 
 def unsupported(x, weight, bias, lengths=None, *, backend: str) -> str | None:
     reason = extension.dtype_reason(x.dtype)
-    if reason is None and backend == "cuda" and lengths is not None:
-        return "the cuda seqpool kernel takes no key-padding lengths yet"
     if reason is None and backend == "cuda" and x.shape[2] > cuda_max_d(x):
         return (f"the cuda seqpool kernel needs D <= {cuda_max_d(x)} for this row size "
                 f"(D = {x.shape[2]}, {x.dtype}); triton and eager take any D")

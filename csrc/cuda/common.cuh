@@ -1,4 +1,5 @@
-// Small device helpers shared by the CUDA kernels: dtype loads/stores in float32 and warp/block reductions.
+// Small device helpers shared by the CUDA kernels: dtype loads/stores in float32, key-padding lengths and
+// warp/block reductions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,6 +25,12 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
+}
+
+// Key padding: the real tokens of sequence b, all N without lengths, else the first lengths[b] (clamped to
+// [0, N]: the op layer checks the range, the clamp keeps a bad value from reading out of bounds).
+__device__ __forceinline__ int real_tokens(const int64_t* lengths, int b, int N) {
+  return lengths == nullptr ? N : (int)min(max(lengths[b], (int64_t)0), (int64_t)N);
 }
 
 // Reduce over a block of kThreads (a multiple of 32); every thread gets the result. `scratch` holds 32 floats.

@@ -32,15 +32,18 @@ inline int64_t seqpool_cuda_workspace_floats(int64_t B, int64_t N, int64_t D) {
   const int64_t S = seqpool_cuda_splits(B, N);
   return S > 1 ? B * S * (D + 2) : 0;
 }
-cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias, void* out,
-                                        float* lse, float* workspace, int64_t B, int64_t N, int64_t D,
-                                        cudaStream_t stream);
-// Backward: grad_x (B, N, D) dtype; partial grad_weight (B * S, D) and grad_bias (B * S) in float32, one row per
-// block, S = seqpool_cuda_splits(B, N) (summed by the caller, so the result does not depend on atomics' order).
+// lengths: nullptr, or (B) int64 on the device, the real tokens (a prefix) of each row, 0 <= lengths[b] <= N: the
+// softmax runs over those only; a row with none gets out 0 and lse -inf.
+cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias,
+                                        const int64_t* lengths, void* out, float* lse, float* workspace, int64_t B,
+                                        int64_t N, int64_t D, cudaStream_t stream);
+// Backward: grad_x (B, N, D) dtype (0 for padded tokens); partial grad_weight (B * S, D) and grad_bias (B * S) in
+// float32, one row per block, S = seqpool_cuda_splits(B, N) (summed by the caller, so the result does not depend on
+// atomics' order).
 cudaError_t seqpool_backward_cuda_launch(int dtype, const void* grad_out, const void* x, const void* weight,
-                                         const void* bias, const void* out, const float* lse, void* grad_x,
-                                         float* grad_weight_rows, float* grad_bias_rows, int64_t B, int64_t N,
-                                         int64_t D, cudaStream_t stream);
+                                         const void* bias, const void* out, const float* lse, const int64_t* lengths,
+                                         void* grad_x, float* grad_weight_rows, float* grad_bias_rows, int64_t B,
+                                         int64_t N, int64_t D, cudaStream_t stream);
 
 // Tokenizer epilogue: y (B, C, Ho, Wo) with element strides ys -> out, pool_index (int8) with strides os.
 cudaError_t pool_forward_cuda_launch(int dtype, const void* y, Strides4 ys, void* out, int8_t* index, Strides4 os,
@@ -50,14 +53,18 @@ cudaError_t pool_backward_cuda_launch(int dtype, const void* grad_out, const voi
                                       Strides4 os, void* gy, Strides4 ys, PoolGeometry g, bool relu,
                                       cudaStream_t stream);
 
-// Attention, head dim 64, float16/bfloat16 only: qkv (B, N, 3*H*64) -> out (B, N, H*64), lse (B, H, N) float32.
-// Pointers 16-byte aligned.
-cudaError_t attention_forward_cuda_launch(int dtype, const void* qkv, void* out, float* lse, int64_t B, int64_t N,
-                                          int64_t H, float scale, cudaStream_t stream);
-// Backward: grad_qkv (B, N, 3*H*64). Workspaces: delta (B, H, N) float32 and dq_accum (B, N, H*64) float32, which
-// the caller zero-fills (16-byte aligned: dQ is added in 16-byte vectors). Needs sm_80+ (sm_90 for vector atomics).
+// Attention, head dim 64, float16/bfloat16 only: qkv (B, N, 3*H*64) -> out (B, N, H*64), lse (B, H, N) float32
+// (csrc/cuda/attention_forward.cu). Pointers 16-byte aligned. lengths: nullptr, or (B) int64 on the device, the real
+// tokens (a prefix) of each sequence, 0 <= lengths[b] <= N: every query attends to keys < lengths[b] only; a
+// sequence with none gets out 0 and lse -inf.
+cudaError_t attention_forward_cuda_launch(int dtype, const void* qkv, void* out, float* lse, const int64_t* lengths,
+                                          int64_t B, int64_t N, int64_t H, float scale, cudaStream_t stream);
+// Backward (csrc/cuda/attention_backward.cu): grad_qkv (B, N, 3*H*64), zero dK/dV for padded keys. Workspaces:
+// delta (B, H, N) float32 and dq_accum (B, N, H*64) float32, which the caller zero-fills (16-byte aligned: dQ is
+// added in 16-byte vectors). lengths as in the forward. Needs sm_80+ (sm_90 for vector atomics).
 cudaError_t attention_backward_cuda_launch(int dtype, const void* grad_out, const void* qkv, const void* out,
-                                           const float* lse, void* grad_qkv, float* delta, float* dq_accum, int64_t B,
-                                           int64_t N, int64_t H, float scale, cudaStream_t stream);
+                                           const float* lse, const int64_t* lengths, void* grad_qkv, float* delta,
+                                           float* dq_accum, int64_t B, int64_t N, int64_t H, float scale,
+                                           cudaStream_t stream);
 
 }  // namespace cct

@@ -9,6 +9,10 @@
 // Backward: per row, p_n = exp(s_n - lse), ds_n = p_n g.(x_n - out) (one sum: g.x_n - g.out would cancel),
 // grad_x[n] = p_n g + ds_n w written at once, and the warp accumulates grad_w += ds_n x_n, grad_b += ds_n.
 // NaN propagates as in the reference: a NaN score makes p_n NaN (never a max candidate: `s > m` is false).
+// Key padding (lengths, may be nullptr): batch row b pools its first L = lengths[b] tokens; blocks loop over their
+// rows below L only (a block past L does no row work), the backward writes zeros to grad_x of padded tokens, and a
+// row with L = 0 gets out 0 and lse -inf (the cpu kernel's convention; the sum of exp is then 0, tested as such, so
+// that a NaN sum still propagates).
 #include "common.cuh"
 #include "kernels.h"
 
@@ -69,13 +73,19 @@ __device__ __forceinline__ void stage(float* dst, const T* src, int n) {
   for (int k = threadIdx.x; k < n; k += kThreads) dst[k] = ld_f(src + k);
 }
 
+// A finished row from its max M and sum of exp L: 1 / L and lse; a row without real tokens (L = 0) gets zeros and
+// lse -inf (L == 0 tested, not L > 0: a NaN sum propagates).
+__device__ __forceinline__ float row_inv(float L) { return L == 0.f ? 0.f : 1.f / L; }
+__device__ __forceinline__ float row_lse(float M, float L) { return L == 0.f ? -INFINITY : M + logf(L); }
+
 // With part == nullptr (S == 1) the block writes out and lse; else part[(b * S + s) * (D + 2) + ...] = its max,
 // its sum of exp(score - max), then its D accumulators (relative to that max), for seqpool_combine_kernel.
 template <typename T, int V, int C>
 __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                                               const T* __restrict__ bias, T* __restrict__ out,
-                                                               float* __restrict__ lse, float* __restrict__ part,
-                                                               int N, int D, int rows) {
+                                                               const T* __restrict__ bias,
+                                                               const int64_t* __restrict__ lengths,
+                                                               T* __restrict__ out, float* __restrict__ lse,
+                                                               float* __restrict__ part, int N, int D, int rows) {
   extern __shared__ float smem[];  // w (D floats), the merged accumulator (D floats)
   float* sw = smem;
   float* sacc = smem + D;
@@ -91,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restri
   for (int j = 0; j < C; ++j)
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
-  const int n0 = (int)blockIdx.y * rows, n_end = min(N, n0 + rows);  // this block's rows
+  const int n0 = (int)blockIdx.y * rows, n_end = min(real_tokens(lengths, b, N), n0 + rows);  // its real rows
   for (int n = n0 + warp; n < n_end; n += kWarps) {
     float xv[C][V], s = 0.f;
     load_row<T, V, C>(xb + (int64_t)n * D, D, lane, xv);
@@ -145,9 +155,9 @@ __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restri
     }
     return;
   }
-  const float inv = 1.f / L;
+  const float inv = row_inv(L);
   for (int k = threadIdx.x; k < D; k += kThreads) st_f(out + (int64_t)b * D + k, sacc[k] * inv);
-  if (threadIdx.x == 0) lse[b] = M + logf(L);
+  if (threadIdx.x == 0) lse[b] = row_lse(M, L);
 }
 
 // out[b] and lse[b] from the S partials of batch row b (one block per row, threads over D; splits in order).
@@ -163,7 +173,7 @@ __global__ void __launch_bounds__(256) seqpool_combine_kernel(const float* __res
     const float l = row[(int64_t)s * (D + 2) + 1];
     L += l == 0.f ? 0.f : l * __expf(row[(int64_t)s * (D + 2)] - M);
   }
-  const float inv = 1.f / L;
+  const float inv = row_inv(L);
   for (int k = threadIdx.x; k < D; k += 256) {
     float acc = 0.f;
     for (int s = 0; s < S; ++s) {
@@ -172,16 +182,20 @@ __global__ void __launch_bounds__(256) seqpool_combine_kernel(const float* __res
     }
     st_f(out + (int64_t)b * D + k, acc * inv);
   }
-  if (threadIdx.x == 0) lse[b] = M + logf(L);
+  if (threadIdx.x == 0) lse[b] = row_lse(M, L);
 }
 
+// Backward CTAs per SM asked of ptxas by accumulators per lane (V * C): 4, 3, 2, 1 for 4, 8, 16, 32 (<= 32, 40,
+// 64, 128 registers). Without it the length-dependent row loop of the key-padding change took 40 -> 50 registers
+// at V * C = 8 (3 -> 2 CTAs/SM) and 32 -> 40 at 4 (4 -> 3); with it none spills.
+constexpr int bwd_min_blocks(int per_lane) { return per_lane <= 4 ? 4 : per_lane <= 8 ? 3 : per_lane <= 16 ? 2 : 1; }
+
 template <typename T, int V, int C>
-__global__ void __launch_bounds__(kThreads) seqpool_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x,
-                                                               const T* __restrict__ w, const T* __restrict__ bias,
-                                                               const T* __restrict__ out,
-                                                               const float* __restrict__ lse, T* __restrict__ gx,
-                                                               float* __restrict__ gw_rows,
-                                                               float* __restrict__ gb_rows, int N, int D, int rows) {
+__global__ void __launch_bounds__(kThreads, bwd_min_blocks(V * C))
+    seqpool_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ w,
+                       const T* __restrict__ bias, const T* __restrict__ out, const float* __restrict__ lse,
+                       const int64_t* __restrict__ lengths, T* __restrict__ gx, float* __restrict__ gw_rows,
+                       float* __restrict__ gb_rows, int N, int D, int rows) {
   extern __shared__ float smem[];  // w, g, out, the merged grad_w (D floats each)
   float* sw = smem;
   float* sg = smem + D;
@@ -189,21 +203,29 @@ __global__ void __launch_bounds__(kThreads) seqpool_bwd_kernel(const T* __restri
   float* sgw = smem + 3 * D;
   __shared__ float sdb[kWarps];
   const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T* xb = x + (int64_t)b * N * D;
+  T* gxb = gx + (int64_t)b * N * D;
+  const int n0 = (int)blockIdx.y * rows, n_end = min(N, n0 + rows);  // this block's rows
+  const int real_end = min(real_tokens(lengths, b, N), n_end);  // and the real ones among them
+  // Padded tokens have no weight, so no gradient (first: this loop before the row loop keeps the registers down).
+  for (int n = max(n0, real_end) + warp; n < n_end; n += kWarps) {
+    const float zeros[V] = {};
+#pragma unroll
+    for (int j = 0; j < C; ++j)
+      if (col<V>(lane, j) < D) store_vec<T, V>(gxb + (int64_t)n * D + col<V>(lane, j), zeros);
+  }
   stage(sw, w, D);
   stage(sg, g + (int64_t)b * D, D);
   stage(so, out + (int64_t)b * D, D);
   for (int k = threadIdx.x; k < D; k += kThreads) sgw[k] = 0.f;
   __syncthreads();
-  const T* xb = x + (int64_t)b * N * D;
-  T* gxb = gx + (int64_t)b * N * D;
   const float b0 = ld_f(bias), lb = lse[b];
   float db = 0.f, gwa[C][V];
 #pragma unroll
   for (int j = 0; j < C; ++j)
 #pragma unroll
     for (int i = 0; i < V; ++i) gwa[j][i] = 0.f;
-  const int n0 = (int)blockIdx.y * rows, n_end = min(N, n0 + rows);  // this block's rows
-  for (int n = n0 + warp; n < n_end; n += kWarps) {
+  for (int n = n0 + warp; n < real_end; n += kWarps) {
     float xv[C][V], s = 0.f, cd = 0.f;
     load_row<T, V, C>(xb + (int64_t)n * D, D, lane, xv);
 #pragma unroll
@@ -285,8 +307,8 @@ bool dispatch_width(int64_t D, const void* a, const void* b, F&& launch) {
 
 // Shared memory: 2 (forward) or 4 (backward) x D floats <= 4 x 1024 x 4 bytes = 16 KB: under the 48 KB default.
 template <typename T>
-cudaError_t launch_fwd(const void* x, const void* w, const void* bias, void* out, float* lse, float* part,
-                       int64_t B, int64_t N, int64_t D, cudaStream_t stream) {
+cudaError_t launch_fwd(const void* x, const void* w, const void* bias, const int64_t* lengths, void* out, float* lse,
+                       float* part, int64_t B, int64_t N, int64_t D, cudaStream_t stream) {
   const int64_t S = seqpool_cuda_splits(B, N), rows = (N + S - 1) / S;
   const size_t smem = 2 * D * sizeof(float);
   const dim3 grid((unsigned)B, (unsigned)S);
@@ -294,8 +316,8 @@ cudaError_t launch_fwd(const void* x, const void* w, const void* bias, void* out
   const bool ok = dispatch_width<T>(D, x, x, [&](auto width) {
     using W = decltype(width);
     seqpool_fwd_kernel<T, W::kV, W::kC><<<grid, kThreads, smem, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(out), lse,
-        partials, (int)N, (int)D, (int)rows);
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias), lengths,
+        static_cast<T*>(out), lse, partials, (int)N, (int)D, (int)rows);
   });
   if (!ok) return cudaErrorInvalidValue;
   if (S > 1)
@@ -305,8 +327,8 @@ cudaError_t launch_fwd(const void* x, const void* w, const void* bias, void* out
 
 template <typename T>
 cudaError_t launch_bwd(const void* g, const void* x, const void* w, const void* bias, const void* out,
-                       const float* lse, void* gx, float* gw_rows, float* gb_rows, int64_t B, int64_t N, int64_t D,
-                       cudaStream_t stream) {
+                       const float* lse, const int64_t* lengths, void* gx, float* gw_rows, float* gb_rows, int64_t B,
+                       int64_t N, int64_t D, cudaStream_t stream) {
   const int64_t S = seqpool_cuda_splits(B, N), rows = (N + S - 1) / S;
   const size_t smem = 4 * D * sizeof(float);
   const dim3 grid((unsigned)B, (unsigned)S);
@@ -314,40 +336,40 @@ cudaError_t launch_bwd(const void* g, const void* x, const void* w, const void* 
     using W = decltype(width);
     seqpool_bwd_kernel<T, W::kV, W::kC><<<grid, kThreads, smem, stream>>>(
         static_cast<const T*>(g), static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias),
-        static_cast<const T*>(out), lse, static_cast<T*>(gx), gw_rows, gb_rows, (int)N, (int)D, (int)rows);
+        static_cast<const T*>(out), lse, lengths, static_cast<T*>(gx), gw_rows, gb_rows, (int)N, (int)D, (int)rows);
   });
   return ok ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias, void* out,
-                                        float* lse, float* workspace, int64_t B, int64_t N, int64_t D,
-                                        cudaStream_t stream) {
+cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias,
+                                        const int64_t* lengths, void* out, float* lse, float* workspace, int64_t B,
+                                        int64_t N, int64_t D, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   switch (dtype) {
-    case kF32: return launch_fwd<float>(x, weight, bias, out, lse, workspace, B, N, D, stream);
-    case kF16: return launch_fwd<__half>(x, weight, bias, out, lse, workspace, B, N, D, stream);
-    case kBF16: return launch_fwd<__nv_bfloat16>(x, weight, bias, out, lse, workspace, B, N, D, stream);
+    case kF32: return launch_fwd<float>(x, weight, bias, lengths, out, lse, workspace, B, N, D, stream);
+    case kF16: return launch_fwd<__half>(x, weight, bias, lengths, out, lse, workspace, B, N, D, stream);
+    case kBF16: return launch_fwd<__nv_bfloat16>(x, weight, bias, lengths, out, lse, workspace, B, N, D, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t seqpool_backward_cuda_launch(int dtype, const void* grad_out, const void* x, const void* weight,
-                                         const void* bias, const void* out, const float* lse, void* grad_x,
-                                         float* grad_weight_rows, float* grad_bias_rows, int64_t B, int64_t N,
-                                         int64_t D, cudaStream_t stream) {
+                                         const void* bias, const void* out, const float* lse, const int64_t* lengths,
+                                         void* grad_x, float* grad_weight_rows, float* grad_bias_rows, int64_t B,
+                                         int64_t N, int64_t D, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   switch (dtype) {
     case kF32:
-      return launch_bwd<float>(grad_out, x, weight, bias, out, lse, grad_x, grad_weight_rows, grad_bias_rows, B, N, D,
-                               stream);
+      return launch_bwd<float>(grad_out, x, weight, bias, out, lse, lengths, grad_x, grad_weight_rows, grad_bias_rows,
+                               B, N, D, stream);
     case kF16:
-      return launch_bwd<__half>(grad_out, x, weight, bias, out, lse, grad_x, grad_weight_rows, grad_bias_rows, B, N,
-                                D, stream);
+      return launch_bwd<__half>(grad_out, x, weight, bias, out, lse, lengths, grad_x, grad_weight_rows,
+                                grad_bias_rows, B, N, D, stream);
     case kBF16:
-      return launch_bwd<__nv_bfloat16>(grad_out, x, weight, bias, out, lse, grad_x, grad_weight_rows, grad_bias_rows,
-                                       B, N, D, stream);
+      return launch_bwd<__nv_bfloat16>(grad_out, x, weight, bias, out, lse, lengths, grad_x, grad_weight_rows,
+                                       grad_bias_rows, B, N, D, stream);
   }
   return cudaErrorInvalidValue;
 }
