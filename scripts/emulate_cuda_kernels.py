@@ -1,12 +1,15 @@
-"""Numpy emulation of the index logic of csrc/cuda/attention.cu and csrc/cuda/seqpool.cu, for machines without a
-GPU: a model of the kernels transcribed by hand (it does not read the .cu files), checked against plain matmuls.
+"""Numpy emulation of the index logic of csrc/cuda/attention_forward.cu, attention_backward.cu and seqpool.cu, for
+machines without a GPU: a model of the kernels transcribed by hand (it does not read the .cu files), checked against
+plain matmuls.
 
     python scripts/emulate_cuda_kernels.py
 
 Attention: one warp's ldmatrix (plain and .trans) and mma.m16n8k16 fragment layouts, the forward S = Q K^T and
 P V, the backward's halves of 32 queries (dV, dK, the dS^T store) and the dQ halves with the quad exchange that
-feeds the 16-byte reductions. SeqPool: the lane/chunk column mapping of every width instantiation (V, C), the
-per-warp online softmax and the fixed-order warp merge, forward, lse and backward. Swizzling is left out (swz
+feeds the 16-byte reductions; with key-padding lengths, the block loops of both passes (key loop bound, zero-filled
+tiles, the partial block's mask, key blocks past the length skipped, L = 0) for one sequence. SeqPool: the lane/chunk column mapping of every width instantiation (V, C), the
+per-warp online softmax and the fixed-order warp merge, forward, lse and backward, with lengths 0, 1, N and at
+block boundaries (padded rows hold NaN: they must never be read). Swizzling is left out (swz
 permutes whole 16-byte chunks within a row and every access goes through it, so it does not change which elements
 are read). Change this model together with the kernels; a GPU run (tests/test_extension.py, tests/test_nan.py)
 remains the real check.
@@ -134,6 +137,107 @@ def check_attention(rng):
     print("attention: forward S, PV; backward halves dV, dK, dS store, dQ halves + quad exchange match")
 
 
+# ---- attention with key-padding lengths: the block loops of attention_forward.cu / attention_backward.cu for one
+# (batch row, head), tile products as plain matmuls (their fragment layouts are checked above)
+BLOCK, LOG2E = 64, 1.4426950408889634
+
+
+def load_tile(src, row0, n):  # load_tile: rows [row0, row0 + 64) of src, rows >= n zero-filled
+    t = np.zeros((BLOCK, src.shape[1]))
+    rows = np.arange(row0, row0 + BLOCK)
+    ok = rows < n
+    t[ok] = src[rows[ok]]
+    return t
+
+
+def attn_fwd(q, k, v, L, scale):
+    """attn_fwd_kernel over every query block of one sequence with L real keys: (out (N, 64), lse (N,), the number
+    of K/V tiles loaded)."""
+    N = q.shape[0]
+    out, lse = np.full((N, 64), np.nan), np.full(N, np.nan)  # poisoned: every element must be written
+    loads = 0
+    for q0 in range(0, N, BLOCK):
+        rows = np.arange(q0, min(q0 + BLOCK, N))
+        if L == 0:  # zero_tile and lse -inf
+            out[rows], lse[rows] = 0.0, -np.inf
+            continue
+        Q = load_tile(q, q0, N)
+        m, l, o = np.full(BLOCK, -np.inf), np.zeros(BLOCK), np.zeros((BLOCK, 64))
+        k0 = 0
+        while k0 < L:  # key blocks past L are never loaded
+            K, V = load_tile(k, k0, L), load_tile(v, k0, L)
+            loads += 1
+            s = Q @ K.T * scale * LOG2E
+            s[:, np.arange(k0, k0 + BLOCK) >= L] = -np.inf  # the partial block's padded keys
+            mx = np.maximum(m, s.max(1))  # finite: key k0 < L is real
+            alpha = np.exp2(m - mx)
+            p = np.exp2(s - mx[:, None])
+            l, o, m = l * alpha + p.sum(1), o * alpha[:, None] + p @ V, mx
+            k0 += BLOCK
+        out[rows] = (o / l[:, None])[: len(rows)]
+        lse[rows] = ((m + np.log2(l)) / LOG2E)[: len(rows)]
+    return out, lse, loads
+
+
+def attn_bwd(q, k, v, do, out, lse, L, scale):
+    """attn_bwd_delta_kernel, attn_bwd_kernel over every key block, attn_bwd_dq_kernel: (dq, dk, dv), each (N, 64),
+    and the number of key blocks that ran the query loop."""
+    N = q.shape[0]
+    delta = (do * out).sum(1)
+    dk, dv = np.full((N, 64), np.nan), np.full((N, 64), np.nan)
+    dq_accum = np.zeros((N, 64))  # zero-filled by the caller
+    looped = 0
+    for k0 in range(0, N, BLOCK):
+        keys = np.arange(k0, min(k0 + BLOCK, N))
+        if k0 >= L:  # padded keys only: zero dK, dV, no query loop
+            dk[keys], dv[keys] = 0.0, 0.0
+            continue
+        K, V = load_tile(k, k0, L), load_tile(v, k0, L)
+        pad = np.where(np.arange(k0, k0 + BLOCK) < L, 0.0, np.inf)  # per accumulator row (key)
+        dkb, dvb = np.zeros((BLOCK, 64)), np.zeros((BLOCK, 64))
+        looped += 1
+        for q0 in range(0, N, BLOCK):
+            Q, dO = load_tile(q, q0, N), load_tile(do, q0, N)
+            qs = np.arange(q0, q0 + BLOCK)
+            sL = np.where(qs < N, lse[np.minimum(qs, N - 1)] * LOG2E, np.inf)
+            sD = np.where(qs < N, delta[np.minimum(qs, N - 1)], 0.0)
+            for qh in (0, 32):  # the halves of 32 queries
+                h = slice(qh, qh + 32)
+                pt = np.exp2(K @ Q[h].T * scale * LOG2E - sL[None, h] - pad[:, None])
+                dvb += pt @ dO[h]
+                dst = pt * (V @ dO[h].T - sD[None, h])
+                dkb += dst @ Q[h]
+                ok = qs[h] < N  # dQ reductions only for rows < N
+                dq_accum[qs[h][ok]] += (dst.T @ K)[ok]
+        dk[keys], dv[keys] = (dkb * scale)[: len(keys)], dvb[: len(keys)]
+    return dq_accum * scale, dk, dv, looped
+
+
+def check_attention_lengths(rng):
+    N, scale = 150, 0.125  # three key/query blocks, the last one partial
+    for L in (0, 1, 63, 64, 65, 128, 129, N):
+        q, k, v, do = (rng.standard_normal((N, 64)) for _ in range(4))
+        k[L:] = v[L:] = np.nan  # padded keys and values are never read (a NaN there would reach out or dQ)
+        out, lse, loads = attn_fwd(q, k, v, L, scale)
+        dq, dk, dv, looped = attn_bwd(q, k, v, do, out, lse, L, scale)
+        assert all(np.isfinite(t).all() for t in (out, dq, dk, dv)), L
+        blocks = -(-L // BLOCK)  # a batch pays for its real keys: key blocks past L are skipped
+        assert loads == blocks * -(-N // BLOCK) and looped == blocks, (L, loads, looped)
+        if L == 0:
+            assert not out.any() and not dq.any() and not dk.any() and not dv.any() and np.all(lse == -np.inf)
+            continue
+        s = q @ k[:L].T * scale  # every query row, padded ones too, against the real keys
+        p = np.exp(s - s.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        o = p @ v[:L]
+        assert np.allclose(out, o) and np.allclose(lse, np.log(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1))
+        ds = p * (do @ v[:L].T - (do * o).sum(1, keepdims=True))
+        assert np.allclose(dq, scale * ds @ k[:L]) and np.allclose(dv[:L], p.T @ do)
+        assert np.allclose(dk[:L], scale * ds.T @ q)
+        assert not dk[L:].any() and not dv[L:].any(), L  # padded keys: exactly zero
+    print("attention lengths: key loop bound, partial-block mask, skipped key blocks and L = 0 match (N = 150)")
+
+
 # ---- seqpool: blocks (b, s) of 16 warps take rows [s*rows, (s+1)*rows); lane columns j*32*V + lane*V (+0..V-1)
 WARPS = 16
 
@@ -179,25 +283,33 @@ def seqpool_fwd_block(x, w, b, V, C, n0, n1):
     return M, L, sacc
 
 
-def seqpool_fwd(x, w, b, V, C, S):
+def seqpool_fwd(x, w, b, V, C, S, real):
+    """real: the row's real tokens (lengths[b]); blocks take their rows below it only."""
     N = x.shape[0]
     rows = -(-N // S)
-    parts = [seqpool_fwd_block(x, w, b, V, C, s * rows, min(N, (s + 1) * rows)) for s in range(S)]
-    M = max(p[0] for p in parts)  # seqpool_combine_kernel
+    parts = [seqpool_fwd_block(x, w, b, V, C, s * rows, min(real, (s + 1) * rows)) for s in range(S)]
+    M = max(p[0] for p in parts)  # seqpool_combine_kernel (S == 1: the block itself, the same arithmetic)
     L = sum(0.0 if p[1] == 0 else p[1] * np.exp(p[0] - M) for p in parts)
-    acc = sum(0.0 if p[1] == 0 else p[2] * np.exp(p[0] - M) for p in parts)
-    return acc / L, M + np.log(L)
+    acc = sum((0.0 if p[1] == 0 else p[2] * np.exp(p[0] - M) for p in parts), np.zeros(x.shape[1]))
+    return acc * (0.0 if L == 0 else 1.0 / L), -np.inf if L == 0 else M + np.log(L)  # row_inv, row_lse
 
 
-def seqpool_bwd(g, x, w, b, out, lse, V, C, S):
+def seqpool_bwd(g, x, w, b, out, lse, V, C, S, real):
     N, D = x.shape
     cl, rows = cols(V, C, D), -(-N // S)
     gx = np.full_like(x, np.nan)
     gw_rows, gb_rows = np.zeros((S, D)), np.zeros(S)  # one partial row per block, summed by the caller
     for blk in range(S):
+        n0, n_end = blk * rows, min(N, (blk + 1) * rows)
+        real_end = min(real, n_end)
+        for warp in range(WARPS):  # padded rows first: zeros
+            for n in range(max(n0, real_end) + warp, n_end, WARPS):
+                for lane in range(32):
+                    for j, c in cl[lane]:
+                        gx[n, c:c+V] = 0.0
         for warp in range(WARPS):
             gwa, db = np.zeros((32, C, V)), 0.0
-            for n in range(blk * rows + warp, min(N, (blk + 1) * rows), WARPS):
+            for n in range(n0 + warp, real_end, WARPS):
                 s = cd = 0.0
                 for lane in range(32):
                     for j, c in cl[lane]:
@@ -223,23 +335,34 @@ def check_seqpool(rng):
     for B, N, D, V, C in [(1, 5, 100, 1, 4), (64, 37, 130, 1, 8), (128, 40, 384, 8, 2), (64, 20, 1024, 4, 8),
                           (2, 3, 1024, 8, 4), (128, 70, 256, 8, 1), (64, 196, 384, 8, 2), (8, 100, 64, 8, 1)]:
         S = splits(B, N)
-        x = rng.standard_normal((N, D))
-        w = rng.standard_normal(D) / np.sqrt(D)
-        b = 0.3
+        rows = -(-N // S)
         assert C * V * 32 >= D
-        out, lse = seqpool_fwd(x, w, b, V, C, S)
-        s = x @ w + b
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        assert np.allclose(out, p @ x) and np.isclose(lse, np.log(np.exp(s - s.max()).sum()) + s.max())
-        g = rng.standard_normal(D)
-        gx, gw, gb = seqpool_bwd(g, x, w, b, out, lse, V, C, S)
-        ds = p * ((x - out) @ g)
-        assert np.allclose(gx, p[:, None] * g[None] + ds[:, None] * w[None])
-        assert np.allclose(gw, ds @ x) and np.isclose(gb, ds.sum())
-    print("seqpool: forward (split over blocks and combined), lse and backward match for every width")
+        # lengths: all, none, one, and ones that end inside a block, at a block boundary, inside the first block
+        for real in sorted({N, 0, 1, N - 1, min(rows, N), min(rows + 3, N), max(N // 3, 1)}):
+            x = rng.standard_normal((N, D))
+            x[real:] = np.nan  # padded tokens are never read
+            w = rng.standard_normal(D) / np.sqrt(D)
+            b = 0.3
+            out, lse = seqpool_fwd(x, w, b, V, C, S, real)
+            g = rng.standard_normal(D)
+            gx, gw, gb = seqpool_bwd(g, x, w, b, out, lse, V, C, S, real)
+            assert np.isfinite(out).all() and np.isfinite(gx).all() and not gx[real:].any()
+            if real == 0:
+                assert not out.any() and lse == -np.inf and not gw.any() and gb == 0
+                continue
+            xr = x[:real]
+            s = xr @ w + b
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            assert np.allclose(out, p @ xr) and np.isclose(lse, np.log(np.exp(s - s.max()).sum()) + s.max())
+            ds = p * ((xr - out) @ g)
+            assert np.allclose(gx[:real], p[:, None] * g[None] + ds[:, None] * w[None])
+            assert np.allclose(gw, ds @ xr) and np.isclose(gb, ds.sum())
+    print("seqpool: forward (split over blocks and combined), lse and backward match for every width and for "
+          "lengths 0, 1, N and block boundaries")
 
 
 if __name__ == "__main__":
     check_attention(np.random.default_rng(0))
+    check_attention_lengths(np.random.default_rng(2))
     check_seqpool(np.random.default_rng(1))
