@@ -4,15 +4,15 @@ plain matmuls.
 
     python scripts/emulate_cuda_kernels.py
 
-Attention: one warp's ldmatrix (plain and .trans) and mma.m16n8k16 fragment layouts, the forward S = Q K^T and
-P V, the backward's halves of 32 queries (dV, dK, the dS^T store) and the dQ halves with the quad exchange that
-feeds the 16-byte reductions; with key-padding lengths, the block loops of both passes (key loop bound, zero-filled
-tiles, the partial block's mask, key blocks past the length skipped, L = 0) for one sequence. SeqPool: the lane/chunk column mapping of every width instantiation (V, C), the
-per-warp online softmax and the fixed-order warp merge, forward, lse and backward, with lengths 0, 1, N and at
-block boundaries (padded rows hold NaN: they must never be read). Swizzling is left out (swz
-permutes whole 16-byte chunks within a row and every access goes through it, so it does not change which elements
-are read). Change this model together with the kernels; a GPU run (tests/test_extension.py, tests/test_nan.py)
-remains the real check.
+Attention: one warp's ldmatrix (plain and .trans) and mma.m16n8k16 fragment layouts, the forward S = Q K^T and P V,
+the backward's halves of 32 queries (dV, dK, the dS^T store) and the dQ halves with the quad exchange that feeds the
+16-byte reductions; with key-padding lengths, the block loops of both passes (key loop bound, zero-filled tiles, the
+partial block's mask, key blocks past the length skipped, L = 0) for one sequence. SeqPool: the lane/chunk column
+mapping of every width instantiation (V, C), the per-warp online softmax and the fixed-order warp merge, forward,
+lse and backward, with lengths 0, 1, N and at block boundaries (padded rows hold NaN: they must never be read).
+Swizzling is left out (swz permutes whole 16-byte chunks within a row and every access goes through it, so it does
+not change which elements are read). Change this model together with the kernels; a GPU run
+(tests/test_extension.py, tests/test_nan.py) remains the real check.
 """
 import numpy as np
 
