@@ -20,9 +20,10 @@ LOW = [torch.float16, torch.bfloat16]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def _poison_allocator():
-    """Leave NaN-filled blocks in the CPU caching pattern so that unwritten outputs are likely to read as NaN."""
-    junk = [torch.full((1 << 16,), float("nan")) for _ in range(8)]
+def _poison_allocator(device=CPU):
+    """Leave NaN-filled blocks in the allocator's cache (the CPU allocator's reuse pattern, CUDA's caching allocator)
+    so that unwritten outputs are likely to read as NaN."""
+    junk = [torch.full((1 << 16,), float("nan"), device=device) for _ in range(8)]
     del junk
 
 
@@ -177,6 +178,78 @@ def test_attention_lse_is_logsumexp():
                                rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------ key-padding lengths
+# (B, N, H, lengths): 0, 1 and N; ends at, just past and just before the kernels' 64-key blocks; random ones.
+MASKED_ATTN_CASES = [(5, 130, 2, [0, 1, 130, 64, 65]), (4, 197, 3, [197, 63, 128, 0]), (2, 64, 1, [1, 64])]
+# (B, N, D, lengths): with B=6, N=70 the cuda kernel splits rows over 2 blocks of 35 (lengths 35, 36 straddle the
+# split); D=130 is a row of scalars (not a multiple of 16 bytes); N=197, D=384 splits over 6 blocks of 33.
+MASKED_SEQPOOL_CASES = [(6, 70, 48, [0, 1, 70, 35, 36, 12]), (3, 40, 130, [40, 0, 7]), (4, 197, 384, [0, 1, 197, 100])]
+
+
+def _prefix_mask(lengths, N):
+    return torch.arange(N, device=lengths.device)[None] < lengths[:, None]
+
+
+def _check_masked_attention(case, dtype, backend, device):
+    """ops.attention with lengths against the float64 reference with the same mask (the 2x-eager tolerance), no NaN,
+    and exact zeros where the semantics say so: a sequence without real keys (output and gradient), padded keys'
+    dK and dV."""
+    B, N, H, lens = case
+    lengths = torch.tensor(lens, dtype=torch.int64, device=device)
+    mask = _prefix_mask(lengths, N)
+    qkv = torch.randn(B, N, 3 * H * 64, device=device).to(dtype)
+    a, r64, e = qkv.clone().requires_grad_(), qkv.double().requires_grad_(), qkv.clone().requires_grad_()
+    _poison_allocator(device)
+    out = ops.attention(a, H, mask=lengths, backend=backend)
+    ref, eager = reference.attention(r64, H, mask=mask), reference.attention(e, H, mask=mask)
+    assert_matches("masked attention out", out, ref.detach(), eager.detach(), reduction=N)
+    g = torch.randn_like(ref).to(dtype)
+    (grad,) = _grads(out, [a], g)
+    assert_matches("masked attention grad_qkv", grad, _grads(ref, [r64], g.double())[0], _grads(eager, [e], g)[0],
+                   reduction=N * 64)
+    empty = lengths == 0
+    assert not out[empty].any() and not grad[empty].any(), "a sequence without real keys: zeros"
+    dkv = grad.view(B, N, 3, H * 64)[:, :, 1:]
+    assert not dkv[~mask].any(), "padded keys get no dK, dV"
+
+
+def _check_masked_seqpool(case, dtype, backend, device):
+    """ops.seqpool with lengths against the float64 reference with the same mask; padded tokens' grad_x and an
+    empty row's output are exactly 0."""
+    B, N, D, lens = case
+    lengths = torch.tensor(lens, dtype=torch.int64, device=device)
+    mask = _prefix_mask(lengths, N)
+    x, w, b = _seqpool_case((B, N, D), dtype, device)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    leaves64 = [t.double().requires_grad_() for t in (x, w, b)]
+    leaves_eager = [t.clone().requires_grad_() for t in (x, w, b)]
+    _poison_allocator(device)
+    out = ops.seqpool(*leaves, mask=lengths, backend=backend)
+    ref, eager = reference.seqpool(*leaves64, mask=mask), reference.seqpool(*leaves_eager, mask=mask)
+    assert_matches("masked seqpool out", out, ref.detach(), eager.detach())
+    g = torch.randn_like(ref).to(dtype)
+    term = g.double().abs().max().item() * x.double().abs().max().item()  # as in _check_seqpool
+    terms_atol = {"grad_x": 0.0, "grad_w": 4 * EPS[dtype] * (B * N) ** 0.5 * term * x.double().abs().max().item(),
+                  "grad_b": 4 * EPS[dtype] * (B * N) ** 0.5 * term}
+    grads = _grads(out, leaves, g)
+    for nm, a, r, e in zip(("grad_x", "grad_w", "grad_b"), grads, _grads(ref, leaves64, g.double()),
+                           _grads(eager, leaves_eager, g)):
+        assert_matches(f"masked seqpool {nm}", a, r, e, atol=terms_atol[nm])
+    assert not out[lengths == 0].any(), "a row without real tokens: zeros"
+    assert not grads[0][~mask].any(), "padded tokens get no gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", MASKED_ATTN_CASES[:1] + MASKED_ATTN_CASES[2:])
+def test_masked_attention_cpu(case, dtype):
+    _check_masked_attention(case, dtype, "cpu", CPU)
+
+
+@pytest.mark.parametrize("case", MASKED_SEQPOOL_CASES)
+def test_masked_seqpool_cpu(case):
+    _check_masked_seqpool(case, torch.float32, "cpu", CPU)
+
+
 # ---------------------------------------------------------------------------------------------------- tokenize
 # (B, C_in, H, W, C_out, k, stride, padding, pool, relu, to_tokens, bias)
 TOKENIZE_CASES = [
@@ -320,6 +393,21 @@ def test_opcheck_cpu(name):
     torch.library.opcheck(fn, (*args, "cpu"))
 
 
+def _opcheck_masked(backend, device, head_dim, dtype):
+    """opcheck of the attention and seqpool ops with lengths (0 and a partial one) on `backend`."""
+    lengths = torch.tensor([5, 0], device=device)
+    g = dict(device=device, dtype=dtype, requires_grad=True)
+    seqpool_args = (torch.randn(2, 7, 24, **g), torch.randn(1, 24, **g), torch.randn(1, **g))
+    torch.library.opcheck(torch.ops.cct_kernels.seqpool_forward, (*seqpool_args, backend, lengths))
+    attention_args = (torch.randn(2, 9, 3 * 2 * head_dim, **g), 2, 0.25, 0.0,
+                      torch.empty(0, dtype=torch.int64, device=device))
+    torch.library.opcheck(torch.ops.cct_kernels.attention_forward, (*attention_args, backend, lengths))
+
+
+def test_opcheck_masked_cpu():
+    _opcheck_masked("cpu", CPU, 16, torch.float32)
+
+
 def test_model_cpu_backend_matches_eager_forward_and_backward():
     torch.manual_seed(0)
     kwargs = dict(attention_dropout=0.0, stochastic_depth=0.0)
@@ -395,6 +483,31 @@ def test_attention_cuda(shape, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", MASKED_ATTN_CASES)
+def test_masked_attention_cuda(case, dtype):
+    _check_masked_attention(case, dtype, "cuda", GPU)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("case", MASKED_SEQPOOL_CASES)
+def test_masked_seqpool_cuda(case, dtype):
+    _check_masked_seqpool(case, dtype, "cuda", GPU)
+
+
+@needs_cuda
+def test_cuda_adapters_serve_lengths():
+    """Lengths alone are no reason for the cuda adapters to decline (unsupported() is None for a case they serve
+    without lengths), so explicit "cuda" calls and backend selection reach the masked kernels."""
+    lengths = torch.tensor([3, 0], device=GPU)
+    qkv = torch.randn(2, 4, 3 * 2 * 64, device=GPU, dtype=torch.float16)
+    x, w, b = torch.randn(2, 4, 8, device=GPU), torch.randn(1, 8, device=GPU), torch.randn(1, device=GPU)
+    assert backends.unsupported_reason("cuda", "attention", GPU, qkv, 2, 0.125, 0.0, lengths) is None
+    assert backends.unsupported_reason("cuda", "seqpool", GPU, x, w, b, lengths) is None
+
+
+@needs_cuda
 def test_attention_cuda_reports_what_it_cannot_do():
     qkv = torch.randn(1, 8, 3 * 2 * 32, device=GPU, dtype=torch.float16)
     assert "head dim" in ext_attention.unsupported(qkv, 2, 0.2, 0.0, backend="cuda")
@@ -420,6 +533,11 @@ def test_tokenize_cuda_low_precision_epilogue(dtype):
     x, w = _tie_free_identity_case(dtype, 10, 15, 13)
     _check_tokenize(x.to(GPU), w.to(GPU), None, dict(stride=1, padding=0, relu=True, pool=(3, 2, 1),
                                                      to_tokens=True), "cuda")
+
+
+@needs_cuda
+def test_opcheck_masked_cuda():
+    _opcheck_masked("cuda", GPU, 64, torch.float16)
 
 
 @needs_cuda
