@@ -13,20 +13,24 @@ says so.
 
 Forward: one tiled GEMM (tl.dot, float32 accumulation; wgmma on sm_90 for 16-bit inputs), 1-D grid in grouped
 order (GROUP_M row blocks walk the column blocks together, so their x rows and W stay in L2), epilogue on the
-float32 accumulator: + bias, the value h stored when the backward needs it (GELU with save_pre_activation), exact
-GELU 0.5 h (1 + erf(h / sqrt 2)), + residual, one rounding to the output dtype.
+float32 accumulator: + bias, the value h stored when the backward needs it (GELU with save_pre_activation), the
+erf GELU h * Phi(h), + residual, one rounding to the output dtype.
 Backward: grad_h = GELU'(h) * grad_out (h the saved pre-activation, in the input dtype, as the reference's
 gelu_backward sees it) is computed in the prologue of both GEMMs from the grad_out and h tiles they load, so no
 grad_h tensor is written; it is rounded to the input dtype before each tensor-core product, as the reference's
 grad_h tensor is. Two kernels, no atomics (deterministic):
     grad_x (M, K) = grad_h @ W: programs over (M, K) tiles, reducing over N.
-    grad_W (N, K) = grad_h^T @ x: N*K holds few tiles (12 at N=768, K=256), so M is split into SPLIT chunks and
-        each program (chunk, N tile, K tile) writes a float32 partial that torch sums over the chunks; the same
-        programs sum grad_h's columns over their chunk for grad_b (stored by the K-tile-0 programs). SPLIT = 1
-        stores straight into the outputs.
+    grad_W (N, K) = grad_h^T @ x, computed as (K, N) tiles of x^T @ grad_h: N*K holds few tiles (12 at N=768,
+        K=256), so M is split into SPLIT chunks and each program (chunk, N tile, K tile) writes a float32 partial
+        that torch sums over the chunks; the same programs sum grad_h's columns over their chunk for grad_b
+        (stored by the K-tile-0 programs). SPLIT = 1 stores straight into the outputs.
 Precision: float32 accumulation throughout; 16-bit inputs feed the tensor cores directly. float32 inputs follow
 torch.backends.cuda.matmul.allow_tf32, read at each call (as cct_kernels/triton/attention.py): True -> TF32
 tensor cores (like torch.matmul under the same flag), False (torch's default) -> exact fp32 products ('ieee').
+Phi: float32 outputs use libdevice's erf (the exact GELU of F.gelu to float32 rounding); 16-bit outputs and the
+backward's GELU' use one erfc polynomial (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7 on erf: at most 7.5e-8 |h|
+in the GELU, far below a 16-bit rounding, and 3.0e-7 in GELU', against 1.4e-7 for float32 libdevice erf), which
+costs half the instructions; see _normal_tail.
 Configs: no autotuning (the interpreter cannot autotune); `_config` picks tiles from the dtype and the shapes,
 chosen from the sm_90 static figures (see _sm90_check and /tmp/notes -> benchmarks/NOTES.md).
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 after loading, since the
