@@ -218,13 +218,14 @@ def test_dropout_through_the_op_forward_backward_consistent(device):
 # ------------------------------------------------------------------------------------------------- key padding
 
 # (B, H, N, d, dtype, dropout_p, lengths): lengths 0 (no real token), 1 and N; N = 130 with lengths 64 and 129
-# (whole key blocks of padding skipped, a partial block masked); text_cct's head dim 75; dropout with padding.
+# (whole key blocks of padding skipped, a partial block masked); text_transformer's head dim 75; dropout with padding.
 PADDED_CASES = [
     (3, 2, 64, 32, torch.float32, 0.0, (0, 1, 64)),
     (3, 1, 130, 64, torch.float16, 0.0, (64, 129, 0)),
     (2, 2, 70, 75, torch.bfloat16, 0.0, (1, 41)),
     (3, 2, 65, 32, torch.float32, 0.3, (0, 1, 65)),
     (2, 1, 100, 16, torch.float16, 0.2, (37, 100)),
+    (2, 1, 40, 75, torch.float16, 0.2, (0, 33)),  # unaligned head rows: the smaller tiles of _UNALIGNED_CONFIGS
 ]
 
 

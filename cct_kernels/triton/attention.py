@@ -85,6 +85,14 @@ _CONFIGS = {
     ("dkdv", True, True, None): (32, 64, 8, 2),
     ("dkdv", True, False, None): (32, 32, 8, 1),
 }
+# 16-bit inputs with a head dim in the 128-wide tile class whose head rows are not 16-byte aligned (text_transformer's
+# 75: 150 bytes) load element by element, with a 64-bit pointer per element: smaller tiles keep those in registers
+# (the table's tiles spill 48-1164 bytes at d=75). (pass, dropout?) -> as _CONFIGS.
+_UNALIGNED_CONFIGS = {
+    ("fwd", None): (128, 32, 8, 3),
+    ("dq", None): (32, 32, 8, 2),  # 4 warps: 28% fewer instructions per score, but 88 bytes of spills with dropout
+    ("dkdv", None): (16, 64, 8, 2),
+}
 MIN_BLOCK_M = 64  # one warpgroup's wgmma tile
 
 
@@ -92,11 +100,15 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool, N: int) -> tuple[int, int, int, int]:
+def _config(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool, N: int,
+            aligned: bool = True) -> tuple[int, int, int, int]:
     """The table's entry, with both block sizes cut to N rounded up to a power of two (at least MIN_BLOCK_M
     queries, 32 keys): at N = 64 (cct_2) a 128-wide tile would be half padding (and half the programs)."""
     key = (kind, dtype == torch.float32, _block_d(head_dim) <= 64)
-    block_m, block_n, num_warps, num_stages = _CONFIGS.get(key + (dropout,)) or _CONFIGS[key + (None,)]
+    table = _CONFIGS
+    if not aligned and key[1:] == (False, False):
+        key, table = (kind,), _UNALIGNED_CONFIGS
+    block_m, block_n, num_warps, num_stages = table.get(key + (dropout,)) or table[key + (None,)]
     fit = triton.next_power_of_2(N)
     cut_m, cut_n = min(block_m, max(MIN_BLOCK_M, fit)), min(block_n, max(32, fit))
     if (cut_m, cut_n) != (block_m, block_n) and dtype != torch.float32 and head_dim <= 64:
@@ -166,13 +178,14 @@ def forward(qkv, num_heads, scale, dropout_p, seed, lengths=None, *, out=None, l
     if lse is None:
         lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
     bits, words = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("fwd", qkv.dtype, D, dropout_p > 0, N)
+    aligned = _aligned(qkv, out, head_dim=D)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("fwd", qkv.dtype, D, dropout_p > 0, N, aligned)
     _attn_fwd[(B * H * triton.cdiv(N, BLOCK_M),)](
         qkv, out, lse, bits, _lengths_arg(lengths, qkv.device),
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         N, H, scale * LOG2E, words, 1.0 / (1.0 - dropout_p),
         D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0,
-        HAS_LENGTHS=lengths is not None, UPCAST=_upcast(qkv), ALIGNED=_aligned(qkv, out, head_dim=D),
+        HAS_LENGTHS=lengths is not None, UPCAST=_upcast(qkv), ALIGNED=aligned,
         PRECISION=_precision(qkv.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -191,13 +204,13 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
     lse = lse.contiguous()
     delta = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
     bits, words = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)  # redrawn: cheaper than keeping B*H*N*N/8 bytes
+    aligned = _aligned(qkv, out, grad_out, grad_qkv, head_dim=D)
     common = dict(D=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0, HAS_LENGTHS=lengths is not None,
-                  UPCAST=_upcast(qkv), ALIGNED=_aligned(qkv, out, grad_out, grad_qkv, head_dim=D),
-                  PRECISION=_precision(qkv.dtype))
+                  UPCAST=_upcast(qkv), ALIGNED=aligned, PRECISION=_precision(qkv.dtype))
     lengths_arg = _lengths_arg(lengths, qkv.device)
     keep_scale = 1.0 / (1.0 - dropout_p)
 
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dq", qkv.dtype, D, dropout_p > 0, N)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dq", qkv.dtype, D, dropout_p > 0, N, aligned)
     _attn_bwd_dq[(B * H * triton.cdiv(N, BLOCK_M),)](
         qkv, out, grad_out, lse, delta, grad_qkv, bits, lengths_arg,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
@@ -205,7 +218,7 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
         N, H, scale, words, keep_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
     )
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", qkv.dtype, D, dropout_p > 0, N)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", qkv.dtype, D, dropout_p > 0, N, aligned)
     _attn_bwd_dkdv[(B * H * triton.cdiv(N, BLOCK_N),)](
         qkv, grad_out, lse, delta, grad_qkv, bits, lengths_arg,
         qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1),
@@ -264,8 +277,9 @@ SM90_CHECKS = [
     for dropout in (False, True)
     for backward_pass in (False, True)
 ] + [_sm90_check(torch.float32, 64, False, backward_pass, tf32=True) for backward_pass in (False, True)] + [
-    # key padding: the CCT tile class with and without dropout, and text_cct's head dim 75 (300 / 4) at N=64
+    # key padding: the CCT tile class with and without dropout, and text_transformer's head dim 75 (300 / 4;
+    # unaligned, see _UNALIGNED_CONFIGS) at its N = 65 (64 tokens and the class token)
     _sm90_check(torch.bfloat16, head_dim, dropout, backward_pass, N=N, padded=True)
-    for head_dim, N, dropout in ((64, 256, False), (64, 256, True), (75, 64, False))
+    for head_dim, N, dropout in ((64, 256, False), (64, 256, True), (75, 65, False), (75, 65, True))
     for backward_pass in (False, True)
 ]

@@ -359,23 +359,27 @@ def backward(grad_out, x, weight, bias, out, lse, lengths=None, *, max_block_d: 
 # ------------------------------------------------------------------------------------------- sm_90 compile checks
 
 
-def _sm90_check(dtype: torch.dtype, B: int, N: int, D: int) -> dict:
-    """forward() then backward() on meta tensors: sm90.py compiles the kernels they launch."""
+def _sm90_check(dtype: torch.dtype, B: int, N: int, D: int, padded: bool = False) -> dict:
+    """forward() then backward() on meta tensors, with key-padding lengths if `padded`: sm90.py compiles the
+    kernels they launch."""
 
     def launch():
         x = torch.empty(B, N, D, dtype=dtype, device="meta")
         weight = torch.empty(1, D, dtype=dtype, device="meta")
         bias = torch.empty(1, dtype=dtype, device="meta")
-        out, lse = forward(x, weight, bias)
-        backward(torch.empty_like(out), x, weight, bias, out, lse)
+        lengths = torch.empty(B, dtype=torch.int64, device="meta") if padded else None
+        out, lse = forward(x, weight, bias, lengths)
+        backward(torch.empty_like(out), x, weight, bias, out, lse, lengths)
 
-    return {"name": f"{str(dtype).split('.')[-1]}_B{B}_N{N}_D{D}", "launch": launch}
+    return {"name": f"{str(dtype).split('.')[-1]}_B{B}_N{N}_D{D}{'_lengths' if padded else ''}", "launch": launch}
 
 
-# The benchmark shapes (CCT-7/32: N=256, D=256; CCT-14/224: N=196, D=384), an odd D and a D wider than one block.
+# The benchmark shapes (CCT-7/32: N=256, D=256; CCT-14/224: N=196, D=384), an odd D, a D wider than one block, and
+# a text model's padded batch.
 SM90_CHECKS = [
     _sm90_check(torch.bfloat16, 128, 256, 256),
     _sm90_check(torch.bfloat16, 64, 196, 384),
     _sm90_check(torch.float16, 8, 197, 96),
     _sm90_check(torch.float32, 4, 64, 4096),
+    _sm90_check(torch.bfloat16, 128, 64, 256, padded=True),  # text_cct_6: width 256, seq_len 64, key padding
 ]
