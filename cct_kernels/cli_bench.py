@@ -105,7 +105,8 @@ def _prepare(model_name, names, device, dtype, batch) -> tuple[dict, dict]:
     """
     prepared, errors, reference = {}, {}, None
     for name in names:
-        print(f"  {name:<8} building, first call{' (compiles)' if name == profiling.COMPILE else ''}",
+        compiles = name == profiling.COMPILE or name.startswith(profiling.COMPILE_OURS)
+        print(f"  {name:<8} building, first call{' (compiles)' if compiles else ''}",
               file=sys.stderr)
         try:
             model = profiling.build_model(model_name, name, device, dtype)

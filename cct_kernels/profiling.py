@@ -1,7 +1,8 @@
 """Whole-model timing and profiling, shared by `python -m cct_kernels bench|profile` and benchmarks/.
 
 A "speed backend" is what a benchmark compares: "eager" (the reference), "compile" (torch.compile of the eager
-model, the bar a kernel library has to beat), each kernel backend ("triton", "cuda", "cpu") and "auto".
+model, the bar a kernel library has to beat), each kernel backend ("triton", "cuda", "cpu"), "auto", and
+"compile:<backend>" (torch.compile over a model that runs our ops with that backend, e.g. "compile:auto").
 Every model is built from the same seed, so all backends run the same weights on the same images.
 
     step = make_step(build_model("cct_7_3x1_32", "auto", device, dtype), "train", *make_inputs(...))
@@ -18,16 +19,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cct_kernels import backends
+from cct_kernels import backends, ops
 from cct_kernels.models import create_model
 
 DEFAULT_MODEL = "cct_7_3x1_32"
 COMPILE = "compile"
+COMPILE_OURS = "compile:"  # prefix: "compile:auto" is torch.compile over the model with backend "auto"
 MODES = ("inference", "train")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -75,6 +78,11 @@ def backend_reason(name: str, device: torch.device) -> str | None:
         return None
     if name == COMPILE:
         return compile_reason(device)
+    if name.startswith(COMPILE_OURS):
+        inner = name[len(COMPILE_OURS):]
+        if inner not in backends.BACKENDS or inner == "eager":
+            return f"unknown backend {name!r}: compile: takes {', '.join(b for b in backends.BACKENDS if b != 'eager')}"
+        return compile_reason(device) or backend_reason(inner, device)
     if name not in backends.KERNEL_BACKENDS:
         return f"unknown backend {name!r}"
     reason = backends.availability(device)[name]
@@ -84,23 +92,28 @@ def backend_reason(name: str, device: torch.device) -> str | None:
 
 
 def speed_backends(device: torch.device) -> list[str]:
-    """eager, compile, each kernel backend that can run on `device`, then auto (the default comparison)."""
-    names = ["eager", COMPILE] + list(backends.KERNEL_BACKENDS) + ["auto"]
+    """eager, compile, each kernel backend that can run on `device`, auto, then compile:auto (the default
+    comparison)."""
+    names = ["eager", COMPILE] + list(backends.KERNEL_BACKENDS) + ["auto", COMPILE_OURS + "auto"]
     return [n for n in names if backend_reason(n, device) is None]
 
 
 def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """Model `name` for speed backend `backend`, its weights drawn from `seed` so every backend gets the same.
 
-    For "compile" this resets torch._dynamo first: dynamo keeps its compiled entries per code object (every
-    model's forward is the same function), and past its recompile limit it silently runs eager, so a process
-    that builds many models (the benchmark suite) would time eager under the name "compile".
+    For "compile" and "compile:*" this raises dynamo's recompile limit: dynamo keeps its compiled entries per code
+    object (every model's forward is the same function), and past the limit it silently runs eager, so a process
+    that builds many models (the benchmark suite) would time eager under the name "compile". (Resetting dynamo
+    instead would throw away the code of the compiled models built before, which then recompile while timed.)
     """
     torch.manual_seed(seed)
-    model = create_model(name, backend="eager" if backend == COMPILE else backend)
-    model = model.to(device=device, dtype=dtype)
-    if backend == COMPILE:
-        torch._dynamo.reset()
+    compiled = backend == COMPILE or backend.startswith(COMPILE_OURS)
+    ops_backend = "eager" if backend == COMPILE else backend.removeprefix(COMPILE_OURS)
+    model = create_model(name, backend=ops_backend).to(device=device, dtype=dtype)
+    if compiled:
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
         model = torch.compile(model)
     return model
 
@@ -245,9 +258,14 @@ def model_flops(name: str, batch: int, mode: str) -> float:
         ho, wo = output_size(x.shape[2], kh, sh, ph), output_size(x.shape[3], kw, sw, pw)
         total += 2 * x.shape[0] * conv.out_channels * ho * wo * conv.in_channels * kh * kw
 
-    def linear_hook(linear, _args, output):
+    def linear_hook(linear, _args, output):  # an nn.Linear that runs its own forward (the classifier's fc)
         nonlocal total
         total += 2 * output.numel() * linear.in_features
+
+    def counted_linear(x, weight, *args, **kwargs):  # the encoder's linears run as ops.linear with their weights
+        nonlocal total
+        total += 2 * (x.numel() // x.shape[-1]) * weight.numel()
+        return run_linear(x, weight, *args, **kwargs)
 
     def attention_hook(_attention, args, _output):
         nonlocal total
@@ -276,7 +294,8 @@ def model_flops(name: str, batch: int, mode: str) -> float:
         elif isinstance(module, Attention):
             module.register_forward_hook(attention_hook)
     inputs, _ = make_inputs(model, 1, torch.device("cpu"), torch.float32)
-    with torch.inference_mode():
+    run_linear = ops.linear
+    with torch.inference_mode(), mock.patch.object(ops, "linear", counted_linear):
         model(*inputs[:1])  # without a mask: every token real
     return float(total) * batch * (3 if mode == "train" else 1)
 

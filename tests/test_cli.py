@@ -52,8 +52,9 @@ def test_default_backends_never_time_the_triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cpu = torch.device("cpu")
     names = profiling.speed_backends(cpu)
-    assert names[:2] == ["eager", "compile"] and names[-1] == "auto"
+    assert names[:2] == ["eager", "compile"] and names[-2:] == ["auto", "compile:auto"]
     assert "triton" not in names
+    assert "interpreter" in profiling.backend_reason("compile:triton", cpu)
     assert "interpreter" in profiling.backend_reason("triton", cpu)
 
 
