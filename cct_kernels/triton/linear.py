@@ -284,13 +284,13 @@ def _fit(block: int, size: int) -> int:
 
 def _config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tuple[int, int, int, int, int]:
     """The table's entry with each block cut to its dimension. A 16-bit output-tiled kernel (forward, grad_x)
-    whose 128-row tiles would fill less than half of an H100 (small batches: M = 256 at batch 1) takes 64-row
-    tiles of one warpgroup, doubling its programs."""
+    whose 128-row tiles would fill less than half of an H100 (small batches: M = 256 at batch 1) takes 64x128
+    tiles of one warpgroup, for more programs (64x256 would hold 241-254 registers)."""
     block_r, block_c, block_red, num_warps, num_stages = _CONFIGS[kind, dtype == torch.float32]
     block_r, block_c, block_red = _fit(block_r, rows), _fit(block_c, cols), _fit(block_red, red)
     tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, block_c)
     if kind != "grad_w" and block_r == 128 and tiles < META_SM_COUNT // 2:
-        block_r, num_warps = 64, 4
+        block_r, block_c, num_warps = 64, min(block_c, 128), 4
     return block_r, block_c, block_red, num_warps, num_stages
 
 
@@ -424,7 +424,7 @@ def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True
 
 
 # The D=256 encoder block at M = 64 * 256 tokens (bf16): linear1 with GELU (training and inference), proj/linear2
-# with the residual, qkv; their backwards; D=384's mlp (1152); float32 (FMA and TF32); an odd shape (all tails).
+# with the residual, qkv; their backwards; D=384's mlp (1152); batch 1; float32 (FMA and TF32); an odd shape.
 SM90_CHECKS = [
     _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu"),
     _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu", save=False),
@@ -433,6 +433,7 @@ SM90_CHECKS = [
     _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu", backward_pass=True),
     _sm90_check(torch.bfloat16, 16384, 512, 256, backward_pass=True),
     _sm90_check(torch.bfloat16, 12544, 384, 1152, activation="gelu", backward_pass=True),
+    _sm90_check(torch.bfloat16, 256, 256, 512, activation="gelu", backward_pass=True),  # batch 1: 64x128 tiles
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu"),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", tf32=True),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True),
