@@ -8,6 +8,7 @@ clear message; set CCT_KERNELS_REQUIRE_NVCC=0 to collect no tests from this file
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import types
 from pathlib import Path
@@ -91,6 +92,21 @@ if NVCC is not None:
             assert committed.get(source.name) == fresh, (
                 f"{cuda_static.DEFAULT_OUT.name} is stale for {source.name}: run `python scripts/cuda_static.py`"
             )
+
+    def test_every_launcher_in_kernels_h_is_defined(compiled, tmp_path):
+        """Each launcher declared in csrc/cuda/kernels.h links against the compiled sources with that exact
+        signature: a declaration and definition that drift apart fail here, not at import on a GPU machine."""
+        names = re.findall(r"cudaError_t (\w+_launch)\(", (ROOT / "csrc" / "cuda" / "kernels.h").read_text())
+        assert len(names) >= 6, names
+        main = tmp_path / "launchers.cpp"
+        main.write_text('#include "cuda/kernels.h"\nint main() {\n  const void* launchers[] = {'
+                        + ", ".join(f"(const void*)&cct::{n}" for n in names)
+                        + "};\n  return launchers[0] == nullptr;\n}\n")
+        objects = [str(obj) for rc, _, obj in compiled.values() if rc == 0]
+        assert len(objects) == len(SOURCES)
+        proc = subprocess.run([NVCC, "-std=c++17", f"-I{ROOT / 'csrc'}", str(main), *objects, "-o",
+                               str(tmp_path / "launchers")], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
     @pytest.mark.parametrize("source", ["attention_forward.cu", "attention_backward.cu"])
     def test_attention_names_the_minimum_arch(source, tmp_path):
