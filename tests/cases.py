@@ -47,7 +47,8 @@ KERNEL_BACKENDS_HERE = sorted({b for _, b in RUNNABLE})
 
 
 def backends_serving_model(model, x, *, train: bool) -> list[str]:
-    """Every backend name that can serve every op call of `model` on input `x` in train or eval mode: "eager",
+    """Every backend name that can serve every op call of `model` on input `x` (a tensor, or a tuple of the
+    forward's arguments) in train or eval mode: "eager",
     "auto", and each kernel backend whose own unsupported() accepts every call (the cuda attention, for one,
     refuses float32 and dropout). The calls are recorded from one eager forward pass."""
     calls = []
@@ -60,7 +61,7 @@ def backends_serving_model(model, x, *, train: bool) -> list[str]:
     try:
         model.train(train)
         with torch.no_grad(), mock.patch.object(backends, "select", record):
-            model(x)
+            model(*x) if isinstance(x, tuple) else model(x)
     finally:
         model.train(was_training)
     kernels = [b for b in backends.KERNEL_BACKENDS

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cct_kernels
-from cct_kernels import backends
+from cct_kernels import backends, profiling
 
 from tests.cases import DEVICE, backends_serving_model
 
@@ -89,17 +89,24 @@ def test_attention_and_seqpool_fakes_match(op, backend):
     torch.library.opcheck(getattr(torch.ops.cct_kernels, f"{op}_backward"), backward_args)
 
 
-FAMILIES = ("cct_2_3x2_32", "cvt_2_4_32", "vit_lite_2_4_32")
+FAMILIES = ("cct_2_3x2_32", "cvt_2_4_32", "vit_lite_2_4_32", "text_cct_2", "text_cvt_2", "text_vit_2",
+            "text_transformer_2")
 NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, stochastic_depth=0.0)  # two runs must draw the same
+
+
+def _model_and_inputs(family, backend=None):
+    """The model (no dropout) and a batch of 2 for it: images, or token ids with lengths (text models)."""
+    model = getattr(cct_kernels, family)(backend=backend, **NO_DROPOUT).to(DEVICE)
+    inputs, _ = profiling.make_inputs(model, 2, DEVICE, torch.float32)
+    return model, inputs
 
 
 def _compile_cases():
     for family in FAMILIES:
-        model = getattr(cct_kernels, family)(**NO_DROPOUT).to(DEVICE)
-        x = torch.randn(2, 3, 32, 32, device=DEVICE)
+        model, inputs = _model_and_inputs(family)
         for train in (False, True):
             # Kernel backends only: compile of the eager model is tested in test_ops.py, "auto" is one of these.
-            for backend in set(backends_serving_model(model, x, train=train)) & set(backends.KERNEL_BACKENDS):
+            for backend in set(backends_serving_model(model, inputs, train=train)) & set(backends.KERNEL_BACKENDS):
                 if backend != "triton" or DEVICE.type == "cuda":  # the interpreter is too slow for whole models
                     yield pytest.param(family, train, backend, id=f"{family}-{'train' if train else 'eval'}-{backend}")
 
@@ -107,15 +114,16 @@ def _compile_cases():
 @pytest.mark.parametrize("family,train,backend", list(_compile_cases()))
 def test_model_compiles_fullgraph_with_inductor(family, train, backend):
     torch._dynamo.reset()  # every model shares forward's code object: keep under dynamo's recompile limit
-    model = getattr(cct_kernels, family)(backend=backend, **NO_DROPOUT).to(DEVICE).train(train)
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    model, inputs = _model_and_inputs(family, backend)
+    model.train(train)
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
-    expected = model(x)
-    out = compiled(x)
+    expected = model(*inputs)
+    out = compiled(*inputs)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     if train:
-        grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
-        compiled_grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        params = [p for p in model.parameters() if p.requires_grad]  # the sine tables are fixed
+        grads = torch.autograd.grad(expected.square().sum(), params)
+        compiled_grads = torch.autograd.grad(out.square().sum(), params)
         for g, cg in zip(grads, compiled_grads):
             torch.testing.assert_close(cg, g, rtol=1e-3, atol=1e-4)
 

@@ -51,11 +51,13 @@ class _TextModel(nn.Module):
         if ids.shape[1] != self.seq_len:
             raise ValueError(f"token ids have length {ids.shape[1]} but the model was built for seq_len="
                              f"{self.seq_len}: pad or truncate to it (padding masked out by `mask`)")
+        prefix = mask is not None and mask.dtype != torch.bool  # lengths: the real words are a prefix
         mask = check_word_mask(mask, ids)
         x = self.embedder(ids, mask)
         if hasattr(self, "tokenizer"):
             x, mask = self.tokenizer(x, mask)
-        return self.classifier(x, ops_mask(mask))
+            prefix = prefix and self.tokenizer.keeps_prefixes()
+        return self.classifier(x, ops_mask(mask, known_prefix=prefix))
 
 
 def _classifier_args(num_layers, num_heads, mlp_ratio, num_classes, positional_embedding, dropout,

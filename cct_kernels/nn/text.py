@@ -14,7 +14,7 @@ from torch import nn
 from cct_kernels.nn._checks import check_int
 from cct_kernels.nn.classifier import TransformerClassifier
 from cct_kernels.nn.positional import sinusoidal_embedding
-from cct_kernels.ops._checks import key_padding
+from cct_kernels.ops._checks import check_values_in_range, key_padding
 from cct_kernels.ops.tokenize import output_size
 
 
@@ -32,11 +32,14 @@ def check_word_mask(mask, ids: torch.Tensor) -> torch.Tensor | None:
     return key_padding(mask.to(ids.device), ids.shape[0], ids.shape[1], ids.device).mask
 
 
-def ops_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+def ops_mask(mask: torch.Tensor | None, known_prefix: bool = False) -> torch.Tensor | None:
     """A (B, N) bool token mask in the form the ops serve fastest: lengths when it keeps a prefix of each sequence
-    (checked once here rather than by every op of every block)."""
+    (checked once here rather than by every op of every block; known_prefix=True: known to be one, from lengths
+    through a tokenizer that keeps prefixes, so nothing is checked: no host sync, and torch.compile traces it)."""
     if mask is None:
         return None
+    if known_prefix:
+        return mask.sum(1)
     padding = key_padding(mask, mask.shape[0], mask.shape[1], mask.device)
     return padding.mask if padding.lengths is None else padding.lengths
 
@@ -53,10 +56,7 @@ class Embedder(nn.Module):
                                        padding_idx=padding_idx)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        vocab = self.embeddings.num_embeddings
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):  # on a GPU, a device-side assert
-            raise ValueError(f"token ids must lie in [0, vocab_size={vocab}), got ids from {int(ids.min())} to "
-                             f"{int(ids.max())}")
+        check_values_in_range("token ids", ids, 0, self.embeddings.num_embeddings)  # on a GPU, a device assert
         x = self.embeddings(ids)
         return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
 
@@ -88,6 +88,14 @@ class TextTokenizer(nn.Module):
         if isinstance(pool, nn.MaxPool2d):
             length = output_size(length, pool.kernel_size[0], pool.stride[0], pool.padding[0])
         return length
+
+    def keeps_prefixes(self) -> bool:
+        """Whether a word mask that is a prefix of each sequence gives a token mask that is one too: true when the
+        first window of the conv (and of the pool) holds a real position, i.e. padding < kernel size; later windows
+        only move right, so once a window holds no real word none after it does."""
+        conv, _, pool = self.conv_layers
+        pool_ok = not isinstance(pool, nn.MaxPool2d) or pool.padding[0] < pool.kernel_size[0]
+        return conv.padding[0] < conv.kernel_size[0] and pool_ok
 
     def token_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) word mask -> (B, N) token mask: a token is real when its receptive field holds a real word."""

@@ -65,7 +65,20 @@ def autocast_inputs(*tensors):
 
 
 
-NOT_A_PREFIX = "the kernels take key padding as lengths; this bool mask is not a prefix of every sequence"
+def check_values_in_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
+    """Every value of integer tensor `t` lies in [low, high) (ValueError naming the values otherwise). Under
+    torch.compile the test is an asynchronous assert in the graph (no host sync, no graph break); it raises a
+    RuntimeError with the same text."""
+    if t.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((t >= low) & (t < high)).all(), f"{name} must lie in [{low}, {high})")
+    elif int(t.min()) < low or int(t.max()) >= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}), got values from {int(t.min())} to {int(t.max())}")
+
+
+NOT_A_PREFIX = ("the kernels take key padding as lengths; this bool mask is not a prefix of every sequence (or is "
+                "not known to be one: under torch.compile a bool mask is not inspected; pass lengths)")
 
 
 class KeyPadding(NamedTuple):
@@ -81,7 +94,8 @@ def key_padding(mask, batch: int, length: int, device: torch.device) -> KeyPaddi
     (B,) integer tensor of lengths (the first lengths[b] tokens of sequence b are real; 0 <= lengths[b] <= N).
 
     A bool mask that keeps a prefix of each sequence (padding at the end, the usual case) is also given as
-    lengths, so the kernels can serve it; testing that costs one host sync for a CUDA mask.
+    lengths, so the kernels can serve it; testing that costs one host sync for a CUDA mask, and under
+    torch.compile it is not tested (a data-dependent branch): the mask is served as given, by the eager reference.
     """
     if mask is None:
         return None
@@ -92,6 +106,8 @@ def key_padding(mask, batch: int, length: int, device: torch.device) -> KeyPaddi
     positions = torch.arange(length, device=device)
     if mask.dtype == torch.bool:
         check_shape("mask", mask, (batch, length))
+        if torch.compiler.is_compiling():
+            return KeyPadding(None, mask)
         lengths = mask.sum(1)
         prefix = bool(torch.equal(mask, positions[None, :] < lengths[:, None]))
         return KeyPadding(lengths if prefix else None, mask)
@@ -99,7 +115,6 @@ def key_padding(mask, batch: int, length: int, device: torch.device) -> KeyPaddi
         raise TypeError(f"mask must be a (B, N) bool tensor or (B,) integer lengths, got {mask.dtype} "
                         f"of shape {tuple(mask.shape)}")
     check_shape("mask (lengths)", mask, (batch,))
-    if batch and (int(mask.min()) < 0 or int(mask.max()) > length):
-        raise ValueError(f"mask lengths must lie in [0, {length}], got {mask.tolist()}")
+    check_values_in_range("mask lengths", mask, 0, length + 1)
     lengths = mask.to(torch.int64).contiguous()
     return KeyPadding(lengths, positions[None, :] < lengths[:, None])
