@@ -4,8 +4,9 @@ No hand-written GEMM here: vendor GEMMs already run at the machine's peak at the
 is the epilogue, which they take as a post-op.
 "cpu": oneDNN's matmul (torch.ops.mkldnn._linear_pointwise, the kernel inductor's CPU freezing path uses) with the
     bias, the GELU and the residual add applied as post-ops on each output tile while it is in cache. float32 and,
-    where the CPU has native bf16 (AVX512-BF16 / AMX), bfloat16; other dtypes, an empty batch, or a torch built
-    without oneDNN use ATen's addmm followed by the epilogue in place.
+    where the CPU has native bf16 (AVX512-BF16 / AMX), bfloat16, from ONEDNN_MIN_ROWS rows up; fewer rows (batch
+    1: 256 rows), other dtypes, or a torch built without oneDNN use MKL's sgemm (F.linear) with the epilogue in
+    place on its output, still in cache at that size.
 "cuda": cuBLAS (F.linear) with the epilogue as ATen passes: cuBLASLt's fused GELU epilogue is the tanh
     approximation, not the exact GELU of the official model. The fused GPU kernel is the triton backend's.
 Training (save_pre_activation) keeps x @ W.T + b, the GELU's input, for the backward: the GEMM then writes it with
@@ -21,8 +22,13 @@ import torch.nn.functional as F
 from cct_kernels import extension
 
 
+# Below this many rows oneDNN's fixed cost per call (~20 µs: primitive lookup, post-op setup) and its slower small-M
+# kernels lose to MKL's sgemm with the epilogue as separate passes over an output that still sits in cache.
+ONEDNN_MIN_ROWS = 1024
+
+
 def _onednn_serves(x: torch.Tensor) -> bool:
-    if not (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.shape[0] > 0):
+    if not (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.shape[0] >= ONEDNN_MIN_ROWS):
         return False
     return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -51,7 +57,7 @@ def _gemm(x, weight, bias, activation, residual):
         return out if residual is None else out.add_(residual)
     out = F.linear(x, weight, bias)
     if activation == "gelu":
-        out = F.gelu(out)
+        out = torch.ops.aten.gelu_(out)
     return out if residual is None else out.add_(residual)
 
 

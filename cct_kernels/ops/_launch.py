@@ -37,6 +37,20 @@ def run_kernel(backend: str, op: str, function: str, device: torch.device, *args
     return tuple(o.contiguous(memory_format=f) for o, f in zip(outputs, formats))
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def runs_directly(*tensors) -> bool:
+    """Whether an op may call its forward implementation directly instead of through the registered custom op:
+    no torch.compile trace, no gradient to record, and plain tensors only (fake, meta and subclass tensors need
+    the op's fake implementation or dispatch). The custom op's dispatch costs about 20 µs a call, 1.3 ms of a
+    CCT-7/3x1 forward at batch 1 on the cpu backend; the kernel and its outputs are the same either way."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad)) for t in tensors)
+
+
 def forbid_double_backward(backward_op, op: str) -> None:
     """Give the registered backward op `backward_op` a derivative that explains why there is none."""
 

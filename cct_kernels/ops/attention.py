@@ -36,17 +36,19 @@ from cct_kernels import backends, reference
 from cct_kernels.ops._checks import (
     NOT_A_PREFIX, autocast_inputs, check_int, check_real, check_tensor, is_positive_finite, key_padding,
 )
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel
+from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
 
 OP = "attention"
 
 
-@torch.library.custom_op("cct_kernels::attention_forward", mutates_args=())
-def _forward(
+def _run_forward(
     qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float, seed: torch.Tensor, backend: str,
     lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "forward", qkv.device, qkv, num_heads, scale, dropout_p, seed, lengths)
+
+
+_forward = torch.library.custom_op("cct_kernels::attention_forward", _run_forward, mutates_args=())
 
 
 @_forward.register_fake
@@ -119,4 +121,5 @@ def attention(
         return reference.attention(qkv, num_heads, scale=scale, dropout_p=dropout_p,
                                    mask=None if padding is None else padding.mask)
     seed = new_seed(qkv.device) if dropout_p > 0 else qkv.new_empty(0, dtype=torch.int64)
-    return _forward(qkv, num_heads, scale, dropout_p, seed, name, lengths)[0]
+    forward = _run_forward if runs_directly(qkv) else _forward
+    return forward(qkv, num_heads, scale, dropout_p, seed, name, lengths)[0]

@@ -34,7 +34,7 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import autocast_inputs, check_shape, check_tensor
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel
+from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
 
 OP = "linear"
 ACTIVATIONS = reference.ACTIVATIONS
@@ -44,12 +44,14 @@ def _pre_activation_shape(x, weight, activation, save_pre_activation):
     return (x.shape[0], weight.shape[0]) if activation == "gelu" and save_pre_activation else (0,)
 
 
-@torch.library.custom_op("cct_kernels::linear_forward", mutates_args=())
-def _forward(
+def _run_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
     activation: str, save_pre_activation: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "forward", x.device, x, weight, bias, residual, activation, save_pre_activation)
+
+
+_forward = torch.library.custom_op("cct_kernels::linear_forward", _run_forward, mutates_args=())
 
 
 @_forward.register_fake
@@ -127,5 +129,6 @@ def linear(
         return reference.linear(x, weight, bias, activation=activation, residual=residual)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    out = _forward(x2, weight, bias, residual2, activation, needs_grad, name)[0]
+    forward = _run_forward if runs_directly(x2, weight, bias, residual2) else _forward
+    out = forward(x2, weight, bias, residual2, activation, needs_grad, name)[0]
     return out.view(out_shape)

@@ -29,16 +29,18 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import NOT_A_PREFIX, autocast_inputs, check_shape, check_tensor, key_padding
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel
+from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
 
 OP = "seqpool"
 
 
-@torch.library.custom_op("cct_kernels::seqpool_forward", mutates_args=())
-def _forward(
+def _run_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str, lengths: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "forward", x.device, x, weight, bias, lengths)
+
+
+_forward = torch.library.custom_op("cct_kernels::seqpool_forward", _run_forward, mutates_args=())
 
 
 @_forward.register_fake
@@ -95,4 +97,5 @@ def seqpool(
     name = backends.select(OP, backend, x.device, x, weight, bias, lengths, eager_only=eager_only)
     if name == "eager":
         return reference.seqpool(x, weight, bias, mask=None if padding is None else padding.mask)
-    return _forward(x, weight, bias, name, lengths)[0]
+    forward = _run_forward if runs_directly(x, weight, bias) else _forward
+    return forward(x, weight, bias, name, lengths)[0]

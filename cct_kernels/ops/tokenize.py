@@ -37,7 +37,7 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import autocast_inputs, check_bool, check_int, check_shape, check_tensor
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel
+from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
 
 OP = "tokenize"
 
@@ -80,8 +80,7 @@ def grad_x_memory_format(backend: str, x: torch.Tensor, needs_input_grad: bool) 
     return memory_format(x) if backend in CHANNELS_LAST_BACKENDS and needs_input_grad else torch.contiguous_format
 
 
-@torch.library.custom_op("cct_kernels::tokenize_forward", mutates_args=())
-def _forward(
+def _run_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int, relu: bool,
     pool_kernel: int, pool_stride: int, pool_padding: int, to_tokens: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +88,9 @@ def _forward(
         backend, OP, "forward", x.device, x, weight, bias, stride, padding, relu, pool_kernel, pool_stride,
         pool_padding, to_tokens, memory_formats=forward_memory_formats(backend, pool_kernel, to_tokens),
     )
+
+
+_forward = torch.library.custom_op("cct_kernels::tokenize_forward", _run_forward, mutates_args=())
 
 
 @_forward.register_fake
@@ -205,6 +207,5 @@ def tokenize(
         x = x.contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    return _forward(
-        x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, name
-    )[0]
+    forward = _run_forward if runs_directly(x, weight, bias) else _forward
+    return forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, name)[0]
