@@ -25,6 +25,22 @@ def tokenize(x, weight, bias=None, *, stride=1, padding=0, relu=True, pool=(3, 2
     return y
 
 
+def text_tokenize(x, weight, *, stride=1, padding=0, relu=True, pool=(3, 2, 1)):
+    """The text tokenizer stage, exactly the official modules: Conv2d(1, E, (k, C), stride (stride, 1), padding
+    (padding, 0), no bias) -> ReLU (if relu) -> MaxPool2d((pk, 1), (ps, 1), (pp, 0)) (if pool) on x.unsqueeze(1).
+
+    x (B, L, C); weight (E, 1, k, C) or (E, k, C); returns tokens (B, N, E).
+    """
+    weight = weight if weight.dim() == 4 else weight.unsqueeze(1)
+    y = F.conv2d(x.unsqueeze(1), weight, stride=(stride, 1), padding=(padding, 0))
+    if relu:
+        y = F.relu(y)
+    if pool is not None:
+        kernel, pool_stride, pool_padding = pool
+        y = F.max_pool2d(y, (kernel, 1), (pool_stride, 1), (pool_padding, 0))
+    return y.squeeze(-1).transpose(1, 2)
+
+
 def attention(qkv, num_heads, *, scale=None, dropout_p=0.0, dropout_mask=None, mask=None):
     """Multi-head self-attention on the packed output of the qkv projection.
 

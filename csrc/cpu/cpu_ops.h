@@ -34,6 +34,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cpu(
     const at::Tensor& out, const at::Tensor& pool_index, int64_t stride, int64_t padding, bool relu,
     int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens, bool needs_input_grad);
 
+// x (B, L, C), weight (E, k, C); pool_kernel 0: no pool (pool_index empty). See cct_kernels/ops/text_tokenize.py.
+std::tuple<at::Tensor, at::Tensor> text_tokenize_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                             int64_t stride, int64_t padding, bool relu,
+                                                             int64_t pool_kernel, int64_t pool_stride,
+                                                             int64_t pool_padding);
+std::tuple<at::Tensor, at::Tensor> text_tokenize_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& weight, const at::Tensor& out,
+                                                              const at::Tensor& pool_index, int64_t stride,
+                                                              int64_t padding, bool relu, int64_t pool_kernel,
+                                                              int64_t pool_stride, int64_t pool_padding,
+                                                              bool needs_input_grad);
+
 // Whether the CPU GEMMs use torch's BLAS (sgemm_) rather than the plain-loop fallback.
 bool cpu_has_blas();
 
