@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cct_kernels import ops
+from cct_kernels.nn._backend import UsesBackend
 from cct_kernels.nn._checks import check_int
 from cct_kernels.nn.classifier import TransformerClassifier
 from cct_kernels.nn.positional import sinusoidal_embedding
@@ -61,9 +63,11 @@ class Embedder(nn.Module):
         return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
 
 
-class TextTokenizer(nn.Module):
+class TextTokenizer(UsesBackend, nn.Module):
     """(B, L, word_dim) -> (B, N, E): a conv spanning the whole word vector, stepping along the sequence, then
-    activation and max pool along the sequence. `conv_layers.0` is the official Conv2d(1, E, (k, word_dim)).
+    activation and max pool along the sequence, as one op (cct_kernels.ops.text_tokenize). `conv_layers` holds the
+    official Conv2d(1, E, (k, word_dim)), ReLU and MaxPool2d((pk, 1)) (or Identity) for their parameters and
+    settings.
     """
 
     def __init__(
@@ -107,8 +111,11 @@ class TextTokenizer(nn.Module):
         return counts.squeeze(1) > 0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        x = self.conv_layers(x.unsqueeze(1))        # (B, E, N, 1)
-        x = x.squeeze(-1).transpose(1, 2)           # (B, N, E)
+        conv, activation, pool = self.conv_layers
+        pool_args = ((pool.kernel_size[0], pool.stride[0], pool.padding[0]) if isinstance(pool, nn.MaxPool2d)
+                     else None)
+        x = ops.text_tokenize(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0],
+                              relu=isinstance(activation, nn.ReLU), pool=pool_args, backend=self.backend)
         if mask is None:
             return x, None
         mask = self.token_mask(mask)

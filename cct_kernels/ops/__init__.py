@@ -2,6 +2,7 @@
 from cct_kernels.ops.attention import attention
 from cct_kernels.ops.linear import linear
 from cct_kernels.ops.seqpool import seqpool
+from cct_kernels.ops.text_tokenize import text_tokenize
 from cct_kernels.ops.tokenize import tokenize
 
-__all__ = ["attention", "linear", "seqpool", "tokenize"]
+__all__ = ["attention", "linear", "seqpool", "text_tokenize", "tokenize"]
