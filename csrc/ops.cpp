@@ -246,6 +246,9 @@ TORCH_LIBRARY(cct_kernels_C, m) {
   m.def("tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor out, Tensor pool_index,"
         " int stride, int padding, bool relu, int pool_kernel, int pool_stride, int pool_padding, bool to_tokens,"
         " bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
+  // Linear + epilogue: act(x W^T + b) + residual (act GELU when gelu), h = x W^T + b when save_pre_activation.
+  m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu,"
+        " bool save_pre_activation) -> (Tensor, Tensor)");
   m.def("text_tokenize_forward(Tensor x, Tensor weight, int stride, int padding, bool relu, int pool_kernel,"
         " int pool_stride, int pool_padding) -> (Tensor, Tensor)");
   m.def("text_tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, Tensor pool_index, int stride,"
@@ -260,6 +263,7 @@ TORCH_LIBRARY_IMPL(cct_kernels_C, CPU, m) {
   m.impl("attention_backward", &cct::attention_backward_cpu);
   m.impl("tokenize_forward", &cct::tokenize_forward_cpu);
   m.impl("tokenize_backward", &cct::tokenize_backward_cpu);
+  m.impl("linear_forward", &cct::linear_forward_cpu);
   m.impl("text_tokenize_forward", &cct::text_tokenize_forward_cpu);
   m.impl("text_tokenize_backward", &cct::text_tokenize_backward_cpu);
 }

@@ -32,17 +32,6 @@ def test_linear_against_float64(backend, dtype, activation, bias, residual):
     _check_against_float64(backend, dtype, activation, bias, residual)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("activation,bias,residual", EPILOGUES)
-def test_cpu_linear_onednn_path_against_float64(monkeypatch, dtype, activation, bias, residual):
-    """The cpu kernel's oneDNN post-op path, which serves from ONEDNN_MIN_ROWS rows (the other tests' 111 rows take
-    the MKL path); bfloat16 takes it only where the CPU has native bf16, float32 everywhere."""
-    from cct_kernels.extension import linear as cpu_linear
-
-    monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_ROWS", 64)
-    _check_against_float64("cpu", dtype, activation, bias, residual)
-
-
 def _check_against_float64(backend, dtype, activation, bias, residual):
     generator = torch.Generator().manual_seed(7)
     shape, n = (3, 37, 48), 40  # M = 111 rows, K = 48, N = 40: no dimension a multiple of a tile

@@ -1,0 +1,131 @@
+// Linear with its epilogue on CPU: out = act(x W^T + b) + residual, x (M, K), W (N, K), float32/float16/bfloat16
+// (computed in float32). Rows are cut into blocks; per block one thread runs the GEMM on torch's BLAS (sgemm_, on
+// the calling thread inside the parallel region) into a float32 tile, then applies the epilogue (bias, exact GELU,
+// residual, the cast) to that tile while it is still in L2. So no pass over the output follows the GEMM, and in
+// inference the pre-activation never reaches memory; the backward's GELU input h = x W^T + b is written only when
+// asked for (save_pre_activation).
+#include "common.h"
+#include "cpu_ops.h"
+
+#include <vector>
+
+namespace cct {
+namespace {
+
+// erf(x), absolute error < 1.5e-7 (Abramowitz & Stegun 7.1.26, the formula of ATen's vectorised CPU erf), branch
+// free so that `omp simd` loops over it vectorise.
+inline float erf_approx(float x) {
+  const float a = x < 0.f ? -x : x;
+  const float t = 1.f / (1.f + 0.3275911f * a);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.f - p * t * exp_approx(-a * a);
+  return x < 0.f ? -y : y;
+}
+
+// One output row: a = x W^T (float32, in L1), then bias, h, GELU, residual, the cast, each a vectorised loop over
+// the row (one loop with all the optional steps inside does not vectorise).
+template <typename T>
+void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, int64_t row, int64_t N, bool gelu) {
+  if (bias) {
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) a[c] += to_f(bias[c]);
+  }
+  if (pre) {
+    T* h = pre + row * N;
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) h[c] = static_cast<T>(a[c]);
+  }
+  if (gelu) {
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) a[c] = 0.5f * a[c] * (1.f + erf_approx(a[c] * 0.70710678118654752f));
+  }
+  T* o = out + row * N;
+  if (residual) {
+    const T* res = residual + row * N;
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c] + to_f(res[c]));
+  } else if (!std::is_same_v<T, float>) {
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c]);
+  }
+}
+
+// A block's rows: enough that sgemm's packing of W (once per call) is amortised, few enough that the float32 tile
+// (m x N, <= 1 MB) is still in L2 for the epilogue; and every thread gets rows even at batch 1.
+int64_t rows_per_block(int64_t M, int64_t N) {
+  const int64_t l2_rows = std::max<int64_t>(16, (256 * 1024) / std::max<int64_t>(N, 1));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(1, std::min(l2_rows, (M + threads - 1) / threads));
+}
+
+template <typename T>
+void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, T* out, T* pre, int64_t M, int64_t N,
+                   int64_t K, bool gelu) {
+  constexpr bool f32 = std::is_same_v<T, float>;
+  std::vector<float> w32;  // 16-bit weights are widened once for all blocks
+  const float* wf;
+  if constexpr (f32) {
+    wf = w;
+  } else {
+    w32.resize(N * K);
+    for (int64_t i = 0; i < N * K; ++i) w32[i] = to_f(w[i]);
+    wf = w32.data();
+  }
+  const int64_t rows = rows_per_block(M, N), blocks = (M + rows - 1) / rows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x32, tile;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * rows, m = std::min(rows, M - r0);
+      const float* xf;
+      float* acc;
+      if constexpr (f32) {
+        xf = x + r0 * K;
+        acc = out + r0 * N;  // float32: the GEMM writes the output rows, the epilogue rewrites them in place
+      } else {
+        x32.resize(m * K);
+        for (int64_t i = 0; i < m * K; ++i) x32[i] = to_f(x[r0 * K + i]);
+        xf = x32.data();
+        tile.resize(m * N);
+        acc = tile.data();
+      }
+      gemm_rm(false, true, (int)m, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
+      for (int64_t r = 0; r < m; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, r0 + r, N, gelu);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                      const c10::optional<at::Tensor>& bias,
+                                                      const c10::optional<at::Tensor>& residual, bool gelu,
+                                                      bool save_pre_activation) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "linear_forward: x (M, K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "linear_forward: x and weight must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  for (const auto* t : {&bias, &residual}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->is_contiguous() && (*t)->scalar_type() == x.scalar_type()),
+                "linear_forward: bias and residual must be contiguous and of x's dtype");
+  }
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "linear_forward: bias must hold N = ", N, " values");
+  TORCH_CHECK(!residual.has_value() || residual->sizes() == at::IntArrayRef({M, N}),
+              "linear_forward: residual must be (M, N)");
+  auto out = at::empty({M, N}, x.options());
+  const bool keep = gelu && save_pre_activation;
+  auto pre = keep ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+  if (M == 0) return {out, pre};
+  CCT_DISPATCH(x.scalar_type(), "linear_forward_cpu", [&] {
+    linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                            bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                            residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                            keep ? pre.data_ptr<scalar_t>() : nullptr, M, N, K, gelu);
+  });
+  return {out, pre};
+}
+
+}  // namespace cct
