@@ -14,6 +14,7 @@ import torch
 
 from cct_kernels import backends, ops, reference
 from cct_kernels.triton import attention as tri
+from cct_kernels.triton.attention_dropout import unpack
 
 attention_op = importlib.import_module("cct_kernels.ops.attention")  # ops.attention is the function
 CUDA = torch.cuda.is_available()
@@ -184,6 +185,15 @@ def test_dropout_mask_statistics_and_seeding(device):
     # seeds differing only in the high 32 bits are different streams too
     high = tri.dropout_mask(_seed(7 + 2**40, device), B, H, N, p, device)
     assert abs((mask != high).double().mean().item() - 2 * p * (1 - p)) < 0.01
+
+
+def test_key_major_bits_hold_the_transposed_mask(device):
+    """The dK/dV kernel reads key-major bits: for every (query, key) they hold the flag the query-major bits
+    (dropout_mask, the forward's and dQ's) hold; N = 150 spans two 128-column word groups and a padded one."""
+    B, H, N, p = 1, 2, 150, 0.3
+    _, bits_t = tri._dropout_bits(_seed(5, device), B, H, N, p, device, key_major=True)
+    mask = tri.dropout_mask(_seed(5, device), B, H, N, p, device)
+    assert torch.equal(unpack(bits_t, N).view(B, H, N, N), mask.transpose(-1, -2))
 
 
 def test_dropout_same_seed_same_result(device):

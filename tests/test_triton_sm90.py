@@ -42,13 +42,12 @@ def test_launch_specialised_sm90_build_has_no_spills_and_matches_committed_figur
 
 def test_attention_dropout_static_costs_are_recorded_and_bounded():
     """Issue 13 items 1-2, on the committed figures (kept fresh by the test above): every attention kernel with
-    dropout records its instruction ratio against the same kernel without; dQ stays within the 1.5x target, the
-    forward and dK/dV within 1.75x (they reach 1.46-1.68x; see benchmarks/NOTES.md), and the bf16 dK/dV kernel
-    keeps a register margin below 255."""
+    dropout records its instruction ratio against the same kernel without, each within the 1.5x target (keep bits
+    in lane order; see benchmarks/NOTES.md), and the bf16 dK/dV kernel keeps a register margin below 255."""
     figures = json.loads(COMMITTED.read_text())["attention"]
     ratios = {name: f["dropout_instruction_ratio"] for name, f in figures.items()
               if "_dropout/" in name and "_attn_" in name}
     assert len(ratios) == len([n for n in figures if "_dropout/_attn_" in n]) > 0
     for name, ratio in ratios.items():
-        assert ratio <= (1.5 if name.endswith("_attn_bwd_dq") else 1.75), (name, ratio)
+        assert ratio <= 1.5, (name, ratio)
     assert figures["bwd_bfloat16_d64_N256_dropout/_attn_bwd_dkdv"]["registers"] <= 232

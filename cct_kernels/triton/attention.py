@@ -33,10 +33,11 @@ True -> TF32 tensor cores (10-bit mantissa products, like torch.matmul under the
 default) -> exact fp32 FMA products ('ieee'), matching an fp32 reference computed with TF32 off. Use bf16/fp16
 for speed.
 Dropout (attention-probability dropout, the official attn_drop): a small kernel (attention_dropout.py) draws
-the keep mask as bits, (B*H, N, ceil(N/32)) int32, from Philox4x32-7 keyed on the int64 seed tensor (one byte per
-key: the drop rate is p rounded to a multiple of 1/256; kept probabilities are scaled by 1 / (1 - p)). The
-forward and both backward kernels read those bits (the backward redraws them: B*H*N*N/8 bytes are cheaper to
-redraw than to keep), so every kernel and dropout_mask() see the same mask.
+the keep mask as bits, one bit per score in the lane order of a tensor-core tile, from Philox4x32-7 keyed on the
+int64 seed tensor (one byte per key: the drop rate is p rounded to a multiple of 1/256; kept probabilities are
+scaled by 1 / (1 - p)). The forward and dQ kernels read query-major bits, the dK/dV kernel key-major ones (the
+backward redraws both: B*H*N*N/4 bytes are cheaper to redraw than to keep), so every kernel and dropout_mask()
+see the same mask.
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 right after loading,
 since the interpreter computes bfloat16 arithmetic wrongly.
 """
@@ -49,7 +50,7 @@ import triton
 
 from cct_kernels.triton.attention_backward import _attn_bwd_dkdv, _attn_bwd_dq
 from cct_kernels.triton.attention_dropout import (  # noqa: F401 (dropout_mask, dropout_threshold: interface)
-    _dropout_bits, _no_bits, dropout_mask, dropout_threshold,
+    SPAN, _dropout_bits, _no_bits, dropout_mask, dropout_threshold,
 )
 from cct_kernels.triton.attention_forward import LOG2E, _attn_fwd
 
@@ -64,26 +65,27 @@ MAX_HEAD_DIM = 128
 # (pass, float32 input?, BLOCK_D <= 64?, dropout?) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); dropout None =
 # either. fwd and dq: BLOCK_M queries per program, BLOCK_N keys per step; dkdv: BLOCK_N keys per program, BLOCK_M
 # queries per step. Chosen from the sm_90 figures (benchmarks/results/sm90_static.json): no spills, fewest SASS
-# instructions per score element. With dropout the keep bits arrive as words that each thread expands (a layout
-# conversion through shared memory): the d=64 forward then does best with 8 warps and 128-key steps. float32 runs
-# dot on FMA units unless TF32 is allowed (smaller tiles, 8 warps). BLOCK_N must stay a multiple of 32 (one word of
-# keep bits).
+# instructions per score element. With dropout each thread reads one word of keep bits per row (lane order, see
+# attention_dropout.py): the d=64 forward does best with 8 warps and 128-key steps (a whole word per step; 64-key
+# steps cost 14.0 instead of 12.2 instructions per score). float32 runs dot on FMA units unless TF32 is allowed
+# (smaller tiles, 8 warps). Block sizes are powers of two from 8 to SPAN (128, the keep bits' word group).
 _CONFIGS = {
     ("fwd", False, True, False): (128, 64, 4, 3),
     ("fwd", False, True, True): (128, 128, 8, 3),
     ("fwd", False, False, None): (128, 64, 8, 3),
     ("fwd", True, True, None): (64, 32, 8, 2),
     ("fwd", True, False, False): (64, 32, 8, 2),
-    ("fwd", True, False, True): (32, 32, 8, 2),  # 64 queries spill 36 bytes with dropout
+    ("fwd", True, False, True): (32, 32, 4, 2),  # 64 queries or 8 warps spill 8-36 bytes with dropout
     ("dq", False, True, None): (64, 64, 4, 2),
-    ("dq", False, False, None): (64, 64, 8, 2),
+    ("dq", False, False, None): (128, 64, 8, 2),  # 64 queries on 8 warps: 24.2 instead of 10.2 per score at d=128
     ("dq", True, True, False): (32, 32, 8, 2),  # 64 queries: ptxas spills 8 bytes at 80 registers
     ("dq", True, True, True): (32, 32, 4, 2),  # 8 warps spill 8 bytes at 64 registers with dropout
     ("dq", True, False, None): (32, 32, 8, 2),
     ("dkdv", False, True, None): (64, 64, 4, 2),
     ("dkdv", False, False, None): (32, 128, 8, 2),
     ("dkdv", True, True, None): (32, 64, 8, 2),
-    ("dkdv", True, False, None): (32, 32, 8, 1),
+    ("dkdv", True, False, False): (32, 32, 8, 1),
+    ("dkdv", True, False, True): (32, 32, 8, 2),  # one stage spills 48 bytes with dropout
 }
 # 16-bit inputs with a head dim in the 128-wide tile class whose head rows are not 16-byte aligned (text_transformer's
 # 75: 150 bytes) load element by element, with a 64-bit pointer per element: smaller tiles keep those in registers
@@ -91,7 +93,8 @@ _CONFIGS = {
 _UNALIGNED_CONFIGS = {
     ("fwd", None): (128, 32, 8, 3),
     ("dq", None): (32, 32, 8, 2),  # 4 warps: 28% fewer instructions per score, but 88 bytes of spills with dropout
-    ("dkdv", None): (16, 64, 8, 2),
+    ("dkdv", False): (16, 64, 8, 2),
+    ("dkdv", True): (16, 64, 8, 1),  # two stages spill 16 bytes with dropout
 }
 MIN_BLOCK_M = 64  # one warpgroup's wgmma tile
 
@@ -177,13 +180,13 @@ def forward(qkv, num_heads, scale, dropout_p, seed, lengths=None, *, out=None, l
         out = torch.empty(B, N, H * D, dtype=qkv.dtype, device=qkv.device)
     if lse is None:
         lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
-    bits, words = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)
+    bits, _ = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)
     aligned = _aligned(qkv, out, head_dim=D)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("fwd", qkv.dtype, D, dropout_p > 0, N, aligned)
     _attn_fwd[(B * H * triton.cdiv(N, BLOCK_M),)](
         qkv, out, lse, bits, _lengths_arg(lengths, qkv.device),
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        N, H, scale * LOG2E, words, 1.0 / (1.0 - dropout_p),
+        N, H, scale * LOG2E, 1.0 / (1.0 - dropout_p),
         D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0,
         HAS_LENGTHS=lengths is not None, UPCAST=_upcast(qkv), ALIGNED=aligned,
         PRECISION=_precision(qkv.dtype), num_warps=num_warps, num_stages=num_stages,
@@ -203,7 +206,7 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
         grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     lse = lse.contiguous()
     delta = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
-    bits, words = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)  # redrawn: cheaper than keeping B*H*N*N/8 bytes
+    bits, bits_t = _dropout_bits(seed, B, H, N, dropout_p, qkv.device, key_major=True)  # redrawn, see above
     aligned = _aligned(qkv, out, grad_out, grad_qkv, head_dim=D)
     common = dict(D=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0, HAS_LENGTHS=lengths is not None,
                   UPCAST=_upcast(qkv), ALIGNED=aligned, PRECISION=_precision(qkv.dtype))
@@ -215,14 +218,14 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
         qkv, out, grad_out, lse, delta, grad_qkv, bits, lengths_arg,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         grad_qkv.stride(0), grad_qkv.stride(1),
-        N, H, scale, words, keep_scale,
+        N, H, scale, keep_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
     )
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", qkv.dtype, D, dropout_p > 0, N, aligned)
     _attn_bwd_dkdv[(B * H * triton.cdiv(N, BLOCK_N),)](
-        qkv, grad_out, lse, delta, grad_qkv, bits, lengths_arg,
+        qkv, grad_out, lse, delta, grad_qkv, bits_t, lengths_arg,
         qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1),
-        N, H, scale, words, keep_scale,
+        N, H, scale, keep_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
     )
     return grad_qkv
@@ -260,7 +263,12 @@ def _sm90_check(dtype: torch.dtype, head_dim: int, dropout: bool, backward_pass:
 
     name = (f"{'bwd' if backward_pass else 'fwd'}_{str(dtype).split('.')[-1]}{'_tf32' if tf32 else ''}_d{head_dim}_N{N}"
             f"{'_lengths' if padded else ''}{'_dropout' if dropout else ''}")
-    return {"name": name, "launch": launch, "score_elements": lambda kw: kw["BLOCK_M"] * kw["BLOCK_N"]}
+    return {"name": name, "launch": launch, "score_elements": _score_elements}
+
+
+def _score_elements(kwargs: dict) -> int:
+    """Scores per loop iteration: an attention kernel's tile, or the keep bits kernel's SPAN x SPAN."""
+    return kwargs["BLOCK_M"] * kwargs["BLOCK_N"] if "BLOCK_M" in kwargs else SPAN * SPAN
 
 
 # fp16 compiles like bf16 (same tiles, same wgmma shapes); d=64 and d=128 cover both tile classes, d=80 the

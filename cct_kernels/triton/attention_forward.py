@@ -29,7 +29,7 @@ def _tile(base, rows, stride, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, ALIG
 def _attn_fwd(
     QKV, Out, Lse, Bits, Lengths,
     stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
-    N, H, qk_scale, words_per_row, keep_scale,
+    N, H, qk_scale, keep_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_LENGTHS: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -72,7 +72,7 @@ def _attn_fwd(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_kept(Bits, bh, rows, start, N, words_per_row, BLOCK_M, BLOCK_N), p, 0.0)
+            p = tl.where(_kept(Bits, bh, rows, start, N, BLOCK_M, BLOCK_N), p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
