@@ -30,7 +30,8 @@ from cct_kernels.train import TrainConfig, train
 
 DEFAULT_OUT = "cct_bench_results"
 SPEED_BACKENDS = ("eager", profiling.COMPILE, *backends.KERNEL_BACKENDS, "auto",
-                  *(profiling.COMPILE_OURS + b for b in (*backends.KERNEL_BACKENDS, "auto")))
+                  *(prefix + b for prefix in (profiling.COMPILE_OURS, profiling.GRAPHS)
+                    for b in (*backends.KERNEL_BACKENDS, "auto")))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -265,8 +266,9 @@ def _common_arguments(parser: argparse.ArgumentParser, default_mode: str | None)
                         help="inference forward, training step (forward, backward, AdamW), or both")
     parser.add_argument("--backends", type=backend_list, metavar="LIST",
                         help=f"comma-separated, from {', '.join(SPEED_BACKENDS)} (compile: torch.compile of "
-                             "eager; compile:B: torch.compile over our ops with backend B; default: eager, compile, "
-                             "each kernel backend that can run on the device, auto, compile:auto)")
+                             "eager; compile:B: torch.compile over our ops with backend B; graphs:B: inference replayed "
+                             "from a CUDA graph; default: eager, compile, each kernel backend that can run on the "
+                             "device, auto, compile:auto, and on CUDA graphs:auto)")
     parser.add_argument("--device", type=device_argument, help="cpu, cuda or cuda:N (default cuda when available)")
     parser.add_argument("--warmup", type=int_at_least(0), metavar="N",
                         help="untimed steps per backend before timing (the first includes compiling)")

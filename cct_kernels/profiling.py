@@ -2,7 +2,8 @@
 
 A "speed backend" is what a benchmark compares: "eager" (the reference), "compile" (torch.compile of the eager
 model, the bar a kernel library has to beat), each kernel backend ("triton", "cuda", "cpu"), "auto", and
-"compile:<backend>" (torch.compile over a model that runs our ops with that backend, e.g. "compile:auto").
+"compile:<backend>" (torch.compile over a model that runs our ops with that backend, e.g. "compile:auto"), and on
+CUDA "graphs:<backend>" (inference captured once in a CUDA graph and replayed: no launch overhead at all).
 Every model is built from the same seed, so all backends run the same weights on the same images.
 
     step = make_step(build_model("cct_7_3x1_32", "auto", device, dtype), "train", *make_inputs(...))
@@ -31,6 +32,7 @@ from cct_kernels.models import create_model
 DEFAULT_MODEL = "cct_7_3x1_32"
 COMPILE = "compile"
 COMPILE_OURS = "compile:"  # prefix: "compile:auto" is torch.compile over the model with backend "auto"
+GRAPHS = "graphs:"  # prefix: "graphs:auto" replays the model's inference forward from a CUDA graph
 MODES = ("inference", "train")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,6 +85,13 @@ def backend_reason(name: str, device: torch.device) -> str | None:
         if inner not in backends.BACKENDS or inner == "eager":
             return f"unknown backend {name!r}: compile: takes {', '.join(b for b in backends.BACKENDS if b != 'eager')}"
         return compile_reason(device) or backend_reason(inner, device)
+    if name.startswith(GRAPHS):
+        inner = name[len(GRAPHS):]
+        if inner not in backends.BACKENDS:
+            return f"unknown backend {name!r}: graphs: takes {', '.join(backends.BACKENDS)}"
+        if device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        return backend_reason(inner, device)
     if name not in backends.KERNEL_BACKENDS:
         return f"unknown backend {name!r}"
     reason = backends.availability(device)[name]
@@ -92,9 +101,9 @@ def backend_reason(name: str, device: torch.device) -> str | None:
 
 
 def speed_backends(device: torch.device) -> list[str]:
-    """eager, compile, each kernel backend that can run on `device`, auto, then compile:auto (the default
-    comparison)."""
-    names = ["eager", COMPILE] + list(backends.KERNEL_BACKENDS) + ["auto", COMPILE_OURS + "auto"]
+    """eager, compile, each kernel backend that can run on `device`, auto, compile:auto, and on CUDA graphs:auto (the
+    default comparison)."""
+    names = ["eager", COMPILE] + list(backends.KERNEL_BACKENDS) + ["auto", COMPILE_OURS + "auto", GRAPHS + "auto"]
     return [n for n in names if backend_reason(n, device) is None]
 
 
@@ -108,14 +117,46 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
     """
     torch.manual_seed(seed)
     compiled = backend == COMPILE or backend.startswith(COMPILE_OURS)
-    ops_backend = "eager" if backend == COMPILE else backend.removeprefix(COMPILE_OURS)
+    ops_backend = "eager" if backend == COMPILE else backend.removeprefix(COMPILE_OURS).removeprefix(GRAPHS)
     model = create_model(name, backend=ops_backend).to(device=device, dtype=dtype)
+    if backend.startswith(GRAPHS):
+        return GraphedInference(model)
     if compiled:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 64)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
         model = torch.compile(model)
     return model
+
+
+class GraphedInference(nn.Module):
+    """`model`'s inference forward captured in a CUDA graph at the first call and replayed after: each call copies its
+    inputs into the captured buffers and replays (same shapes and dtypes every call). Eval mode only: training
+    raises ValueError. Returns the captured output buffer (overwritten by the next call)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._graph = self._inputs = self._output = None
+
+    def forward(self, *inputs):
+        if self.training:
+            raise ValueError("graphs:* runs inference only (a CUDA graph of the eval-mode forward)")
+        if self._graph is None:
+            self._inputs = [x.clone() for x in inputs]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):  # warm-up outside the capture: kernel compilation, allocator pools, caches
+                    self.model(*self._inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph), torch.inference_mode():
+                self._output = self.model(*self._inputs)
+        for buffer, x in zip(self._inputs, inputs):
+            buffer.copy_(x)
+        self._graph.replay()
+        return self._output
 
 
 def make_inputs(model: nn.Module, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 1):

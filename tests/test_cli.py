@@ -55,6 +55,7 @@ def test_default_backends_never_time_the_triton_interpreter(monkeypatch):
     assert names[:2] == ["eager", "compile"] and names[-2:] == ["auto", "compile:auto"]
     assert "triton" not in names
     assert "interpreter" in profiling.backend_reason("compile:triton", cpu)
+    assert profiling.backend_reason("graphs:auto", cpu) == "CUDA graphs need a CUDA device"
     assert "interpreter" in profiling.backend_reason("triton", cpu)
 
 

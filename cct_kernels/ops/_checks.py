@@ -65,13 +65,18 @@ def autocast_inputs(*tensors):
 
 
 
+def no_host_sync() -> bool:
+    """Under torch.compile (a data-dependent branch breaks the graph) or a CUDA graph capture (a sync is illegal)."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def check_values_in_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     """Every value of integer tensor `t` lies in [low, high) (ValueError naming the values otherwise). Under
-    torch.compile the test is an asynchronous assert in the graph (no host sync, no graph break); it raises a
-    RuntimeError with the same text."""
+    torch.compile or a CUDA graph capture the test is an asynchronous assert (no host sync, no graph break); it
+    raises a RuntimeError with the same text."""
     if t.numel() == 0:
         return
-    if torch.compiler.is_compiling():
+    if no_host_sync():
         torch._assert_async(((t >= low) & (t < high)).all(), f"{name} must lie in [{low}, {high})")
     elif int(t.min()) < low or int(t.max()) >= high:
         raise ValueError(f"{name} must lie in [{low}, {high}), got values from {int(t.min())} to {int(t.max())}")
@@ -95,7 +100,7 @@ def key_padding(mask, batch: int, length: int, device: torch.device) -> KeyPaddi
 
     A bool mask that keeps a prefix of each sequence (padding at the end, the usual case) is also given as
     lengths, so the kernels can serve it; testing that costs one host sync for a CUDA mask, and under
-    torch.compile it is not tested (a data-dependent branch): the mask is served as given, by the eager reference.
+    torch.compile or a CUDA graph capture it is not tested (no_host_sync): the mask is served as given, by eager.
     """
     if mask is None:
         return None
@@ -106,7 +111,7 @@ def key_padding(mask, batch: int, length: int, device: torch.device) -> KeyPaddi
     positions = torch.arange(length, device=device)
     if mask.dtype == torch.bool:
         check_shape("mask", mask, (batch, length))
-        if torch.compiler.is_compiling():
+        if no_host_sync():
             return KeyPadding(None, mask)
         lengths = mask.sum(1)
         prefix = bool(torch.equal(mask, positions[None, :] < lengths[:, None]))
