@@ -35,6 +35,7 @@ import triton.language as tl
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_POOL_KERNEL = 127  # offsets inside the window up to 126 fit the int8 pool_index
 META_SM_COUNT = 132  # H100 SXM / H200: grad_weight's split fills about two waves of programs
+NUM_WARPS = 8  # the GEMM kernels' 64x64 tiles: 4 warps held 223 registers (bf16 forward) and spilled in float32
 
 
 def unsupported(x, weight, stride, padding, relu, pool_kernel, pool_stride, pool_padding, *, backend="triton"):
@@ -232,7 +233,7 @@ def config(dtype: torch.dtype) -> dict:
     with a shallower K step so that the operands fit registers."""
     fp32 = dtype == torch.float32
     return {"BLOCK": 64, "BLOCK_K": 16 if fp32 else 32, "PRECISION": "ieee" if fp32 else "tf32",
-            "UPCAST": dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"}
+            "UPCAST": dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", "num_warps": NUM_WARPS}
 
 
 def forward(x, weight, stride, padding, relu, pool_kernel, pool_stride, pool_padding):
@@ -253,7 +254,7 @@ def forward(x, weight, stride, padding, relu, pool_kernel, pool_stride, pool_pad
         x, wt, out, index if pool_kernel else out, M, L, C, E, Lc, N,
         STRIDE=stride, PAD=padding, K=K, POOL_K=pk, POOL_S=ps, POOL_P=pp, RELU=relu, HAS_POOL=pool_kernel > 0,
         BLOCK_P=cfg["BLOCK"], BLOCK_E=block_e, BLOCK_K=cfg["BLOCK_K"], PRECISION=cfg["PRECISION"],
-        UPCAST=cfg["UPCAST"], num_warps=4,
+        UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"],
     )
     return out, index
 
@@ -288,7 +289,7 @@ def backward(grad_out, x, weight, out, pool_index, stride, padding, relu, pool_k
     ws = _empty(split, E, KC, device=x.device, dtype=torch.float32)
     _grad_weight_kernel[(triton.cdiv(E, block_e), triton.cdiv(KC, block_kc), split)](
         dy, x, ws, M, L, C, E, Lc, KC, chunk, STRIDE=stride, PAD=padding, BLOCK_E=block_e, BLOCK_KC=block_kc,
-        BLOCK_M=cfg["BLOCK_K"], PRECISION=cfg["PRECISION"], UPCAST=cfg["UPCAST"], num_warps=4,
+        BLOCK_M=cfg["BLOCK_K"], PRECISION=cfg["PRECISION"], UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"],
     )
     grad_weight = ws.sum(0).view(E, K, C).to(weight.dtype)
     if not needs_input_grad:
@@ -299,7 +300,7 @@ def backward(grad_out, x, weight, out, pool_index, stride, padding, relu, pool_k
         _grad_x_kernel[(triton.cdiv(B * L, block), triton.cdiv(C, block_c))](
             dy, weight, grad_x, B * L, L, C, E, Lc, STRIDE=stride, PAD=padding, K=K, BLOCK_M=block, BLOCK_C=block_c,
             BLOCK_E=max(16, min(cfg["BLOCK_K"] * 2, triton.next_power_of_2(E))), PRECISION=cfg["PRECISION"],
-            UPCAST=cfg["UPCAST"], num_warps=4,
+            UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"],
         )
     return grad_x, grad_weight
 
