@@ -34,7 +34,8 @@ def _attn_fwd(
     DROPOUT: tl.constexpr, HAS_LENGTHS: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one (batch, head); streams the real keys (see key_padding.py). qk_scale = scale * log2(e).
+    """One program: BLOCK_M queries of one (batch, head); streams the real keys (see key_padding.py).
+    qk_scale = scale * log2(e).
 
     Every query row (padded ones too) attends to the real keys; a sequence without any writes out = 0, lse = -inf."""
     blocks = tl.cdiv(N, BLOCK_M)  # 1-D grid, the query blocks of one head adjacent: its K/V stay in L2
