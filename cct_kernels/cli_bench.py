@@ -129,6 +129,8 @@ def _warm_up(prepared: dict, mode: str, device, warmup: int) -> tuple[dict, dict
     """(steps, one call's time per step, warm-up seconds per step, errors of steps that failed to warm up)."""
     steps, estimates, warmup_s, errors = {}, {}, {}, {}
     for name, p in prepared.items():
+        if mode == "train" and name.startswith(profiling.GRAPHS):
+            continue  # a CUDA graph of the inference forward: no training row
         try:
             step = profiling.make_step(p["model"], mode, p["inputs"], p["labels"])
             # The first inference call already warmed (and for "compile" compiled) the inference step.
