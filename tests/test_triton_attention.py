@@ -313,6 +313,8 @@ def test_opcheck(device):
     op = torch.ops.cct_kernels.attention_forward.default
     torch.library.opcheck(op, (qkv, 2, 0.25, 0.0, NO_SEED.to(device), "triton"))
     torch.library.opcheck(op, (qkv, 2, 0.25, 0.1, _seed(3, device), "triton"))
+    lengths = torch.tensor([17, 0], device=device)
+    torch.library.opcheck(op, (qkv, 2, 0.25, 0.1, _seed(3, device), "triton", lengths))
 
 
 def test_torch_compile_fullgraph_with_backward(device):

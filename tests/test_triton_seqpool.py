@@ -163,6 +163,8 @@ def test_opcheck(device):
     for t in (x, weight, bias):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.cct_kernels.seqpool_forward.default, (x, weight, bias, "triton"))
+    lengths = torch.tensor([33, 0], device=device)
+    torch.library.opcheck(torch.ops.cct_kernels.seqpool_forward.default, (x, weight, bias, "triton", lengths))
     out, lse = triton_seqpool.forward(x.detach(), weight.detach(), bias.detach())
     torch.library.opcheck(
         torch.ops.cct_kernels.seqpool_backward.default,
