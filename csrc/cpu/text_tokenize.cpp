@@ -2,15 +2,17 @@
 // max pool along the sequence -> tokens (B, N, E). Shapes and the kernel interface: cct_kernels/ops/text_tokenize.py.
 //
 // Conv row h of sequence b reads the window of k word vectors starting at row h*s - pad: k*C contiguous values,
-// the next window starting s*C later. The windows are read in place (no im2col copy) as k GEMMs, one per tap j:
-// Y (rows x E) += X_j (rows x C, row stride s*C) @ W_j^T (C x E). One GEMM with K = k*C over overlapping rows would
-// need a leading dimension s*C < k*C, which BLAS rejects. Windows that leave the sequence (the zero padding), and
-// 16-bit inputs, read a float copy of the band's input rows instead.
+// the next window starting s*C later. The windows are read in place (no im2col copy): one GEMM with K = k*C when
+// they do not overlap (s >= k: the text_cvt patches), else k GEMMs, one per tap j, Y (rows x E) += X_j (rows x C,
+// row stride s*C) @ W_j^T (C x E), since overlapping rows would need a leading dimension s*C < k*C, which BLAS
+// rejects. Windows that leave the sequence (the zero padding), and 16-bit inputs, read a float copy of the band's
+// input rows instead.
 // Forward: per task a band of tokens; its conv rows are computed into cache, then ReLU and the pool write the tokens
 // and the int8 pool_index (offset of the first maximum inside the window; a NaN wins, as max_pool2d).
 // Backward: per task a band of conv rows; its gradient G is gathered from pool_index (ReLU'd-away maxima pass
-// nothing), grad_weight += G^T X_j per tap into a per-chunk partial (chunks summed in a fixed order: deterministic),
-// and grad_x from P = G @ W (rows x k*C): each owned input row sums the overlapping windows' slices of P.
+// nothing), grad_weight += G^T X_j per tap (or per whole window) into a per-chunk partial (chunks summed in a fixed
+// order: deterministic), and grad_x from P = G @ W (rows x k*C): each owned input row sums the overlapping windows'
+// slices of P.
 #include "common.h"
 #include "cpu_ops.h"
 #include "../pool_geometry.h"
@@ -26,6 +28,8 @@ struct TextGeometry {
   int64_t Lc;                     // conv rows
   int64_t pk, ps, pp, N;          // pool (pk == 0: none) and tokens
   int64_t KC() const { return k * C; }
+  // The window GEMMs' reduction: whole windows when they do not overlap, else one tap (C values) per GEMM.
+  int64_t gemm_k() const { return s >= k ? k * C : C; }
 };
 
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -76,13 +80,14 @@ const float* window_rows(const T* xb, const TextGeometry& g, int64_t h0, int64_t
   return span;
 }
 
-// Conv rows [h0, h1) of sequence xb into y (rows x E, float): k GEMMs over the in-place windows. w: (E x k*C) float.
+// Conv rows [h0, h1) of sequence xb into y (rows x E, float): GEMMs over the in-place windows. w: (E x k*C) float.
 template <typename T>
 void conv_rows(const T* xb, const float* w, const TextGeometry& g, int64_t h0, int64_t h1, float* y, float* span) {
   if (h1 <= h0) return;
   const float* a = window_rows(xb, g, h0, h1, span);
-  for (int64_t j = 0; j < g.k; ++j)
-    gemm_rm(false, true, h1 - h0, g.E, g.C, 1.f, a + j * g.C, g.s * g.C, w + j * g.C, g.KC(), j ? 1.f : 0.f, y, g.E);
+  const int64_t K = g.gemm_k();
+  for (int64_t j = 0; j < g.KC(); j += K)
+    gemm_rm(false, true, h1 - h0, g.E, K, 1.f, a + j, g.s * g.C, w + j, g.KC(), j ? 1.f : 0.f, y, g.E);
 }
 
 int64_t span_floats(const TextGeometry& g, int64_t rows) { return ((rows - 1) * g.s + g.k) * g.C; }
@@ -198,8 +203,8 @@ void backward_kernel(const T* gout, const T* out, const int8_t* index, const T* 
         gather_rows(gout, out, index, g, relu, b, ga, gb, G.data());
         const T* xb = x + b * g.L * C;
         const float* a = window_rows(xb, g, h0, h1, span.data());
-        for (int64_t j = 0; j < g.k; ++j)
-          gemm_rm(true, false, E, C, h1 - h0, 1.f, G.data() + (h0 - ga) * E, E, a + j * C, g.s * C, 1.f, gw + j * C,
+        for (int64_t j = 0; j < KC; j += g.gemm_k())
+          gemm_rm(true, false, E, g.gemm_k(), h1 - h0, 1.f, G.data() + (h0 - ga) * E, E, a + j, g.s * C, 1.f, gw + j,
                   KC);
         if (grad_x == nullptr || hg1 <= hg0) continue;
         gemm_rm(false, false, hg1 - hg0, KC, E, 1.f, G.data() + (hg0 - ga) * E, E, w, KC, 0.f, P.data(), KC);
