@@ -79,12 +79,14 @@ def _pack_columns(keep, COLUMNS: tl.constexpr):
 @triton.jit
 def _dropout_bits_kernel(Bits, BitsT, Seed, N, threshold, KEY_MAJOR: tl.constexpr):
     """Bits and BitsT (B*H, R, W) int32, R = N rounded up to SPAN, W = 4 * R / SPAN: the keep flags of head
-    program_id(1) for queries x keys (Bits) and, if KEY_MAJOR, keys x queries (BitsT), packed in lane order. One
-    program: SPAN queries, all keys in steps of SPAN."""
-    bh = tl.program_id(1)
-    row0 = tl.program_id(0) * _SPAN
-    rows_padded = tl.cdiv(N, _SPAN) * _SPAN
-    words_per_row = 4 * tl.cdiv(N, _SPAN)
+    program_id(0) // blocks for queries x keys (Bits) and, if KEY_MAJOR, keys x queries (BitsT), packed in lane
+    order. One program: SPAN queries (block program_id(0) % blocks), all keys in steps of SPAN (1-D grid: no
+    65535 limit on B*H)."""
+    blocks = tl.cdiv(N, _SPAN)
+    bh = tl.program_id(0) // blocks
+    row0 = (tl.program_id(0) % blocks) * _SPAN
+    rows_padded = blocks * _SPAN
+    words_per_row = 4 * blocks
     seed = tl.load(Seed)
     offs = tl.arange(0, _SPAN)
     w = tl.arange(0, 4)
@@ -138,7 +140,7 @@ def _dropout_bits(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: float, 
         raise ValueError(f"dropout needs an int64 seed tensor of one element, got {seed.dtype} {tuple(seed.shape)}")
     blocks = triton.cdiv(N, SPAN)
     bits = torch.empty(1 + key_major, B * H, blocks * SPAN, 4 * blocks, dtype=torch.int32, device=device)
-    _dropout_bits_kernel[(blocks, B * H)](bits[0], bits[-1], seed.to(device=device), N, dropout_threshold(dropout_p),
+    _dropout_bits_kernel[(blocks * B * H,)](bits[0], bits[-1], seed.to(device=device), N, dropout_threshold(dropout_p),
                                           KEY_MAJOR=key_major, num_warps=8)
     return bits[0], bits[1] if key_major else _no_bits(torch.device(device))
 
