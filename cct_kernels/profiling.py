@@ -286,6 +286,7 @@ def model_flops(name: str, batch: int, mode: str) -> float:
     """
     from cct_kernels.nn.attention import Attention
     from cct_kernels.nn.seqpool import SeqPool
+    from cct_kernels.nn.text import TextTokenizer
     from cct_kernels.nn.tokenizer import ConvStage
     from cct_kernels.ops.tokenize import output_size
 
@@ -318,15 +319,17 @@ def model_flops(name: str, batch: int, mode: str) -> float:
         b, n, d = args[0].shape
         total += 2 * 2 * b * n * d  # scores x w and the weighted sum over tokens
 
-    def text_conv_hook(conv, _args, output):  # the text tokenizer's nn.Conv2d (image stages run in ConvStage)
+    def text_conv_hook(tokenizer, args, _output):  # the text tokenizer's conv (run by ops.text_tokenize)
         nonlocal total
+        conv, x = tokenizer.conv_layers[0], args[0]
         kh, kw = conv.kernel_size
-        total += 2 * output.numel() * conv.in_channels * kh * kw
+        rows = output_size(x.shape[1], kh, conv.stride[0], conv.padding[0])
+        total += 2 * x.shape[0] * conv.out_channels * rows * kh * kw
 
     for module in model.modules():
         if isinstance(module, ConvStage):
             module.register_forward_hook(conv_hook)
-        elif isinstance(module, nn.Conv2d):  # a ConvStage's conv never runs its own forward: the op computes it
+        elif isinstance(module, TextTokenizer):
             module.register_forward_hook(text_conv_hook)
         elif isinstance(module, SeqPool):  # an nn.Linear subclass whose forward is not a plain linear
             module.register_forward_hook(seqpool_hook)
