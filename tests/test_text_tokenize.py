@@ -238,3 +238,13 @@ def test_text_tokenizer_module_runs_the_op_on_its_backend(monkeypatch):
     cvt(x)
     assert calls[-1] == dict(stride=4, padding=0, relu=False, pool=None, backend=None)
     assert TextTokenizer.output_length(cvt, 16) == 4
+
+
+def test_model_flops_counts_the_text_tokenizer_conv(monkeypatch):
+    """The tokenizer's Conv2d no longer runs its own forward; profiling counts its conv from TextTokenizer's input:
+    text_cvt_2 at seq_len 64 has 16 conv rows of 4 x 300 -> 128 channels."""
+    from cct_kernels import profiling
+
+    full = profiling.model_flops("text_cvt_2", 1, "inference")
+    monkeypatch.setattr(TextTokenizer, "register_forward_hook", lambda self, hook: None)
+    assert full - profiling.model_flops("text_cvt_2", 1, "inference") == 2 * 16 * 128 * 4 * 300
