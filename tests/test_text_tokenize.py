@@ -4,6 +4,12 @@ the official text_cct/text_cvt settings, the fakes (opcheck), NaN propagation, t
 the TextTokenizer module running on the op. Triton runs under TRITON_INTERPRET=1 on CPU (conftest.py); its bf16
 path multiplies in fp32 there, so bf16 is tested too.
 """
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,3 +254,20 @@ def test_model_flops_counts_the_text_tokenizer_conv(monkeypatch):
     full = profiling.model_flops("text_cvt_2", 1, "inference")
     monkeypatch.setattr(TextTokenizer, "register_forward_hook", lambda self, hook: None)
     assert full - profiling.model_flops("text_cvt_2", 1, "inference") == 2 * 16 * 128 * 4 * 300
+
+
+def test_triton_kernels_build_for_sm90_without_spills():
+    """SM90_CHECKS (the text_cct_6, text_cvt_6 and float32 text_cct_2 tokenizers) compiled for sm_90 as the JIT
+    specialises them at launch (cct_kernels.triton.sm90, in a process without the interpreter): no spills, and the
+    16-bit GEMMs on wgmma. text_tokenize is not in sm90.OPS, so test_triton_sm90 does not cover it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json; from cct_kernels.triton import sm90; print(json.dumps(sm90.op_figures('text_tokenize')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(proc.stdout.splitlines()[-1])
+    assert len(figures) == 4 * len(triton_text_tokenize.SM90_CHECKS)
+    for name, f in figures.items():
+        assert f["spill_bytes"] == 0 and f["registers"] <= 255 and f["shared_bytes"] <= 227 * 1024, (name, f)
+        if "fp32" not in name and "_grad_rows_" not in name:
+            assert f["mma"] == "wgmma", (name, f)
