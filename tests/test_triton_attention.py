@@ -235,7 +235,8 @@ PADDED_CASES = [
     (2, 2, 70, 75, torch.bfloat16, 0.0, (1, 41)),
     (3, 2, 65, 32, torch.float32, 0.3, (0, 1, 65)),
     (2, 1, 100, 16, torch.float16, 0.2, (37, 100)),
-    (2, 1, 40, 75, torch.float16, 0.2, (0, 33)),  # unaligned head rows: the smaller tiles of _UNALIGNED_CONFIGS
+    (2, 1, 40, 75, torch.float16, 0.2, (0, 33)),  # unaligned head rows: the tiles of _UNALIGNED_CONFIGS
+    (1, 2, 33, 75, torch.float32, 0.2, (20,)),
 ]
 
 

@@ -87,14 +87,20 @@ _CONFIGS = {
     ("dkdv", True, False, False): (32, 32, 8, 1),
     ("dkdv", True, False, True): (32, 32, 8, 2),  # one stage spills 48 bytes with dropout
 }
-# 16-bit inputs with a head dim in the 128-wide tile class whose head rows are not 16-byte aligned (text_transformer's
-# 75: 150 bytes) load element by element, with a 64-bit pointer per element: smaller tiles keep those in registers
-# (the table's tiles spill 48-1164 bytes at d=75). (pass, dropout?) -> as _CONFIGS.
+
+# Head dims in the 128-wide tile class whose head rows are not 16-byte aligned (text_transformer's 75: 150 bytes in
+# 16-bit, 300 in float32) load element by element, with a 64-bit pointer per element: these tiles keep those in
+# registers (the table's 16-bit tiles spill 48-1164 bytes at d=75, its float32 dropout tiles 80-232).
+# (pass, float32 input?, dropout?) -> as _CONFIGS.
 _UNALIGNED_CONFIGS = {
-    ("fwd", None): (128, 32, 8, 3),
-    ("dq", None): (32, 32, 8, 2),  # 4 warps: 28% fewer instructions per score, but 88 bytes of spills with dropout
-    ("dkdv", False): (16, 64, 8, 2),
-    ("dkdv", True): (16, 64, 8, 1),  # two stages spill 16 bytes with dropout
+    ("fwd", False, None): (128, 32, 8, 3),
+    ("dq", False, None): (32, 32, 8, 2),  # 4 warps: 28% fewer instructions per score, 88 bytes of spills with dropout
+    ("dkdv", False, False): (16, 64, 8, 2),
+    ("dkdv", False, True): (16, 64, 8, 1),  # two stages spill 16 bytes with dropout
+    ("fwd", True, False): (64, 32, 8, 2),
+    ("fwd", True, True): (32, 32, 8, 2),
+    ("dq", True, None): (32, 32, 8, 2),
+    ("dkdv", True, None): (32, 32, 8, 1),
 }
 MIN_BLOCK_M = 64  # one warpgroup's wgmma tile
 
@@ -109,8 +115,8 @@ def _config(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool, N: int,
     queries, 32 keys): at N = 64 (cct_2) a 128-wide tile would be half padding (and half the programs)."""
     key = (kind, dtype == torch.float32, _block_d(head_dim) <= 64)
     table = _CONFIGS
-    if not aligned and key[1:] == (False, False):
-        key, table = (kind,), _UNALIGNED_CONFIGS
+    if not aligned and not key[2]:
+        key, table = key[:2], _UNALIGNED_CONFIGS
     block_m, block_n, num_warps, num_stages = table.get(key + (dropout,)) or table[key + (None,)]
     fit = triton.next_power_of_2(N)
     cut_m, cut_n = min(block_m, max(MIN_BLOCK_M, fit)), min(block_n, max(32, fit))
@@ -290,4 +296,4 @@ SM90_CHECKS = [
     _sm90_check(torch.bfloat16, head_dim, dropout, backward_pass, N=N, padded=True)
     for head_dim, N, dropout in ((64, 256, False), (64, 256, True), (75, 65, False), (75, 65, True))
     for backward_pass in (False, True)
-]
+] + [_sm90_check(torch.float32, 75, True, backward_pass, N=65, padded=True) for backward_pass in (False, True)]
