@@ -1,7 +1,7 @@
 """The text tokenizer stage: a convolution over the sequence whose kernel spans the whole word vector, optional ReLU,
 optional max pool along the sequence, tokens out.
 
-    text_tokenize(x, weight) = maxpool_seq(relu(conv1d(x.transpose(1, 2), weight)))).transpose(1, 2)
+    text_tokenize(x, weight) = max_pool1d(relu(conv1d(x.transpose(1, 2), weight as (E, C, k)))).transpose(1, 2)
 
 which is the official Conv2d(1, E, (k, C), stride (stride, 1), padding (padding, 0), bias=False) -> ReLU ->
 MaxPool2d((pk, 1), (ps, 1), (pp, 0)) on x.unsqueeze(1) (text_cct; text_cvt/vit: relu=False, pool=None).
