@@ -284,7 +284,6 @@ def model_flops(name: str, batch: int, mode: str) -> float:
     (backward is about two forwards), the usual convention. Elementwise work is left out. Text models are counted
     dense (every token real): the work a kernel that skips padding does is at most this.
     """
-    from cct_kernels.nn.attention import Attention
     from cct_kernels.nn.seqpool import SeqPool
     from cct_kernels.nn.text import TextTokenizer
     from cct_kernels.nn.tokenizer import ConvStage
@@ -309,10 +308,11 @@ def model_flops(name: str, batch: int, mode: str) -> float:
         total += 2 * (x.numel() // x.shape[-1]) * weight.numel()
         return run_linear(x, weight, *args, **kwargs)
 
-    def attention_hook(_attention, args, _output):
+    def counted_attention(qkv, *args, **kwargs):
         nonlocal total
-        b, n, d = args[0].shape
-        total += 2 * 2 * b * n * n * d  # q k^T and p v
+        b, n, three_d = qkv.shape
+        total += 2 * 2 * b * n * n * (three_d // 3)  # q k^T and p v
+        return run_attention(qkv, *args, **kwargs)
 
     def seqpool_hook(_seqpool, args, _output):
         nonlocal total
@@ -335,11 +335,10 @@ def model_flops(name: str, batch: int, mode: str) -> float:
             module.register_forward_hook(seqpool_hook)
         elif isinstance(module, nn.Linear):
             module.register_forward_hook(linear_hook)
-        elif isinstance(module, Attention):
-            module.register_forward_hook(attention_hook)
     inputs, _ = make_inputs(model, 1, torch.device("cpu"), torch.float32)
-    run_linear = ops.linear
-    with torch.inference_mode(), mock.patch.object(ops, "linear", counted_linear):
+    run_linear, run_attention = ops.linear, ops.attention
+    with (torch.inference_mode(), mock.patch.object(ops, "linear", counted_linear),
+          mock.patch.object(ops, "attention", counted_attention)):
         model(*inputs[:1])  # without a mask: every token real
     return float(total) * batch * (3 if mode == "train" else 1)
 

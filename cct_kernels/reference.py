@@ -85,16 +85,19 @@ def seqpool(x, weight, bias, *, mask=None):
 ACTIVATIONS = ("none", "gelu")
 
 
-def linear(x, weight, bias=None, *, activation="none", residual=None):
-    """A linear layer with its epilogue: activation(x @ weight.T + bias) + residual.
+def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=None):
+    """A linear layer with its epilogue: activation(x @ weight.T + bias) * row_scale + residual.
 
     x (..., K); weight (N, K); bias (N,) or None; residual (..., N) or None; activation "none" or "gelu" (the
-    exact, erf-based GELU of F.gelu, as the official MLP uses). The encoder block's proj and linear2 take the
-    residual stream as `residual`, linear1 takes activation="gelu".
+    exact, erf-based GELU of F.gelu, as the official MLP uses); row_scale (...) or None, one factor per row (the
+    encoder block's stochastic depth: 0 or 1 / keep_prob per sample). The encoder block's proj and linear2 take
+    the residual stream as `residual`, linear1 takes activation="gelu".
     """
     y = F.linear(x, weight, bias)
     if activation == "gelu":
         y = F.gelu(y)
+    if row_scale is not None:
+        y = y * row_scale.unsqueeze(-1)
     return y if residual is None else y + residual
 
 

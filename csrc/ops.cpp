@@ -246,9 +246,10 @@ TORCH_LIBRARY(cct_kernels_C, m) {
   m.def("tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor out, Tensor pool_index,"
         " int stride, int padding, bool relu, int pool_kernel, int pool_stride, int pool_padding, bool to_tokens,"
         " bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
-  // Linear + epilogue: act(x W^T + b) + residual (act GELU when gelu), h = x W^T + b when save_pre_activation.
+  // Linear + epilogue: act(x W^T + b) * row_scale + residual (act GELU when gelu), h = x W^T + b when
+  // save_pre_activation.
   m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu,"
-        " bool save_pre_activation) -> (Tensor, Tensor)");
+        " bool save_pre_activation, Tensor? row_scale=None) -> (Tensor, Tensor)");
   m.def("text_tokenize_forward(Tensor x, Tensor weight, int stride, int padding, bool relu, int pool_kernel,"
         " int pool_stride, int pool_padding) -> (Tensor, Tensor)");
   m.def("text_tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, Tensor pool_index, int stride,"

@@ -128,6 +128,27 @@ def test_model_compiles_fullgraph_with_inductor(family, train, backend):
             torch.testing.assert_close(cg, g, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", sorted(set(backends.KERNEL_BACKENDS) & set(backends_serving_model(
+    cct_kernels.cct_2_3x2_32(), torch.randn(2, 3, 32, 32, device=DEVICE), train=True)) - {"triton"}))
+def test_stochastic_depth_row_scale_compiles_and_matches_eager(monkeypatch, backend):
+    """Training with stochastic depth fuses each block's drop mask into the residual linears (ops.linear's
+    row_scale); compiled with inductor drawing the same random numbers as eager (fallback_random), the two agree."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    model = cct_kernels.cct_2_3x2_32(backend=backend, dropout=0.0, attention_dropout=0.0, stochastic_depth=0.9)
+    model = model.to(DEVICE).train()
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    torch.manual_seed(3)
+    expected = model(x)
+    torch.manual_seed(3)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    params = list(model.parameters())
+    for g, cg in zip(torch.autograd.grad(expected.sum(), params), torch.autograd.grad(out.sum(), params)):
+        torch.testing.assert_close(cg, g, rtol=1e-3, atol=1e-4)
+
+
 def test_backends_serving_model_drops_a_backend_that_refuses_the_mode(monkeypatch):
     """A backend that refuses dropout (like the cuda attention) serves the model in eval mode only."""
     unsupported = backends.unsupported_reason

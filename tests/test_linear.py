@@ -32,15 +32,27 @@ def test_linear_against_float64(backend, dtype, activation, bias, residual):
     _check_against_float64(backend, dtype, activation, bias, residual)
 
 
-def _check_against_float64(backend, dtype, activation, bias, residual):
+@pytest.mark.parametrize("backend", SERVING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_linear_row_scale_against_float64(backend, dtype, activation):
+    """Stochastic depth as the row scale: whole samples dropped (0) or scaled by 1 / keep_prob (here 1 / 0.75)."""
+    _check_against_float64(backend, dtype, activation, True, True, row_scale=torch.tensor([0.0, 4 / 3, 4 / 3]))
+
+
+def _check_against_float64(backend, dtype, activation, bias, residual, row_scale=None):
     generator = torch.Generator().manual_seed(7)
     shape, n = (3, 37, 48), 40  # M = 111 rows, K = 48, N = 40: no dimension a multiple of a tile
     inputs = _inputs(dtype, shape, n, bias, residual, generator)
     x, weight, b, res = inputs
-    out = ops.linear(x, weight, b, activation=activation, residual=res, backend=backend)
+    scale = None if row_scale is None else row_scale[:, None].expand(shape[:-1]).to(DEVICE)
+    out = ops.linear(x, weight, b, activation=activation, residual=res,
+                     row_scale=None if scale is None else scale.to(dtype), backend=backend)
     as64 = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
-    ref64 = reference.linear(as64[0], as64[1], as64[2], activation=activation, residual=as64[3])
-    eager = reference.linear(*inputs[:3], activation=activation, residual=inputs[3])
+    ref64 = reference.linear(as64[0], as64[1], as64[2], activation=activation, residual=as64[3],
+                             row_scale=None if scale is None else scale.double())
+    eager = reference.linear(*inputs[:3], activation=activation, residual=inputs[3],
+                             row_scale=None if scale is None else scale.to(dtype))
     assert out.dtype == dtype and out.shape == (3, 37, n)
     assert_close_to_reference(out, ref64, eager, "out")
 
@@ -110,5 +122,7 @@ def test_linear_errors_name_the_argument():
         ops.linear(x.long(), w, b)
     with pytest.raises(ValueError, match="activation must be one of"):
         ops.linear(x, w, b, activation="relu")
+    with pytest.raises(ValueError, match=r"row_scale must have shape \(2, 5\), got \(2,\)"):
+        ops.linear(x, w, b, row_scale=torch.ones(2))
     with pytest.raises(ValueError, match="at least one dimension"):
         ops.linear(torch.tensor(1.0), w, b)

@@ -2,7 +2,7 @@
 
 "cpu" (csrc/cpu/linear.cpp): rows cut into blocks, one GEMM per block on torch's BLAS (MKL sgemm on x86-64, on the
     calling thread), then the epilogue (bias, exact GELU, residual, the cast) on the block's float32 tile while it
-    is in L2: no pass over the output after the GEMM, and in inference the pre-activation never reaches memory.
+    is in L2 (and the row scale, stochastic depth's per-sample factor): no pass over the output after the GEMM, and in inference the pre-activation never reaches memory.
     float32/float16/bfloat16 (16-bit operands widened to float32), any M >= 0.
 "cuda": cuBLAS (F.linear) with the epilogue as ATen passes: cuBLASLt's fused GELU epilogue is the tanh
     approximation, not the exact GELU of the official model. The fused GPU kernel is the triton backend's.
@@ -22,13 +22,15 @@ def unsupported(x, weight, bias, residual, activation, *, backend: str) -> str |
     return extension.dtype_reason(x.dtype)
 
 
-def forward(x, weight, bias, residual, activation, save_pre_activation):
+def forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None):
     """-> (out (M, N), pre_activation (M, N) when activation == "gelu" and save_pre_activation, else empty (0,))."""
     gelu = activation == "gelu"
     if x.device.type == "cpu":
-        return tuple(extension.ops().linear_forward(x, weight, bias, residual, gelu, save_pre_activation))
+        return tuple(extension.ops().linear_forward(x, weight, bias, residual, gelu, save_pre_activation, row_scale))
     pre_activation = F.linear(x, weight, bias)
     out = F.gelu(pre_activation) if gelu else pre_activation
+    if row_scale is not None:
+        out = out * row_scale[:, None]
     if residual is not None:
         out = out + residual
     return out, (pre_activation if gelu and save_pre_activation else x.new_empty(0))

@@ -26,15 +26,26 @@ class Attention(UsesBackend, nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(projection_dropout)
 
-    def forward(self, x, mask=None, residual=None):
-        """x (B, N, dim); mask None or (B, N) bool, True = real token (key padding, text models); residual None or
-        (B, N, dim), added after proj_drop (fused into the projection's epilogue when proj_drop is inactive)."""
+    def forward(self, x, mask=None):
+        """x (B, N, dim); mask None or (B, N) bool, True = real token (key padding, text models)."""
+        return self.project(self.attend(x, mask))
+
+    def attend(self, x, mask=None):
+        """The heads' outputs (B, N, dim) before the output projection: qkv, then attention."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=self.backend)
-        x = ops.attention(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p, mask=mask, backend=self.backend)
-        if residual is not None and not _active(self.proj_drop):
-            return ops.linear(x, self.proj.weight, self.proj.bias, residual=residual, backend=self.backend)
+        return ops.attention(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p, mask=mask,
+                             backend=self.backend)
+
+    def project(self, x, residual=None, row_scale=None):
+        """proj_drop(proj(x)) * row_scale + residual (each optional; row_scale (B, N) is the caller's stochastic
+        depth), fused into the projection's epilogue when proj_drop is inactive."""
+        if not _active(self.proj_drop):
+            return ops.linear(x, self.proj.weight, self.proj.bias, residual=residual, row_scale=row_scale,
+                              backend=self.backend)
         x = self.proj_drop(ops.linear(x, self.proj.weight, self.proj.bias, backend=self.backend))
+        if row_scale is not None:
+            x = x * row_scale.unsqueeze(-1)
         return x if residual is None else x + residual
 
 

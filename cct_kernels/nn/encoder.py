@@ -23,6 +23,15 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     return x.div(keep_prob) * mask
 
 
+def drop_path_scale(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """drop_path's factor per sample of x (B, ...), drawn as drop_path draws its mask: 0 or 1 / (1 - drop_prob),
+    shaped (B, N) for x (B, N, D), ready to be ops.linear's row_scale."""
+    keep_prob = 1 - drop_prob
+    mask = (keep_prob + torch.rand((x.shape[0],), dtype=x.dtype, device=x.device)).floor_()
+    scale = mask if keep_prob == 0.0 else mask / keep_prob
+    return scale.view(-1, *(1,) * (x.ndim - 2)).expand(x.shape[:-1])
+
+
 class DropPath(nn.Module):
     """drop_path as a module: active in training mode only. drop_prob must be in [0, 1]."""
 
@@ -37,9 +46,9 @@ class DropPath(nn.Module):
 class TransformerEncoderLayer(UsesBackend, nn.Module):
     """(B, N, d_model) -> (B, N, d_model). Sizes are ints >= 1 (d_model a multiple of nhead), rates in [0, 1].
 
-    The official function, with the four linears run by ops.linear: linear1's GELU and the two residual adds are
-    fused into their linear's epilogue (the residual ones whenever no dropout or stochastic depth runs in between:
-    eval mode, or zero rates).
+    The official function, with the four linears run by ops.linear: linear1's GELU, the two residual adds and
+    stochastic depth (as a per-sample row scale) are fused into their linear's epilogue; the residual ones stay
+    unfused only when dropout with a rate > 0 runs between the linear and the add (CCT's default rate is 0).
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, attention_dropout=0.1, drop_path_rate=0.1):
@@ -57,22 +66,29 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, src, mask=None):
-        if self._random_between_linear_and_residual():
+        if self._dropout_between_linear_and_residual(self.self_attn.proj_drop):
             src = src + self.drop_path(self.self_attn(self.pre_norm(src), mask))
         else:
-            src = self.self_attn(self.pre_norm(src), mask, residual=src)
+            heads = self.self_attn.attend(self.pre_norm(src), mask)
+            # drawn after attention's dropout, in the official order of random draws
+            src = self.self_attn.project(heads, residual=src, row_scale=self._row_scale(src))
         src = self.norm1(src)
         hidden = ops.linear(src, self.linear1.weight, self.linear1.bias, activation="gelu", backend=self.backend)
         hidden = self.dropout1(hidden)
-        if self._random_between_linear_and_residual(self.dropout2):
+        if self._dropout_between_linear_and_residual(self.dropout2):
             return src + self.drop_path(self.dropout2(self._linear2(hidden)))
-        return self._linear2(hidden, residual=src)
+        return self._linear2(hidden, residual=src, row_scale=self._row_scale(src))
 
-    def _linear2(self, hidden, residual=None):
-        return ops.linear(hidden, self.linear2.weight, self.linear2.bias, residual=residual, backend=self.backend)
+    def _linear2(self, hidden, residual=None, row_scale=None):
+        return ops.linear(hidden, self.linear2.weight, self.linear2.bias, residual=residual, row_scale=row_scale,
+                          backend=self.backend)
 
-    def _random_between_linear_and_residual(self, dropout: nn.Dropout | None = None) -> bool:
-        """Whether stochastic depth (or `dropout`) runs between a linear and its residual add in this call."""
-        if not self.training:
-            return False
-        return isinstance(self.drop_path, DropPath) or (dropout is not None and dropout.p > 0)
+    def _dropout_between_linear_and_residual(self, dropout: nn.Dropout) -> bool:
+        """Whether `dropout` runs between a linear and its residual add in this call (then nothing is fused)."""
+        return self.training and dropout.p > 0
+
+    def _row_scale(self, src):
+        """Stochastic depth as the residual linear's row_scale (None when inactive: eval mode or rate 0)."""
+        if not self.training or not isinstance(self.drop_path, DropPath):
+            return None
+        return drop_path_scale(src, self.drop_path.drop_prob)

@@ -1,29 +1,31 @@
 """A linear layer with its epilogue fused: the encoder block's four linears and what follows each of them.
 
-    linear(x, weight, bias, activation, residual) = activation(x @ weight.T + bias) + residual
+    linear(x, weight, bias, activation, residual, row_scale) = activation(x @ weight.T + bias) * row_scale + residual
 
 The block uses it as qkv (no bias), proj (+ residual stream), linear1 (+ GELU) and linear2 (+ residual stream), so
-the GELU and the residual adds never make a pass of their own over memory. In training, dropout and stochastic
-depth (when their rates are > 0) still run as separate modules between the linear and the residual add.
+the GELU and the residual adds never make a pass of their own over memory. In training, stochastic depth is the
+row_scale (one factor per row: 0 or 1 / keep_prob per sample); dropout with a rate > 0 between a linear and its
+residual add still runs as a separate module (CCT's default rate is 0).
 
-Shapes: x (..., K), weight (N, K), bias (N,) or None, residual (..., N) or None -> (..., N). Dtypes: float32,
-float16, bfloat16, all tensors the same. activation: "none" or "gelu" (exact erf GELU, F.gelu's default).
+Shapes: x (..., K), weight (N, K), bias (N,) or None, residual (..., N) or None, row_scale (...) or None (not
+differentiated: a constant such as a drop mask) -> (..., N). Dtypes: float32, float16, bfloat16, all tensors the same. activation: "none" or "gelu" (exact erf GELU, F.gelu's default).
 Any M = prod(x.shape[:-1]) >= 0, K >= 1, N >= 1.
 
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends); x and
 residual arrive flattened to 2-D, every tensor contiguous:
-    forward(x (M, K), weight, bias, residual (M, N) | None, activation, save_pre_activation)
+    forward(x (M, K), weight, bias, residual (M, N) | None, activation, save_pre_activation, row_scale (M,) | None)
         -> (out (M, N), pre_activation: x @ weight.T + bias (M, N) when activation is "gelu" and
             save_pre_activation, else an empty (0,) tensor; the backward's GELU derivative reads it)
     backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation)
         -> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or an empty (0,) tensor without bias)
     unsupported(x, weight, bias, residual, activation, *, backend) -> why a kernel cannot serve the call, or None
-The residual's gradient is grad_out itself, passed through by autograd with no kernel.
+The residual's gradient is grad_out itself, passed through by autograd with no kernel; with a row_scale, the backward
+kernel gets grad_out * row_scale.
 
 Errors (from linear's own checks, before any kernel runs):
     TypeError   x, weight, bias or residual not a floating-point torch.Tensor, or dtypes that differ.
     ValueError  x of rank 0; weight not 2-D or K = 0; x's last dim not weight's K; bias not (N,); residual not
-                x.shape[:-1] + (N,); tensors on different devices; activation not "none"/"gelu"; an unknown
+                x.shape[:-1] + (N,); row_scale not x.shape[:-1]; tensors on different devices; activation not "none"/"gelu"; an unknown
                 backend name.
     BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
     RuntimeError  double backward through a kernel backend (use backend="eager" for that).
@@ -46,16 +48,17 @@ def _pre_activation_shape(x, weight, activation, save_pre_activation):
 
 def _run_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    activation: str, save_pre_activation: bool, backend: str,
+    activation: str, save_pre_activation: bool, backend: str, row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return run_kernel(backend, OP, "forward", x.device, x, weight, bias, residual, activation, save_pre_activation)
+    return run_kernel(backend, OP, "forward", x.device, x, weight, bias, residual, activation, save_pre_activation,
+                      row_scale)
 
 
 _forward = torch.library.custom_op("cct_kernels::linear_forward", _run_forward, mutates_args=())
 
 
 @_forward.register_fake
-def _(x, weight, bias, residual, activation, save_pre_activation, backend):
+def _(x, weight, bias, residual, activation, save_pre_activation, backend, row_scale=None):
     pre_activation = x.new_empty(_pre_activation_shape(x, weight, activation, save_pre_activation))
     return x.new_empty(x.shape[0], weight.shape[0]), pre_activation
 
@@ -74,21 +77,22 @@ def _(grad_out, x, weight, has_bias, pre_activation, activation, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation, save_pre_activation, backend = inputs
-    ctx.save_for_backward(x, weight, output[1])
+    x, weight, bias, residual, activation, save_pre_activation, backend, row_scale = inputs
+    ctx.save_for_backward(x, weight, output[1], row_scale)
     ctx.args = (bias is not None, residual is not None, activation, backend)
 
 
 def _autograd_backward(ctx, grad_out, _grad_pre_activation):
-    x, weight, pre_activation = ctx.saved_tensors
+    x, weight, pre_activation, row_scale = ctx.saved_tensors
     has_bias, has_residual, activation, backend = ctx.args
     grad_out = grad_out.contiguous()
     if activation == "gelu" and pre_activation.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("linear_forward ran with save_pre_activation=False, so the GELU's input was not kept for "
                            "the backward; pass True when a gradient is needed (ops.linear does)")
-    grad_x, grad_weight, grad_bias = _backward(grad_out, x, weight, has_bias, pre_activation, activation, backend)
+    grad_linear = grad_out if row_scale is None else grad_out * row_scale[:, None]
+    grad_x, grad_weight, grad_bias = _backward(grad_linear, x, weight, has_bias, pre_activation, activation, backend)
     return (grad_x, grad_weight, grad_bias if has_bias else None, grad_out if has_residual else None,
-            None, None, None)
+            None, None, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -97,13 +101,14 @@ forbid_double_backward(_backward, OP)
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none",
-    residual: torch.Tensor | None = None, backend: str | None = None,
+    residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, backend: str | None = None,
 ) -> torch.Tensor:
-    """activation(x @ weight.T + bias) + residual; see the module docstring for shapes, dtypes and limits."""
+    """activation(x @ weight.T + bias) * row_scale + residual; see the module docstring for shapes, dtypes and
+    limits."""
     check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., K), got a 0-dimensional tensor")
-    x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
+    x, weight, bias, residual, row_scale = autocast_inputs(x, weight, bias, residual, row_scale)
     check_tensor("weight", weight, ndim=2, like=x)
     out_features, in_features = weight.shape
     if in_features == 0 or out_features == 0:
@@ -118,17 +123,22 @@ def linear(
     if residual is not None:
         check_tensor("residual", residual, like=x)
         check_shape("residual", residual, out_shape)
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, like=x)
+        check_shape("row_scale", row_scale, x.shape[:-1])
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     x2 = x.reshape(-1, in_features).contiguous()
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     residual2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
+    scale2 = None if row_scale is None else row_scale.detach().reshape(-1).contiguous()
     name = backends.select(OP, backend, x.device, x2, weight, bias, residual2, activation)
     if name == "eager":
-        return reference.linear(x, weight, bias, activation=activation, residual=residual)
+        return reference.linear(x, weight, bias, activation=activation, residual=residual,
+                                row_scale=None if row_scale is None else row_scale.detach())
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     forward = _run_forward if runs_directly(x2, weight, bias, residual2) else _forward
-    out = forward(x2, weight, bias, residual2, activation, needs_grad, name)[0]
+    out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2)[0]
     return out.view(out_shape)

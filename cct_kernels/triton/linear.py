@@ -1,8 +1,9 @@
-"""Linear + fused epilogue in Triton: out = activation(x @ weight.T + bias) + residual, forward and backward.
+"""Linear + fused epilogue in Triton: out = activation(x @ weight.T + bias) * row_scale + residual, forward and backward.
 
 Kernel-module interface of cct_kernels.backends for the op cct_kernels.ops.linear (see ops/linear.py):
     unsupported(x, weight, bias, residual, activation, *, backend) -> str | None
-    forward(x (M, K), weight (N, K), bias (N,) | None, residual (M, N) | None, activation, save_pre_activation)
+    forward(x (M, K), weight (N, K), bias (N,) | None, residual (M, N) | None, activation, save_pre_activation,
+            row_scale (M,) | None)
         -> (out (M, N), pre_activation h = x @ weight.T + bias (M, N) if activation == "gelu" and
             save_pre_activation, else an empty (0,) tensor)
     backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation)
@@ -150,9 +151,10 @@ def _grad_h(g_ptr, h_ptr, offs, mask, EVEN: tl.constexpr, GELU: tl.constexpr, UP
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, h_ptr, M, N, K,
+    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
+    GELU: tl.constexpr,
     SAVE_H: tl.constexpr, EXACT_ERF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: the (BLOCK_M, BLOCK_N) tile of out (and of h when SAVE_H)."""
@@ -181,6 +183,8 @@ def _forward_kernel(
         tl.store(h_ptr + offs, acc.to(h_ptr.dtype.element_ty), mask=mask)
     if GELU:
         acc = _gelu(acc, EXACT_ERF)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rows, mask=rows < M, other=0.0).to(tl.float32)[:, None]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -330,7 +334,7 @@ def _empty(*shape, device, dtype):
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
-def forward(x, weight, bias, residual, activation, save_pre_activation):
+def forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None):
     """-> (out (M, N), pre_activation (M, N) if activation == "gelu" and save_pre_activation else empty (0,));
     both in x.dtype."""
     M, K = x.shape
@@ -343,10 +347,11 @@ def forward(x, weight, bias, residual, activation, save_pre_activation):
         return out, pre_activation
     block_m, block_n, block_k, num_warps, num_stages = _config("forward", x.dtype, M, N, K)
     _forward_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
-        x, weight, x if bias is None else bias, out if residual is None else residual, out,
-        pre_activation if save else out, M, N, K,
+        x, weight, x if bias is None else bias, out if residual is None else residual,
+        out if row_scale is None else row_scale, out, pre_activation if save else out, M, N, K,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GELU=gelu, SAVE_H=save,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_SCALE=row_scale is not None,
+        GELU=gelu, SAVE_H=save,
         EXACT_ERF=x.dtype == torch.float32, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -46,12 +46,13 @@ std::tuple<at::Tensor, at::Tensor> text_tokenize_backward_cpu(const at::Tensor& 
                                                               int64_t pool_stride, int64_t pool_padding,
                                                               bool needs_input_grad);
 
-// x (M, K), weight (N, K), bias (N,) or none, residual (M, N) or none -> (out (M, N), h (M, N) when gelu and
-// save_pre_activation, else empty). See cct_kernels/ops/linear.py.
+// x (M, K), weight (N, K), bias (N,), residual (M, N), row_scale (M,) (each optional) -> (out (M, N), h (M, N)
+// when gelu and save_pre_activation, else empty). See cct_kernels/ops/linear.py.
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                       const c10::optional<at::Tensor>& bias,
                                                       const c10::optional<at::Tensor>& residual, bool gelu,
-                                                      bool save_pre_activation);
+                                                      bool save_pre_activation,
+                                                      const c10::optional<at::Tensor>& row_scale);
 
 // Whether the CPU GEMMs use torch's BLAS (sgemm_) rather than the plain-loop fallback.
 bool cpu_has_blas();

@@ -1,4 +1,4 @@
-// Linear with its epilogue on CPU: out = act(x W^T + b) + residual, x (M, K), W (N, K), float32/float16/bfloat16
+// Linear with its epilogue on CPU: out = act(x W^T + b) * row_scale + residual, x (M, K), W (N, K), float32/float16/bfloat16
 // (computed in float32). Rows are cut into blocks; per block one thread runs the GEMM on torch's BLAS (sgemm_, on
 // the calling thread inside the parallel region) into a float32 tile, then applies the epilogue (bias, exact GELU,
 // residual, the cast) to that tile while it is still in L2. So no pass over the output follows the GEMM, and in
@@ -29,7 +29,8 @@ inline float erf_approx(float x) {
 // One output row: a = x W^T (float32, in L1), then bias, h, GELU, residual, the cast, each a vectorised loop over
 // the row (one loop with all the optional steps inside does not vectorise).
 template <typename T>
-void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, int64_t row, int64_t N, bool gelu) {
+void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, const T* row_scale, int64_t row,
+                  int64_t N, bool gelu) {
   if (bias) {
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) a[c] += to_f(bias[c]);
@@ -44,10 +45,14 @@ void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, in
     for (int64_t c = 0; c < N; ++c) a[c] = 0.5f * a[c] * (1.f + erf_approx(a[c] * 0.70710678118654752f));
   }
   T* o = out + row * N;
+  const float scale = row_scale ? to_f(row_scale[row]) : 1.f;
   if (residual) {
     const T* res = residual + row * N;
 #pragma omp simd
-    for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c] + to_f(res[c]));
+    for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c] * scale + to_f(res[c]));
+  } else if (row_scale) {
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c] * scale);
   } else if (!std::is_same_v<T, float>) {
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c]);
@@ -63,8 +68,8 @@ int64_t rows_per_block(int64_t M, int64_t N) {
 }
 
 template <typename T>
-void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, T* out, T* pre, int64_t M, int64_t N,
-                   int64_t K, bool gelu) {
+void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, const T* row_scale, T* out, T* pre,
+                   int64_t M, int64_t N, int64_t K, bool gelu) {
   constexpr bool f32 = std::is_same_v<T, float>;
   std::vector<float> w32;  // 16-bit weights are widened once for all blocks
   const float* wf;
@@ -93,7 +98,7 @@ void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, T* 
         acc = tile.data();
       }
       gemm_rm(false, true, (int)m, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
-      for (int64_t r = 0; r < m; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, r0 + r, N, gelu);
+      for (int64_t r = 0; r < m; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r0 + r, N, gelu);
     }
   });
 }
@@ -103,15 +108,17 @@ void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, T* 
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                       const c10::optional<at::Tensor>& bias,
                                                       const c10::optional<at::Tensor>& residual, bool gelu,
-                                                      bool save_pre_activation) {
+                                                      bool save_pre_activation,
+                                                      const c10::optional<at::Tensor>& row_scale) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "linear_forward: x (M, K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "linear_forward: x and weight must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  for (const auto* t : {&bias, &residual}) {
+  for (const auto* t : {&bias, &residual, &row_scale}) {
     TORCH_CHECK(!t->has_value() || ((*t)->is_contiguous() && (*t)->scalar_type() == x.scalar_type()),
-                "linear_forward: bias and residual must be contiguous and of x's dtype");
+                "linear_forward: bias, residual and row_scale must be contiguous and of x's dtype");
   }
+  TORCH_CHECK(!row_scale.has_value() || row_scale->numel() == M, "linear_forward: row_scale must hold M values");
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "linear_forward: bias must hold N = ", N, " values");
   TORCH_CHECK(!residual.has_value() || residual->sizes() == at::IntArrayRef({M, N}),
               "linear_forward: residual must be (M, N)");
@@ -122,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   CCT_DISPATCH(x.scalar_type(), "linear_forward_cpu", [&] {
     linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                             bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
-                            residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                            residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
+                            row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                             keep ? pre.data_ptr<scalar_t>() : nullptr, M, N, K, gelu);
   });
   return {out, pre};
