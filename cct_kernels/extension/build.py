@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 LIBRARY_NAME = "cct_kernels_C"  # the first-use build's file name; the ops live in torch.ops.cct_kernels_C either way
-MIN_CUDA_ARCH = (8, 0)  # csrc/cuda/attention.cu streams tiles with cp.async (sm_80+)
+MIN_CUDA_ARCH = (8, 0)  # csrc/cuda/attention_*.cu stream tiles with cp.async (sm_80+)
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100 and H100/H200 natively; PTX for later GPUs to JIT
 _NAMED_ARCHS = {"kepler": "3.5", "maxwell": "5.0", "pascal": "6.0", "volta": "7.0", "turing": "7.5",
                 "ampere": "8.0", "ada": "8.9", "hopper": "9.0"}
