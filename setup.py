@@ -153,7 +153,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "ninja"],  # ninja: the first-use build
     extras_require={
         "triton": ["triton>=3.0"],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        "bench": ["matplotlib", "pytest-benchmark", "onnx", "onnxruntime"],
         # vit-pytorch too, but with --no-deps (its dependencies pull torchvision): see scripts/bootstrap.sh
         "test": ["pytest", "pytest-benchmark", "hypothesis", "einops"],
     },

@@ -5,7 +5,8 @@ seq_len 64 with sentence lengths uniform in [8, 64], profiling.make_inputs). Thr
 32x32, 64 at 224x224 (8 at 224x224 in quick mode, the default without a GPU: see peaks.quick_mode).
 Backends: profiling.speed_backends: eager, compile (torch.compile of the eager model), each kernel backend that can
 run on this device (never the Triton interpreter on CPU), auto (only when some kernel backend can run: otherwise it
-is eager), compile:auto (torch.compile over our ops) and on CUDA graphs:auto (inference only). All
+is eager), compile:auto (torch.compile over our ops), on CUDA graphs:auto and on CPU onnxruntime where installed
+(inference only). All
 share weights (same seed) and images. A training step is forward, cross-entropy, backward and an AdamW update
 (cct_kernels.profiling.make_step).
 
@@ -45,7 +46,7 @@ CASES = [
     for case, batch in (("throughput", _throughput_batch(model)), ("latency", 1))
     for mode in profiling.MODES
     for backend in BACKENDS
-    if not (mode == "train" and backend.startswith(profiling.GRAPHS))  # a CUDA graph of inference only
+    if profiling.runs_mode(backend, mode)
 ]
 _FLOPS = {}
 

@@ -29,7 +29,7 @@ from cct_kernels.models import MODELS, TEXT_MODELS, list_models
 from cct_kernels.train import TrainConfig, train
 
 DEFAULT_OUT = "cct_bench_results"
-SPEED_BACKENDS = ("eager", profiling.COMPILE, *backends.KERNEL_BACKENDS, "auto",
+SPEED_BACKENDS = ("eager", profiling.COMPILE, *backends.KERNEL_BACKENDS, "auto", profiling.ONNXRUNTIME,
                   *(prefix + b for prefix in (profiling.COMPILE_OURS, profiling.GRAPHS)
                     for b in (*backends.KERNEL_BACKENDS, "auto")))
 
@@ -267,8 +267,9 @@ def _common_arguments(parser: argparse.ArgumentParser, default_mode: str | None)
     parser.add_argument("--backends", type=backend_list, metavar="LIST",
                         help=f"comma-separated, from {', '.join(SPEED_BACKENDS)} (compile: torch.compile of "
                              "eager; compile:B: torch.compile over our ops with backend B; graphs:B: inference replayed "
-                             "from a CUDA graph; default: eager, compile, each kernel backend that can run on the "
-                             "device, auto, compile:auto, and on CUDA graphs:auto)")
+                             "from a CUDA graph; onnxruntime: the eager model exported to ONNX Runtime (CPU, where installed); "
+                             "default: eager, compile, each kernel backend that can run on the device, auto, "
+                             "compile:auto, on CUDA graphs:auto, on CPU onnxruntime where installed)")
     parser.add_argument("--device", type=device_argument, help="cpu, cuda or cuda:N (default cuda when available)")
     parser.add_argument("--warmup", type=int_at_least(0), metavar="N",
                         help="untimed steps per backend before timing (the first includes compiling)")

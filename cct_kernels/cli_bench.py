@@ -129,8 +129,8 @@ def _warm_up(prepared: dict, mode: str, device, warmup: int) -> tuple[dict, dict
     """(steps, one call's time per step, warm-up seconds per step, errors of steps that failed to warm up)."""
     steps, estimates, warmup_s, errors = {}, {}, {}, {}
     for name, p in prepared.items():
-        if mode == "train" and name.startswith(profiling.GRAPHS):
-            continue  # a CUDA graph of the inference forward: no training row
+        if not profiling.runs_mode(name, mode):
+            continue
         try:
             step = profiling.make_step(p["model"], mode, p["inputs"], p["labels"])
             # The first inference call already warmed (and for "compile" compiled) the inference step.
@@ -163,6 +163,8 @@ def run_bench(model_name, device, dtype, batch, names, modes, *, warmup, rounds,
             steps, device, estimates_s=estimates, rounds=rounds, min_time=min_time, on_round=bar.update)
         bar.close()
         for name in names:
+            if not profiling.runs_mode(name, mode):
+                continue
             p = prepared.get(name, {})
             result = {"backend": name, "mode": mode, "batch": batch, "max_abs_diff": p.get("diff"),
                       "first_call_s": p.get("first_s"), "error": setup_errors.get(name) or errors.get(name)}

@@ -3,7 +3,8 @@
 A "speed backend" is what a benchmark compares: "eager" (the reference), "compile" (torch.compile of the eager
 model, the bar a kernel library has to beat), each kernel backend ("triton", "cuda", "cpu"), "auto", and
 "compile:<backend>" (torch.compile over a model that runs our ops with that backend, e.g. "compile:auto"), and on
-CUDA "graphs:<backend>" (inference captured once in a CUDA graph and replayed: no launch overhead at all).
+CUDA "graphs:<backend>" (inference captured once in a CUDA graph and replayed: no launch overhead at all), and on CPU
+"onnxruntime" (the eager model exported to ONNX and run by ONNX Runtime, where onnxruntime is installed).
 Every model is built from the same seed, so all backends run the same weights on the same images.
 
     step = make_step(build_model("cct_7_3x1_32", "auto", device, dtype), "train", *make_inputs(...))
@@ -12,11 +13,13 @@ Every model is built from the same seed, so all backends run the same weights on
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -33,6 +36,13 @@ DEFAULT_MODEL = "cct_7_3x1_32"
 COMPILE = "compile"
 COMPILE_OURS = "compile:"  # prefix: "compile:auto" is torch.compile over the model with backend "auto"
 GRAPHS = "graphs:"  # prefix: "graphs:auto" replays the model's inference forward from a CUDA graph
+ONNXRUNTIME = "onnxruntime"
+INFERENCE_ONLY = (GRAPHS, ONNXRUNTIME)  # speed backends (prefixes) without a training step
+
+
+def runs_mode(name: str, mode: str) -> bool:
+    """Whether speed backend `name` has a `mode` step (CUDA graphs and ONNX Runtime rows are inference only)."""
+    return mode != "train" or not name.startswith(INFERENCE_ONLY)
 MODES = ("inference", "train")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -85,6 +95,11 @@ def backend_reason(name: str, device: torch.device) -> str | None:
         if inner not in backends.BACKENDS or inner == "eager":
             return f"unknown backend {name!r}: compile: takes {', '.join(b for b in backends.BACKENDS if b != 'eager')}"
         return compile_reason(device) or backend_reason(inner, device)
+    if name == ONNXRUNTIME:
+        if device.type != "cpu":
+            return "the onnxruntime row runs ONNX Runtime's CPU provider"
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        return f"{' and '.join(missing)} not installed" if missing else None
     if name.startswith(GRAPHS):
         inner = name[len(GRAPHS):]
         if inner not in backends.BACKENDS:
@@ -101,9 +116,10 @@ def backend_reason(name: str, device: torch.device) -> str | None:
 
 
 def speed_backends(device: torch.device) -> list[str]:
-    """eager, compile, each kernel backend that can run on `device`, auto, compile:auto, and on CUDA graphs:auto (the
-    default comparison)."""
-    names = ["eager", COMPILE] + list(backends.KERNEL_BACKENDS) + ["auto", COMPILE_OURS + "auto", GRAPHS + "auto"]
+    """eager, compile, each kernel backend that can run on `device`, auto, compile:auto, on CUDA graphs:auto, and on
+    CPU onnxruntime where it is installed (the default comparison)."""
+    names = (["eager", COMPILE] + list(backends.KERNEL_BACKENDS)
+             + ["auto", COMPILE_OURS + "auto", GRAPHS + "auto", ONNXRUNTIME])
     return [n for n in names if backend_reason(n, device) is None]
 
 
@@ -117,10 +133,13 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
     """
     torch.manual_seed(seed)
     compiled = backend == COMPILE or backend.startswith(COMPILE_OURS)
-    ops_backend = "eager" if backend == COMPILE else backend.removeprefix(COMPILE_OURS).removeprefix(GRAPHS)
+    ops_backend = ("eager" if backend in (COMPILE, ONNXRUNTIME)
+                   else backend.removeprefix(COMPILE_OURS).removeprefix(GRAPHS))
     model = create_model(name, backend=ops_backend).to(device=device, dtype=dtype)
     if backend.startswith(GRAPHS):
         return GraphedInference(model)
+    if backend == ONNXRUNTIME:
+        return OnnxRuntimeInference(model)
     if compiled:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 64)
@@ -159,6 +178,35 @@ class GraphedInference(nn.Module):
         return self._output
 
 
+class OnnxRuntimeInference(nn.Module):
+    """`model` (eager backend) exported to ONNX at the first call (TorchScript exporter, opset 17, batch dimension
+    dynamic) and run by ONNX Runtime's CPU provider on torch's thread count: what a CPU user deploys instead.
+    Inference only (training raises ValueError)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._session = None
+
+    def forward(self, *inputs):
+        import onnxruntime
+
+        if self.training:
+            raise ValueError("onnxruntime runs inference only")
+        names = [f"input{i}" for i in range(len(inputs))]
+        if self._session is None:
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "model.onnx")
+                torch.onnx.export(self.model.eval(), inputs, path, dynamo=False, opset_version=17,
+                                  input_names=names, output_names=["logits"],
+                                  dynamic_axes={name: {0: "batch"} for name in [*names, "logits"]})
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = torch.get_num_threads()
+                self._session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feeds = {name: x.detach().cpu().numpy() for name, x in zip(names, inputs)}
+        return torch.from_numpy(self._session.run(None, feeds)[0])
+
+
 def make_inputs(model: nn.Module, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 1):
     """(inputs, labels) for `model`: its forward's arguments and random class labels.
 
@@ -166,6 +214,8 @@ def make_inputs(model: nn.Module, batch: int, device: torch.device, dtype: torch
     [min(8, seq_len), seq_len], a realistic mix of sentence lengths padded to seq_len.
     """
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(model, (GraphedInference, OnnxRuntimeInference)):
+        model = model.model
     if hasattr(model, "seq_len"):  # a text model: token ids and how many of them are real
         vocab = model.embedder.embeddings.num_embeddings
         ids = torch.randint(0, vocab, (batch, model.seq_len), generator=generator)

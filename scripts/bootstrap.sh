@@ -40,7 +40,8 @@ missing=()
 "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
   || "$PY" -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" \
      2>/dev/null || missing+=("numpy<2.4")
-for spec in pytest pytest-benchmark hypothesis ninja pybind11 tqdm matplotlib einops; do
+# onnx + onnxruntime: the ONNX Runtime row of the model benchmarks (what a CPU user deploys instead of us).
+for spec in pytest pytest-benchmark hypothesis ninja pybind11 tqdm matplotlib einops onnx onnxruntime; do
   module=${spec//-/_}
   "$PY" -c "import $module" 2>/dev/null || missing+=("$spec")
 done

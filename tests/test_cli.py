@@ -52,11 +52,23 @@ def test_default_backends_never_time_the_triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cpu = torch.device("cpu")
     names = profiling.speed_backends(cpu)
-    assert names[:2] == ["eager", "compile"] and names[-2:] == ["auto", "compile:auto"]
+    assert names[:2] == ["eager", "compile"] and names[names.index("auto") + 1] == "compile:auto"
+    assert ("onnxruntime" in names) == (profiling.backend_reason("onnxruntime", cpu) is None)
     assert "triton" not in names
     assert "interpreter" in profiling.backend_reason("compile:triton", cpu)
     assert profiling.backend_reason("graphs:auto", cpu) == "CUDA graphs need a CUDA device"
     assert "interpreter" in profiling.backend_reason("triton", cpu)
+
+
+def test_bench_onnxruntime_row_runs_the_exported_eager_model(tmp_path, capsys):
+    """The ONNX Runtime row (installed by scripts/bootstrap.sh): the eager model exported once, same logits; no
+    training row (inference only)."""
+    argv = ["bench", *TINY, "--mode", "both", "--backends", "eager,onnxruntime", "--rounds", "2", "--warmup", "1",
+            "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = {(r["backend"], r["mode"]): r for r in json.loads(next(tmp_path.glob("*.json")).read_text())["results"]}
+    assert ("onnxruntime", "train") not in rows
+    assert rows["onnxruntime", "inference"]["error"] is None and rows["onnxruntime", "inference"]["max_abs_diff"] < 1e-4
 
 
 def test_bench_writes_json_and_png_and_fails_when_a_row_failed(tmp_path, capsys):
