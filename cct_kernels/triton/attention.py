@@ -296,4 +296,8 @@ SM90_CHECKS = [
     _sm90_check(torch.bfloat16, head_dim, dropout, backward_pass, N=N, padded=True)
     for head_dim, N, dropout in ((64, 256, False), (64, 256, True), (75, 65, False), (75, 65, True))
     for backward_pass in (False, True)
-] + [_sm90_check(torch.float32, 75, True, backward_pass, N=65, padded=True) for backward_pass in (False, True)]
+] + [
+    _sm90_check(torch.float32, 75, dropout, backward_pass, N=65, padded=True)
+    for dropout in (False, True)
+    for backward_pass in (False, True)
+]
