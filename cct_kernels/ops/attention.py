@@ -7,9 +7,10 @@ permute copies are needed. Dtypes: float32, float16, bfloat16 (kernels accumulat
 d**-0.5. dropout_p in [0, 1) drops attention probabilities (the official attn_drop); pass it only in training.
 mask: key padding for text models, a (B, N) bool tensor (True = real token) or (B,) integer lengths (the first
 lengths[b] tokens are real). Every query attends to real keys only (padded query rows get values too, from the
-real keys); a sequence with no real token gives zeros. The kernels take lengths (the cpu and triton backends
-serve them, triton up to its head dim 128 and skipping the key blocks of padding; cuda declines for now, and auto
-then runs eager); a bool mask that is not a prefix of each sequence runs on eager only.
+real keys); a sequence with no real token gives zeros. The kernels take lengths (every kernel backend serves them
+within its own limits - triton head dims up to 128, cuda float16/bfloat16 at head dim 64 - skipping the key
+blocks of padding); a bool mask that is not a prefix of each sequence runs on eager only, and under torch.compile
+or a CUDA graph capture a bool mask is served as given by eager (pass lengths there).
 
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends):
     forward(qkv, num_heads, scale, dropout_p, seed, lengths) -> (out (B, N, H*d) qkv.dtype, lse (B, H, N) float32)

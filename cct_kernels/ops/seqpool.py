@@ -5,9 +5,9 @@
 Shapes: x (B, N, D), weight (1, D), bias (1,) -> (B, D). Dtypes: float32, float16, bfloat16 (all three tensors the
 same dtype; kernels accumulate in float32). Any B >= 0, N >= 1, D >= 1.
 mask: for text models, a (B, N) bool tensor (True = real token) or (B,) integer lengths; the softmax runs over
-real tokens only, and a sequence with none gives zeros. The kernels take lengths (the cpu and triton backends
-serve them; cuda declines for now, and auto then runs eager); a bool mask that is not a prefix of each sequence
-runs on eager only.
+real tokens only, and a sequence with none gives zeros. The kernels take lengths (every kernel backend serves
+them, reading real tokens only); a bool mask that is not a prefix of each sequence runs on eager only, and under
+torch.compile or a CUDA graph capture a bool mask is served as given by eager (pass lengths there).
 
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends):
     forward(x, weight, bias, lengths) -> (out (B, D) x.dtype, lse (B,) float32: logsumexp over n of the scores)
