@@ -14,6 +14,7 @@ import torch
 
 from cct_kernels import backends, ops, reference
 from cct_kernels.triton import attention as tri
+from cct_kernels.triton._common import dot_precision, tf32_matmul
 from cct_kernels.triton.attention_dropout import unpack
 
 attention_op = importlib.import_module("cct_kernels.ops.attention")  # ops.attention is the function
@@ -336,15 +337,12 @@ def test_torch_compile_fullgraph_with_backward(device):
 
 
 def test_float32_precision_follows_torch_tf32_flag():
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert tri._precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert tri._precision(torch.float32) == "tf32"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
-    assert tri._precision(torch.bfloat16) == "tf32"  # 16-bit inputs: tensor cores whatever the flag
+    """Every Triton matmul (attention, linear) picks its precision per call through _common.dot_precision."""
+    with tf32_matmul(False):
+        assert dot_precision(torch.float32) == "ieee"
+    with tf32_matmul(True):
+        assert dot_precision(torch.float32) == "tf32"
+    assert dot_precision(torch.bfloat16) == "tf32"  # 16-bit inputs: tensor cores whatever the flag
 
 
 def test_query_block_fits_short_sequences():

@@ -105,18 +105,6 @@ def test_gelu_derivative_is_within_its_stated_error(device):
     assert (grad_x.double().flatten().cpu() - exact).abs().max().item() <= 3.5e-7
 
 
-def test_float32_precision_follows_allow_tf32_per_call():
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert triton_linear._precision(torch.float32) == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert triton_linear._precision(torch.float32) == "ieee"
-        assert triton_linear._precision(torch.bfloat16) == "tf32"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
-
-
 def test_split_covers_m_in_whole_blocks():
     """grad_W's chunks: multiples of the row block, covering M, about filling the device, never above 2**31."""
     for M, block_m, tiles, NK in [(16384, 64, 8, 512 * 256), (111, 16, 1, 40 * 48), (10**6, 64, 1, 2**30)]:

@@ -43,11 +43,11 @@ since the interpreter computes bfloat16 arithmetic wrongly.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 
+from cct_kernels.triton._common import dot_precision, tf32_matmul, upcast_bfloat16
 from cct_kernels.triton.attention_backward import _attn_bwd_dkdv, _attn_bwd_dq
 from cct_kernels.triton.attention_dropout import (  # noqa: F401 (dropout_mask, dropout_threshold: interface)
     SPAN, _dropout_bits, _no_bits, dropout_mask, dropout_threshold,
@@ -125,10 +125,6 @@ def _config(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool, N: int,
     return cut_m, cut_n, num_warps, num_stages
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision: float32 inputs follow torch.backends.cuda.matmul.allow_tf32 (TF32 tensor cores when
-    allowed, exact 'ieee' FMA products otherwise); 16-bit inputs always use tensor cores."""
-    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,9 +152,6 @@ def unsupported(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: floa
     return None
 
 
-def _upcast(t: torch.Tensor) -> bool:
-    # The interpreter computes bfloat16 arithmetic wrongly; compute in float32 there.
-    return t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _aligned(*tensors: torch.Tensor, head_dim: int) -> bool:
@@ -194,8 +187,8 @@ def forward(qkv, num_heads, scale, dropout_p, seed, lengths=None, *, out=None, l
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         N, H, scale * LOG2E, 1.0 / (1.0 - dropout_p),
         D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0,
-        HAS_LENGTHS=lengths is not None, UPCAST=_upcast(qkv), ALIGNED=aligned,
-        PRECISION=_precision(qkv.dtype), num_warps=num_warps, num_stages=num_stages,
+        HAS_LENGTHS=lengths is not None, UPCAST=upcast_bfloat16(qkv.dtype), ALIGNED=aligned,
+        PRECISION=dot_precision(qkv.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 
@@ -215,7 +208,7 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
     bits, bits_t = _dropout_bits(seed, B, H, N, dropout_p, qkv.device, key_major=True)  # redrawn, see above
     aligned = _aligned(qkv, out, grad_out, grad_qkv, head_dim=D)
     common = dict(D=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0, HAS_LENGTHS=lengths is not None,
-                  UPCAST=_upcast(qkv), ALIGNED=aligned, PRECISION=_precision(qkv.dtype))
+                  UPCAST=upcast_bfloat16(qkv.dtype), ALIGNED=aligned, PRECISION=dot_precision(qkv.dtype))
     lengths_arg = _lengths_arg(lengths, qkv.device)
     keep_scale = 1.0 / (1.0 - dropout_p)
 
@@ -249,12 +242,8 @@ def _sm90_check(dtype: torch.dtype, head_dim: int, dropout: bool, backward_pass:
     p = 0.1 if dropout else 0.0
 
     def launch():
-        allowed = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
+        with tf32_matmul(tf32):
             run()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allowed
 
     def run():
         qkv = torch.empty(B, N, 3 * H * head_dim, dtype=dtype, device="meta")

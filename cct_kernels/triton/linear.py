@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cct_kernels.triton._common import dot_precision, tf32_matmul, upcast_bfloat16
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_M = 8  # row blocks per group of the swizzled program order
 META_SM_COUNT = 132  # H100 SXM / H200: what the sm_90 static check (meta tensors) plans for
@@ -298,14 +300,8 @@ def _config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tu
     return block_r, block_c, block_red, num_warps, num_stages
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision: float32 follows torch.backends.cuda.matmul.allow_tf32 ('tf32' when allowed, exact 'ieee'
-    products otherwise); 16-bit inputs always use tensor cores."""
-    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
@@ -352,7 +348,7 @@ def forward(x, weight, bias, residual, activation, save_pre_activation, row_scal
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_SCALE=row_scale is not None,
         GELU=gelu, SAVE_H=save,
-        EXACT_ERF=x.dtype == torch.float32, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        EXACT_ERF=x.dtype == torch.float32, UPCAST=upcast_bfloat16(x.dtype), PRECISION=dot_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, pre_activation
@@ -370,7 +366,7 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, *, min_c
     if M == 0:
         return grad_x, torch.zeros_like(weight), weight.new_zeros(N if has_bias else 0)
     h = pre_activation if gelu else grad_out  # grad_out: a placeholder the kernels never read
-    common = dict(GELU=gelu, UPCAST=_upcast(dtype), PRECISION=_precision(dtype))
+    common = dict(GELU=gelu, UPCAST=upcast_bfloat16(dtype), PRECISION=dot_precision(dtype))
 
     block_m, block_k, block_n, num_warps, num_stages = _config("grad_x", dtype, M, K, N)
     _grad_x_kernel[(triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)](
@@ -403,12 +399,8 @@ def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True
     """forward() (or backward()) on meta tensors: sm90.py (or tests) compile the kernels they launch."""
 
     def launch():
-        allowed = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
+        with tf32_matmul(tf32):
             run()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allowed
 
     def run():
         def meta(*shape):

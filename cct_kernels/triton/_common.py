@@ -1,0 +1,29 @@
+"""Launcher helpers shared by the Triton op modules."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: float32 inputs follow torch.backends.cuda.matmul.allow_tf32, read at each call (TF32 tensor
+    cores when allowed, exact 'ieee' FMA products otherwise); 16-bit inputs always use tensor cores."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def upcast_bfloat16(dtype: torch.dtype) -> bool:
+    """Whether kernels must widen loaded bfloat16 to float32: the interpreter computes bfloat16 arithmetic wrongly."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool):
+    """torch.backends.cuda.matmul.allow_tf32 = enabled inside the block (the sm_90 checks compile both settings)."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
