@@ -1,9 +1,8 @@
 """Linear + epilogue kernels of the "cpu" and "cuda" backends. Interface: cct_kernels/ops/linear.py.
 
-"cpu" (csrc/cpu/linear.cpp): rows cut into blocks, one GEMM per block on torch's BLAS (MKL sgemm on x86-64, on the
-    calling thread), then the epilogue (bias, exact GELU, residual, the cast) on the block's float32 tile while it
-    is in L2 (and the row scale, stochastic depth's per-sample factor): no pass over the output after the GEMM, and in inference the pre-activation never reaches memory.
-    float32/float16/bfloat16 (16-bit operands widened to float32), any M >= 0.
+"cpu" (csrc/cpu/linear.cpp): one MKL sgemm over all rows, then a single parallel pass for the whole epilogue (bias,
+    exact GELU, stochastic depth's row scale, residual, the cast) where ATen would run addmm (a bias copy and the
+    GEMM) and a pass per elementwise op. float32/float16/bfloat16 (16-bit operands widened to float32), any M >= 0.
 "cuda": cuBLAS (F.linear) with the epilogue as ATen passes: cuBLASLt's fused GELU epilogue is the tanh
     approximation, not the exact GELU of the official model. The fused GPU kernel is the triton backend's.
 Training (save_pre_activation) also writes h = x @ W.T + b, the GELU's input, for the backward.

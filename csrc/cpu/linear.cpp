@@ -1,9 +1,10 @@
-// Linear with its epilogue on CPU: out = act(x W^T + b) * row_scale + residual, x (M, K), W (N, K), float32/float16/bfloat16
-// (computed in float32). Rows are cut into blocks; per block one thread runs the GEMM on torch's BLAS (sgemm_, on
-// the calling thread inside the parallel region) into a float32 tile, then applies the epilogue (bias, exact GELU,
-// residual, the cast) to that tile while it is still in L2. So no pass over the output follows the GEMM, and in
-// inference the pre-activation never reaches memory; the backward's GELU input h = x W^T + b is written only when
-// asked for (save_pre_activation).
+// Linear with its epilogue on CPU: out = act(x W^T + b) * row_scale + residual, x (M, K), W (N, K), float32, float16
+// or bfloat16 (computed in float32). One GEMM over all rows on torch's BLAS (MKL sgemm on x86-64, all threads: MKL
+// packs W once), then one parallel pass applies the whole epilogue (bias, exact GELU, row scale, residual, the
+// cast) row by row, each row in L1: where ATen runs addmm (a bias copy, then the GEMM) and a pass per elementwise
+// op, this is the GEMM and a single pass. Per-block GEMMs with the epilogue on L2-resident tiles were measured
+// slower here (each block's sgemm repacks W, and one thread per block runs MKL below its two-thread rate).
+// The backward's GELU input h = x W^T + b is written only when asked for (save_pre_activation).
 #include "common.h"
 #include "cpu_ops.h"
 
@@ -59,47 +60,32 @@ void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, co
   }
 }
 
-// A block's rows: enough that sgemm's packing of W (once per call) is amortised, few enough that the float32 tile
-// (m x N, <= 1 MB) is still in L2 for the epilogue; and every thread gets rows even at batch 1.
-int64_t rows_per_block(int64_t M, int64_t N) {
-  const int64_t l2_rows = std::max<int64_t>(16, (256 * 1024) / std::max<int64_t>(N, 1));
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, std::min(l2_rows, (M + threads - 1) / threads));
-}
-
 template <typename T>
 void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, const T* row_scale, T* out, T* pre,
                    int64_t M, int64_t N, int64_t K, bool gelu) {
   constexpr bool f32 = std::is_same_v<T, float>;
-  std::vector<float> w32;  // 16-bit weights are widened once for all blocks
-  const float* wf;
+  std::vector<float> x32, w32, tile;  // 16-bit operands widened once, the product kept in float32
+  const float *xf = nullptr, *wf = nullptr;
+  float* acc = nullptr;
   if constexpr (f32) {
+    xf = x;
     wf = w;
+    acc = out;  // float32: the GEMM writes the output, the epilogue rewrites it in place
   } else {
+    x32.resize(M * K);
     w32.resize(N * K);
+    tile.resize(M * N);
+    at::parallel_for(0, M * K, at::internal::GRAIN_SIZE, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) x32[i] = to_f(x[i]);
+    });
     for (int64_t i = 0; i < N * K; ++i) w32[i] = to_f(w[i]);
+    xf = x32.data();
     wf = w32.data();
+    acc = tile.data();
   }
-  const int64_t rows = rows_per_block(M, N), blocks = (M + rows - 1) / rows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x32, tile;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * rows, m = std::min(rows, M - r0);
-      const float* xf;
-      float* acc;
-      if constexpr (f32) {
-        xf = x + r0 * K;
-        acc = out + r0 * N;  // float32: the GEMM writes the output rows, the epilogue rewrites them in place
-      } else {
-        x32.resize(m * K);
-        for (int64_t i = 0; i < m * K; ++i) x32[i] = to_f(x[r0 * K + i]);
-        xf = x32.data();
-        tile.resize(m * N);
-        acc = tile.data();
-      }
-      gemm_rm(false, true, (int)m, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
-      for (int64_t r = 0; r < m; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r0 + r, N, gelu);
-    }
+  gemm_rm(false, true, (int)M, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r, N, gelu);
   });
 }
 
