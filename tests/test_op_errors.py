@@ -97,7 +97,8 @@ def _double_backward_cases():
 
 def _inputs(op, device=DEVICE):
     """Inputs of a small call of `op` that require grad."""
-    shapes = {"attention": [(1, 5, 24)], "seqpool": [(2, 5, 8), (1, 8)], "tokenize": [(1, 4, 9, 9), (4, 4, 3, 3)]}
+    shapes = {"attention": [(1, 5, 24)], "seqpool": [(2, 5, 8), (1, 8)], "tokenize": [(1, 4, 9, 9), (4, 4, 3, 3)],
+              "linear": [(2, 5, 8), (6, 8)]}
     return [torch.randn(s, device=device, requires_grad=True) for s in shapes[op]]
 
 
@@ -107,6 +108,9 @@ def _op_call(op, backend, inputs):
     if op == "seqpool":
         x, w = inputs
         return ops.seqpool(x, w, torch.full((1,), 0.5, device=x.device), backend=backend)
+    if op == "linear":
+        x, w = inputs
+        return ops.linear(x, w, torch.full((6,), 0.1, device=x.device), activation="gelu", backend=backend)
     x, w = inputs
     return ops.tokenize(x, w, padding=1, backend=backend)
 
@@ -120,7 +124,7 @@ def test_double_backward_through_a_kernel_says_use_eager(op, backend):
         torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
 
 
-@pytest.mark.parametrize("op", ["attention", "seqpool", "tokenize"])
+@pytest.mark.parametrize("op", ["attention", "seqpool", "tokenize", "linear"])
 def test_double_backward_works_on_eager(op):
     inputs = _inputs(op)
     out = _op_call(op, "eager", inputs)
