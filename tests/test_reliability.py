@@ -61,6 +61,22 @@ def test_seqpool_random(backend, B, N, D, dtype, transposed):
     check_against_reference(lambda *a: ops.seqpool(*a, backend=backend), reference.seqpool, [x, w, b])
 
 
+@pytest.mark.parametrize("backend", pairs("seqpool"))
+@pytest.mark.parametrize("seed", [30, 110, 117, 207])  # rows where dx kept p_n delta w: 6x eager's error
+def test_seqpool_half_dx_is_centred_on_the_exact_output(backend, seed):
+    torch.manual_seed(seed)
+    inputs = [torch.randn(3, 28, 92), torch.randn(1, 92), torch.randn(1)]
+    x, w, b = [t.half().to(DEVICE).requires_grad_() for t in inputs]
+    out = ops.seqpool(x, w, b, backend=backend)
+    grad = torch.randn(out.shape).half().to(DEVICE)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    x64, w64, b64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    (dx64,) = torch.autograd.grad(reference.seqpool(x64, w64, b64), x64, grad.double())
+    xe = x.detach().clone().requires_grad_()
+    (dxe,) = torch.autograd.grad(reference.seqpool(xe, w.detach(), b.detach()), xe, grad)
+    assert_close_to_reference(dx, dx64, dxe, "dx", factor=3.0)
+
+
 @pytest.mark.parametrize("backend", pairs("attention"))
 @SETTINGS
 @given(B=st.integers(1, 2), H=st.integers(1, 3), d=st.sampled_from([16, 32, 64, 80]), N=st.integers(1, 130),
