@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from cct_kernels.triton.attention_dropout import _kept
-from cct_kernels.triton.attention_forward import _LOG2E, _tile
+from cct_kernels.triton.attention_forward import _LOG2E, _load_pair, _tile
 from cct_kernels.triton.key_padding import real_tokens
 
 
@@ -53,11 +53,7 @@ def _attn_bwd_dq(
     for start in range(0, kv_len, BLOCK_N):
         cols = start + offs_n
         kv_mask = (cols[:, None] < kv_len) & d_ok
-        k = tl.load(k_ptrs + start * stride_qkv_n, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start * stride_qkv_n, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_pair(k_ptrs + start * stride_qkv_n, v_ptrs + start * stride_qkv_n, kv_mask, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(cols[None, :] < kv_len, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -116,11 +112,7 @@ def _attn_bwd_dkdv(
     for start in range(0, q_len, BLOCK_M):
         rows = start + offs_m
         row_mask = (rows[:, None] < N) & d_ok
-        q = tl.load(q_ptrs + start * stride_qkv_n, mask=row_mask, other=0.0)
-        do = tl.load(do_ptrs + start * stride_do_n, mask=row_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, do = _load_pair(q_ptrs + start * stride_qkv_n, do_ptrs + start * stride_do_n, row_mask, UPCAST)
         lse2 = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0) * _LOG2E
         delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale

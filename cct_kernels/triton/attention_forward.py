@@ -26,6 +26,17 @@ def _tile(base, rows, stride, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, ALIG
 
 
 @triton.jit
+def _load_pair(a_ptrs, b_ptrs, mask, UPCAST: tl.constexpr):
+    """Two tiles under one mask (zeros outside), widened to float32 under UPCAST (the interpreter's bf16)."""
+    a = tl.load(a_ptrs, mask=mask, other=0.0)
+    b = tl.load(b_ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
 def _attn_fwd(
     QKV, Out, Lse, Bits, Lengths,
     stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
@@ -61,11 +72,7 @@ def _attn_fwd(
     for start in range(0, kv_len, BLOCK_N):
         cols = start + offs_n
         kv_mask = (cols[:, None] < kv_len) & d_ok
-        k = tl.load(k_ptrs + start * stride_qkv_n, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start * stride_qkv_n, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_pair(k_ptrs + start * stride_qkv_n, v_ptrs + start * stride_qkv_n, kv_mask, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(cols[None, :] < kv_len, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
