@@ -9,6 +9,7 @@
 
 #include "cpu/common.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/output_cache.h"
 
 #ifdef CCT_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -231,6 +232,8 @@ at::Tensor attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
 TORCH_LIBRARY(cct_kernels_C, m) {
   m.def("built_with_cuda() -> bool", &cct::built_with_cuda);
   m.def("build_info() -> str", &cct::build_info);
+  m.def("output_cache_stats() -> int[]", &cct::output_cache_stats);
+  m.def("output_cache_release() -> ()", &cct::output_cache_release);
   // lengths: key padding of text models, (B,) int64 real-token counts (a prefix of each sequence), or None.
   m.def("seqpool_forward(Tensor x, Tensor weight, Tensor bias, Tensor? lengths=None) -> (Tensor, Tensor)");
   m.def("seqpool_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor out, Tensor lse,"

@@ -7,6 +7,7 @@
 // The backward's GELU input h = x W^T + b is written only when asked for (save_pre_activation).
 #include "common.h"
 #include "cpu_ops.h"
+#include "output_cache.h"
 
 #include <vector>
 
@@ -108,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "linear_forward: bias must hold N = ", N, " values");
   TORCH_CHECK(!residual.has_value() || residual->sizes() == at::IntArrayRef({M, N}),
               "linear_forward: residual must be (M, N)");
-  auto out = at::empty({M, N}, x.options());
+  auto out = cached_empty({M, N}, x.options());
   const bool keep = gelu && save_pre_activation;
-  auto pre = keep ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+  auto pre = keep ? cached_empty({M, N}, x.options()) : at::empty({0}, x.options());
   if (M == 0) return {out, pre};
   CCT_DISPATCH(x.scalar_type(), "linear_forward_cpu", [&] {
     linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),

@@ -4,6 +4,7 @@
 // Parallel over batch rows, and over chunks of N when B is smaller than the thread count (partials merged after).
 #include "common.h"
 #include "cpu_ops.h"
+#include "output_cache.h"
 
 namespace cct {
 namespace {
@@ -243,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cpu(const at::Te
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   const auto g = grad_out.contiguous(), o = out.contiguous(), w = weight.contiguous();
   const auto l = lse.to(at::kFloat).contiguous();
-  auto gx = at::empty_like(x);
+  auto gx = cached_empty(x.sizes(), x.options());
   auto gw = at::empty({D}, x.options().dtype(at::kFloat));
   auto gb = at::empty({1}, x.options().dtype(at::kFloat));
   const float b = bias.item<float>();

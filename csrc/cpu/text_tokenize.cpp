@@ -15,6 +15,7 @@
 // slices of P.
 #include "common.h"
 #include "cpu_ops.h"
+#include "output_cache.h"
 #include "../pool_geometry.h"
 
 #include <type_traits>
@@ -236,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> text_tokenize_forward_cpu(const at::Tensor& x
                                                              int64_t pool_padding) {
   const TextGeometry g = text_geometry(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding);
   const auto xc = x.contiguous(), w = weight.to(at::kFloat).contiguous();
-  auto out = at::empty({g.B, g.N, g.E}, x.options());
+  auto out = cached_empty({g.B, g.N, g.E}, x.options());
   const std::vector<int64_t> index_shape = pool_kernel ? std::vector<int64_t>{g.B, g.N, g.E} : std::vector<int64_t>{0};
   auto index = at::empty(index_shape, x.options().dtype(at::kChar));
   CCT_DISPATCH(x.scalar_type(), "text_tokenize_forward_cpu", [&] {
