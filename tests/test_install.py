@@ -140,10 +140,13 @@ def test_cuda_arch_list(requested, visible, expected):
 
 def test_cpu_arch_flags(monkeypatch):
     monkeypatch.delenv("CCT_KERNELS_CPU_ARCH", raising=False)
-    assert build.cpu_arch_flags(machine="x86_64") == ["-march=native"]
+    wide = "-mprefer-vector-width=512"  # x86-64 only: GCC on aarch64 rejects it
+    assert build.cpu_arch_flags(machine="x86_64") == ["-march=native", wide]
     assert build.cpu_arch_flags(machine="aarch64") == []
     assert build.cpu_arch_flags("none") == [] and build.cpu_arch_flags("") == []
-    assert build.cpu_arch_flags("x86-64-v3") == ["-march=x86-64-v3"]
+    assert build.cpu_arch_flags("x86-64-v3", machine="x86_64") == ["-march=x86-64-v3", wide]
+    assert build.cpu_arch_flags("armv8.2-a", machine="aarch64") == ["-march=armv8.2-a"]
+    assert build.arch_name(build.cpu_arch_flags("x86-64-v3", machine="x86_64")) == "x86-64-v3"
 
 
 def test_source_root_finds_the_sources_of_a_checkout():
