@@ -87,7 +87,7 @@ def requested_backend(explicit: str | None = None) -> str:
 # select() runs only dict lookups and the kernel modules' shape checks.
 _kernel_modules: dict[tuple[str, str], object] = {}
 _backend_errors: dict[str, str | None] = {}
-_OPS = ("tokenize", "attention", "seqpool", "linear", "text_tokenize")
+_OPS = ("tokenize", "attention", "seqpool", "linear", "text_tokenize", "encoder_layer")
 
 
 def load_kernel_backends() -> None:

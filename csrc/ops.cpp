@@ -253,6 +253,11 @@ TORCH_LIBRARY(cct_kernels_C, m) {
   // save_pre_activation.
   m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu,"
         " bool save_pre_activation, Tensor? row_scale=None) -> (Tensor, Tensor)");
+  // The encoder block in inference (eval mode, no mask) on the kernels above, in the official order.
+  m.def("encoder_layer_forward(Tensor src, Tensor pre_norm_weight, Tensor pre_norm_bias, Tensor qkv_weight,"
+        " Tensor proj_weight, Tensor proj_bias, Tensor norm1_weight, Tensor norm1_bias, Tensor linear1_weight,"
+        " Tensor linear1_bias, Tensor linear2_weight, Tensor linear2_bias, int num_heads, float scale,"
+        " float pre_norm_eps, float norm1_eps) -> Tensor");
   m.def("text_tokenize_forward(Tensor x, Tensor weight, int stride, int padding, bool relu, int pool_kernel,"
         " int pool_stride, int pool_padding) -> (Tensor, Tensor)");
   m.def("text_tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, Tensor pool_index, int stride,"
@@ -268,6 +273,7 @@ TORCH_LIBRARY_IMPL(cct_kernels_C, CPU, m) {
   m.impl("tokenize_forward", &cct::tokenize_forward_cpu);
   m.impl("tokenize_backward", &cct::tokenize_backward_cpu);
   m.impl("linear_forward", &cct::linear_forward_cpu);
+  m.impl("encoder_layer_forward", &cct::encoder_layer_forward_cpu);
   m.impl("text_tokenize_forward", &cct::text_tokenize_forward_cpu);
   m.impl("text_tokenize_backward", &cct::text_tokenize_backward_cpu);
 }

@@ -66,6 +66,15 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, src, mask=None):
+        if not self.training and self._fusable():
+            attn = self.self_attn
+            return ops.encoder_layer(
+                src, pre_norm_weight=self.pre_norm.weight, pre_norm_bias=self.pre_norm.bias,
+                qkv_weight=attn.qkv.weight, proj_weight=attn.proj.weight, proj_bias=attn.proj.bias,
+                norm1_weight=self.norm1.weight, norm1_bias=self.norm1.bias, linear1_weight=self.linear1.weight,
+                linear1_bias=self.linear1.bias, linear2_weight=self.linear2.weight, linear2_bias=self.linear2.bias,
+                num_heads=attn.num_heads, scale=attn.scale, pre_norm_eps=self.pre_norm.eps, norm1_eps=self.norm1.eps,
+                mask=mask, backend=self.backend)
         if self._dropout_between_linear_and_residual(self.self_attn.proj_drop):
             src = src + self.drop_path(self.self_attn(self.pre_norm(src), mask))
         else:
@@ -83,6 +92,17 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         return ops.linear(hidden, self.linear2.weight, self.linear2.bias, residual=residual, row_scale=row_scale,
                           backend=self.backend)
 
+    def _fusable(self) -> bool:
+        """Whether ops.encoder_layer computes this block's eval-mode function: the official parameters (a qkv
+        without bias, affine LayerNorms over the last dim) and no forward hook that running the norms as modules
+        would fire."""
+        norms = (self.pre_norm, self.norm1)
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in norms) or _global_module_hooks()
+        plain_norms = all(type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None
+                          and len(m.normalized_shape) == 1 for m in norms)
+        return plain_norms and not hooked and self.self_attn.qkv.bias is None and self.linear1.bias is not None \
+            and self.linear2.bias is not None and self.self_attn.proj.bias is not None
+
     def _dropout_between_linear_and_residual(self, dropout: nn.Dropout) -> bool:
         """Whether `dropout` runs between a linear and its residual add in this call (then nothing is fused)."""
         return self.training and dropout.p > 0
@@ -92,3 +112,10 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         if not self.training or not isinstance(self.drop_path, DropPath):
             return None
         return drop_path_scale(src, self.drop_path.drop_prob)
+
+
+def _global_module_hooks() -> bool:
+    """Whether torch.nn.modules.module.register_module_forward_(pre_)hook hooks are installed."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)

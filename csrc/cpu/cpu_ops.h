@@ -54,6 +54,16 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
                                                       bool save_pre_activation,
                                                       const c10::optional<at::Tensor>& row_scale);
 
+// The CCT encoder block in inference: pre_norm, qkv, attention, proj + residual, norm1, linear1 + GELU,
+// linear2 + residual (csrc/cpu/encoder_layer.cpp); src (B, N, D) -> (B, N, D).
+at::Tensor encoder_layer_forward_cpu(const at::Tensor& src, const at::Tensor& pre_norm_weight,
+                                     const at::Tensor& pre_norm_bias, const at::Tensor& qkv_weight,
+                                     const at::Tensor& proj_weight, const at::Tensor& proj_bias,
+                                     const at::Tensor& norm1_weight, const at::Tensor& norm1_bias,
+                                     const at::Tensor& linear1_weight, const at::Tensor& linear1_bias,
+                                     const at::Tensor& linear2_weight, const at::Tensor& linear2_bias,
+                                     int64_t num_heads, double scale, double pre_norm_eps, double norm1_eps);
+
 // Whether the CPU GEMMs use torch's BLAS (sgemm_) rather than the plain-loop fallback.
 bool cpu_has_blas();
 

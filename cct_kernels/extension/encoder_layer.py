@@ -1,0 +1,27 @@
+"""The fused encoder block of the "cpu" backend (csrc/cpu/encoder_layer.cpp). Interface: cct_kernels/ops/encoder_layer.py.
+
+"cpu": the block's LayerNorms (ATen), linears and attention (this extension's kernels) called from C++ in the
+    official order: one call from Python instead of eight. float32/float16/bfloat16; no mask (key padding runs op
+    by op).
+"cuda": none. On a GPU the per-op launches are what CUDA graphs remove (`cct-kernels bench` graphs:<backend>), and
+    the block runs op by op on the triton or cuda kernels.
+"""
+from __future__ import annotations
+
+from cct_kernels import extension
+
+
+def unsupported(src, mask, *, backend: str) -> str | None:
+    if backend == "cuda":
+        return "the cuda backend has no fused encoder block (the block runs op by op; CUDA graphs remove launch costs)"
+    if mask is not None:
+        return "the fused encoder block takes no mask (the text models' key padding runs op by op)"
+    return extension.dtype_reason(src.dtype)
+
+
+def forward(src, pre_norm_weight, pre_norm_bias, qkv_weight, proj_weight, proj_bias, norm1_weight, norm1_bias,
+            linear1_weight, linear1_bias, linear2_weight, linear2_bias, num_heads, scale, pre_norm_eps, norm1_eps):
+    return extension.ops().encoder_layer_forward(src, pre_norm_weight, pre_norm_bias, qkv_weight, proj_weight,
+                                                 proj_bias, norm1_weight, norm1_bias, linear1_weight, linear1_bias,
+                                                 linear2_weight, linear2_bias, num_heads, scale, pre_norm_eps,
+                                                 norm1_eps)

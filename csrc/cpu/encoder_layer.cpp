@@ -1,0 +1,34 @@
+// The whole CCT encoder block in inference, one call from Python: the official order (pre_norm, qkv, attention,
+// proj + residual, norm1 overwriting the residual stream, linear1 + GELU, linear2 + residual) on this backend's
+// linear and attention kernels. Why: at batch 1 the block's eight op calls through Python cost more than its
+// LayerNorms (~25 us each, NOTES.md, cpu extension, fifth round); the kernels and their order are those of the
+// op-by-op path, so the output is the same to the bit. No dropout, stochastic depth or key padding (eval mode,
+// no mask: the op layer runs every other case op by op).
+#include "cpu_ops.h"
+
+namespace cct {
+
+at::Tensor encoder_layer_forward_cpu(const at::Tensor& src, const at::Tensor& pre_norm_weight,
+                                     const at::Tensor& pre_norm_bias, const at::Tensor& qkv_weight,
+                                     const at::Tensor& proj_weight, const at::Tensor& proj_bias,
+                                     const at::Tensor& norm1_weight, const at::Tensor& norm1_bias,
+                                     const at::Tensor& linear1_weight, const at::Tensor& linear1_bias,
+                                     const at::Tensor& linear2_weight, const at::Tensor& linear2_bias,
+                                     int64_t num_heads, double scale, double pre_norm_eps, double norm1_eps) {
+  TORCH_CHECK(src.dim() == 3, "encoder_layer: src must be (B, N, D), got ", src.dim(), " dims");
+  const int64_t B = src.size(0), N = src.size(1), D = src.size(2);
+  const auto x = src.reshape({B * N, D}).contiguous();
+  const auto none = c10::optional<at::Tensor>();
+  const auto normed = at::layer_norm(x, {D}, pre_norm_weight, pre_norm_bias, pre_norm_eps);
+  const auto qkv = std::get<0>(linear_forward_cpu(normed, qkv_weight, none, none, false, false, none));
+  const auto heads = std::get<0>(attention_forward_cpu(qkv.view({B, N, qkv.size(1)}), num_heads, scale, 0.0,
+                                                       at::Tensor(), none));
+  const auto attended =
+      std::get<0>(linear_forward_cpu(heads.view({B * N, -1}), proj_weight, proj_bias, x, false, false, none));
+  const auto stream = at::layer_norm(attended, {D}, norm1_weight, norm1_bias, norm1_eps);
+  const auto hidden = std::get<0>(linear_forward_cpu(stream, linear1_weight, linear1_bias, none, true, false, none));
+  return std::get<0>(linear_forward_cpu(hidden, linear2_weight, linear2_bias, stream, false, false, none))
+      .view({B, N, D});
+}
+
+}  // namespace cct
