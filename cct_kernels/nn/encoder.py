@@ -94,8 +94,11 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
 
     def _fusable(self) -> bool:
         """Whether ops.encoder_layer computes this block's eval-mode function: the official parameters (a qkv
-        without bias, affine LayerNorms over the last dim) and no forward hook that running the norms as modules
-        would fire."""
+        without bias, affine LayerNorms over the last dim), no forward hook that running the norms as modules
+        would fire, and no TorchScript/ONNX trace (which records the block's ops: the fused op has no ONNX
+        symbolic)."""
+        if torch.jit.is_tracing():
+            return False
         norms = (self.pre_norm, self.norm1)
         hooked = any(m._forward_hooks or m._forward_pre_hooks for m in norms) or _global_module_hooks()
         plain_norms = all(type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None

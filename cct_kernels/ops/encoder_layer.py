@@ -17,7 +17,8 @@ Kernel backends implement (the kernel-module interface of cct_kernels.backends):
             linear1_weight, linear1_bias, linear2_weight, linear2_bias, num_heads, scale, pre_norm_eps, norm1_eps)
         -> (B, N, D), every tensor contiguous
     unsupported(src, mask, *, backend) -> why a kernel cannot serve the call, or None
-The fused kernel serves calls that need no gradient, carry no mask and run outside torch.autocast; every other call
+The fused kernel serves calls that need no gradient, carry no mask and run outside torch.autocast (where the
+parameters may differ in dtype from src, as for the modules' ops); every other call
 (and every backend without a fused block: triton, cuda, eager) runs the ops one by one with the same backend
 argument, so gradients, masks and autocast behave as in the op-by-op block.
 
@@ -33,11 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cct_kernels import backends
+from cct_kernels import backends, ops  # the block's ops through the package, as the nn modules call them
 from cct_kernels.ops._checks import check_int, check_real, check_shape, check_tensor, is_positive_finite
 from cct_kernels.ops._launch import run_kernel, runs_directly
-from cct_kernels.ops.attention import attention
-from cct_kernels.ops.linear import linear
 
 OP = "encoder_layer"
 _FUSED_BACKEND = "cpu"
@@ -75,7 +74,9 @@ def encoder_layer(
     check_int("num_heads", num_heads, 1)
     if dim % num_heads:
         raise ValueError(f"num_heads ({num_heads}) must divide src's last dim D = {dim}")
-    check_tensor("linear1_weight", linear1_weight, ndim=2, like=src, like_name="src")
+    autocast = torch.is_autocast_enabled(src.device.type)
+    like = None if autocast else src  # under autocast the block's ops cast their inputs, as the modules' ops do
+    check_tensor("linear1_weight", linear1_weight, ndim=2, like=like, like_name="src")
     hidden = linear1_weight.shape[0]
     params = {
         "pre_norm_weight": (pre_norm_weight, (dim,)), "pre_norm_bias": (pre_norm_bias, (dim,)),
@@ -85,30 +86,28 @@ def encoder_layer(
         "linear2_weight": (linear2_weight, (dim, hidden)), "linear2_bias": (linear2_bias, (dim,)),
     }
     for name, (tensor, shape) in params.items():
-        check_tensor(name, tensor, like=src, like_name="src")
+        check_tensor(name, tensor, like=like, like_name="src")
         check_shape(name, tensor, shape)
     scale = (dim // num_heads) ** -0.5 if scale is None else check_real("scale", scale, "positive", is_positive_finite)
     pre_norm_eps = check_real("pre_norm_eps", pre_norm_eps, "positive", is_positive_finite)
     norm1_eps = check_real("norm1_eps", norm1_eps, "positive", is_positive_finite)
     tensors = [t for t, _ in params.values()]
-    if _runs_fused(src, tensors, mask, backend):
+    if not autocast and _runs_fused(src, tensors, mask, backend):
         forward = _run_forward if runs_directly(src, *tensors) else _forward
         return forward(src.contiguous(), *(t.contiguous() for t in tensors), num_heads, scale, pre_norm_eps,
                        norm1_eps)
     normed = F.layer_norm(src, (dim,), pre_norm_weight, pre_norm_bias, pre_norm_eps)
-    qkv = linear(normed, qkv_weight, backend=backend)
-    heads = attention(qkv, num_heads, scale=scale, mask=mask, backend=backend)
-    stream = F.layer_norm(linear(heads, proj_weight, proj_bias, residual=src, backend=backend), (dim,),
+    qkv = ops.linear(normed, qkv_weight, backend=backend)
+    heads = ops.attention(qkv, num_heads, scale=scale, mask=mask, backend=backend)
+    stream = F.layer_norm(ops.linear(heads, proj_weight, proj_bias, residual=src, backend=backend), (dim,),
                           norm1_weight, norm1_bias, norm1_eps)
-    mlp = linear(stream, linear1_weight, linear1_bias, activation="gelu", backend=backend)
-    return linear(mlp, linear2_weight, linear2_bias, residual=stream, backend=backend)
+    mlp = ops.linear(stream, linear1_weight, linear1_bias, activation="gelu", backend=backend)
+    return ops.linear(mlp, linear2_weight, linear2_bias, residual=stream, backend=backend)
 
 
 def _runs_fused(src, tensors, mask, backend) -> bool:
     """Whether the fused kernel serves this call: asked for (cpu) or allowed (auto), and able to."""
     if backends.requested_backend(backend) not in ("auto", _FUSED_BACKEND) or mask is not None:
-        return False
-    if torch.is_autocast_enabled(src.device.type):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (src, *tensors)):
         return False

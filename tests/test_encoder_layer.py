@@ -1,0 +1,154 @@
+"""ops.encoder_layer (the CCT encoder block in eval mode as one op): against float64 on every backend here, the
+fused cpu kernel bitwise equal to the op-by-op block, the fake (opcheck), torch.compile over it, the routing of
+gradient / mask / hook cases to the op-by-op path, and the input errors."""
+import pytest
+import torch
+
+import cct_kernels
+from cct_kernels import backends, ops
+from tests.cases import DEVICE, assert_close_to_reference
+
+FUSED_HERE = backends.unsupported_reason("cpu", "encoder_layer", torch.device("cpu"), torch.randn(1, 2, 4),
+                                         None) is None
+BACKENDS_HERE = ["eager", "auto"] + (["cpu"] if FUSED_HERE else [])
+NEEDS_FUSED = pytest.mark.skipif(not FUSED_HERE, reason="the cpu extension is not built")
+NAMES = ("pre_norm_weight", "pre_norm_bias", "qkv_weight", "proj_weight", "proj_bias", "norm1_weight", "norm1_bias",
+         "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias")
+
+
+def _block(dim=32, heads=4, hidden=48, batch=3, tokens=10, seed=0, device=DEVICE):
+    """src and the block's parameters in float64, O(1) activations (weights scaled by 1 / sqrt(fan_in))."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device)
+
+    params = dict(zip(NAMES, (
+        1 + rand(dim, scale=0.1), rand(dim, scale=0.1), rand(3 * dim, dim, scale=dim**-0.5),
+        rand(dim, dim, scale=dim**-0.5), rand(dim, scale=0.1), 1 + rand(dim, scale=0.1), rand(dim, scale=0.1),
+        rand(hidden, dim, scale=dim**-0.5), rand(hidden, scale=0.1), rand(dim, hidden, scale=hidden**-0.5),
+        rand(dim, scale=0.1))))
+    return rand(batch, tokens, dim), params
+
+
+def _run(src, params, dtype, **kwargs):
+    cast = {k: v.to(dtype) for k, v in params.items()}
+    return ops.encoder_layer(src.to(dtype), num_heads=4, **cast, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_encoder_layer_against_float64(backend, dtype):
+    src, params = _block()
+    with torch.no_grad():
+        ref64 = _run(src, params, torch.float64, backend="eager")
+        eager = _run(src, params, dtype, backend="eager")
+        out = _run(src, params, dtype, backend=backend)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close_to_reference(out, ref64, eager, name=f"encoder_layer {backend} {dtype}")
+
+
+@NEEDS_FUSED
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_block_is_the_op_by_op_block_to_the_bit(dtype):
+    src, params = _block(device=torch.device("cpu"))
+    with torch.no_grad():
+        fused = _run(src, params, dtype, backend="cpu")
+    src_grad = src.to(dtype).requires_grad_()  # a gradient to record: the op runs the block op by op
+    op_by_op = ops.encoder_layer(src_grad, num_heads=4, **{k: v.to(dtype) for k, v in params.items()},
+                                 backend="cpu")
+    assert op_by_op.grad_fn is not None
+    assert torch.equal(fused, op_by_op.detach())
+
+
+@NEEDS_FUSED
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_layer_fake_matches(dtype):
+    src, params = _block(device=torch.device("cpu"))
+    args = (src.to(dtype), *(params[n].to(dtype) for n in NAMES), 4, 32**-0.5 / 2, 1e-5, 1e-6)
+    torch.library.opcheck(torch.ops.cct_kernels.encoder_layer_forward, args)
+
+
+@NEEDS_FUSED
+def test_model_compiles_over_the_fused_block(monkeypatch):
+    """Inference under torch.compile(fullgraph=True): the block is one custom op in the graph, run by the kernel."""
+    from cct_kernels.extension import encoder_layer as kernel
+
+    calls = []
+    real_forward = kernel.forward
+    monkeypatch.setattr(kernel, "forward", lambda *args: calls.append(1) or real_forward(*args))
+    torch._dynamo.reset()
+    model = cct_kernels.cct_2_3x2_32(backend="cpu").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+        assert len(calls) == 2  # the model's two blocks, run directly
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")
+        out = compiled(images)
+    assert len(calls) >= 4
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@NEEDS_FUSED
+def test_gradient_mask_and_autocast_run_op_by_op(monkeypatch):
+    from cct_kernels.extension import encoder_layer as kernel
+
+    monkeypatch.setattr(kernel, "forward", lambda *args: pytest.fail("the fused kernel ran"))
+    src, params = _block(device=torch.device("cpu"))
+    params = {k: v.float() for k, v in params.items()}
+    src = src.float()
+    mask = torch.ones(src.shape[:2], dtype=torch.bool)
+    mask[0, 7:] = False
+    masked = ops.encoder_layer(src, num_heads=4, mask=mask, backend="cpu", **params)
+    reference = ops.encoder_layer(src, num_heads=4, mask=mask, backend="eager", **params)
+    torch.testing.assert_close(masked, reference, rtol=1e-5, atol=1e-5)
+    weight = params["linear2_weight"].requires_grad_()
+    out = ops.encoder_layer(src, num_heads=4, backend="cpu", **params)
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    assert grad.shape == weight.shape and torch.isfinite(grad).all()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ops.encoder_layer(src, num_heads=4, backend="cpu", **{k: v.detach() for k, v in params.items()})
+
+
+@NEEDS_FUSED
+def test_block_with_hooked_norm_runs_op_by_op(monkeypatch):
+    """A forward hook on a block's LayerNorm still fires in eval mode (the fused op would skip the module call)."""
+    from cct_kernels.extension import encoder_layer as kernel
+
+    calls = []
+    real_forward = kernel.forward
+    monkeypatch.setattr(kernel, "forward", lambda *args: calls.append(1) or real_forward(*args))
+    model = cct_kernels.cct_2_3x2_32(backend="cpu").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(images)
+        assert len(calls) == 2
+        seen = []
+        handle = model.classifier.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        hooked = model(images)
+        handle.remove()
+    assert seen == [torch.Size([2, 64, 128])] and len(calls) == 3  # block 0 op by op, block 1 fused
+    assert torch.equal(hooked, fused)
+
+
+def test_encoder_layer_errors_name_the_argument():
+    src, params = _block(device=torch.device("cpu"))
+    src, params = src.float(), {k: v.float() for k, v in params.items()}
+    with pytest.raises(ValueError, match="src must have 3 dimensions"):
+        ops.encoder_layer(src[0], num_heads=4, **params)
+    with pytest.raises(ValueError, match="num_heads \\(5\\) must divide src's last dim D = 32"):
+        ops.encoder_layer(src, num_heads=5, **params)
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        ops.encoder_layer(src, num_heads=4.0, **params)
+    for name, wrong in (("qkv_weight", torch.zeros(32, 32)), ("linear2_weight", torch.zeros(32, 47)),
+                        ("norm1_bias", torch.zeros(31)), ("linear1_bias", torch.zeros(47))):
+        with pytest.raises(ValueError, match=f"{name} must have shape"):
+            ops.encoder_layer(src, num_heads=4, **{**params, name: wrong})
+    with pytest.raises(TypeError, match="proj_bias has dtype torch.float64 but src has dtype torch.float32"):
+        ops.encoder_layer(src, num_heads=4, **{**params, "proj_bias": params["proj_bias"].double()})
+    with pytest.raises(ValueError, match="scale must be positive"):
+        ops.encoder_layer(src, num_heads=4, scale=-1.0, **params)
+    with pytest.raises(ValueError, match="norm1_eps must be positive"):
+        ops.encoder_layer(src, num_heads=4, norm1_eps=0.0, **params)
+    with pytest.raises(ValueError, match="backend"):
+        ops.encoder_layer(src, num_heads=4, backend="tpu", **params)
