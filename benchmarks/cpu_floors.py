@@ -18,13 +18,12 @@ import argparse
 import json
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import cct_kernels
-from cct_kernels import ops, profiling
+from cct_kernels import profiling
 from cct_kernels.cli_bench import device_name
 
 CASES = (("cct_7_3x1_32", 1), ("cct_7_3x1_32", 64), ("cct_14_7x2_224", 1), ("cct_14_7x2_224", 16))
@@ -45,19 +44,6 @@ def _best_ms(fn, rounds: int = 7, min_s: float = 0.2) -> float:
     return best * 1e3
 
 
-def _linear_shapes(model, inputs) -> list[tuple[int, int, int]]:
-    """(M, K, N) of every ops.linear call of one forward."""
-    shapes, run_linear = [], ops.linear
-
-    def record(x, weight, *args, **kwargs):
-        shapes.append((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
-        return run_linear(x, weight, *args, **kwargs)
-
-    with torch.inference_mode(), mock.patch.object(ops, "linear", record):
-        model(*inputs)
-    return shapes
-
-
 def copy_gbps() -> float:
     src = torch.randn(64 * 2**20 // 4)  # 64 MB, far beyond any cache
     dst = torch.empty_like(src)
@@ -67,7 +53,7 @@ def copy_gbps() -> float:
 def case_floor(name: str, batch: int, gbps: float) -> dict:
     model = cct_kernels.create_model(name, backend="eager").eval()
     inputs, _ = profiling.make_inputs(model, batch, torch.device("cpu"), torch.float32)
-    shapes = _linear_shapes(model, inputs)
+    shapes = profiling.linear_shapes(model, inputs)
     rates, fresh_rates = {}, {}  # GFLOP/s
     with torch.inference_mode():
         for m, k, n in sorted(set(shapes)):
@@ -78,7 +64,7 @@ def case_floor(name: str, batch: int, gbps: float) -> dict:
     linear_ms = sum(2 * m * k * n / rates[m, k, n] / 1e6 for m, k, n in shapes)
     linear_fresh_ms = sum(2 * m * k * n / fresh_rates[m, k, n] / 1e6 for m, k, n in shapes)
     total_flops = profiling.model_flops(name, batch, "inference")
-    other_flops = total_flops - linear_flops - 2 * model.classifier.fc.in_features * model.classifier.fc.out_features * batch
+    other_flops = total_flops - linear_flops  # attention and the convolutions (linear_shapes has the fc too)
     best_rate = max(rates.values())
     params = sum(p.numel() for p in model.parameters()) * 4
     blocks = len(model.classifier.blocks)

@@ -5,7 +5,7 @@ Each group holds an eager row and a cpu row (eager first); the cpu row's extra_i
     pytest benchmarks/test_bench_cpu_extension.py --benchmark-only -s
 Targets (2-core AVX2 machine, see benchmarks/NOTES.md "## cpu extension"): models >= 1.3x in inference
 (cct_7_3x1_32 and cct_14_7x2_224, batch 1 and 64), SeqPool >= 2x, a training step faster than eager.
-Each inference group also times a "linears" row: the model's nn.Linear calls alone (same weights and input shapes),
+Each inference group also times a "linears" row: the model's linears alone (F.linear at the same shapes),
 which every backend leaves to ATen; its extra_info `ceiling_vs_eager` (eager / linears) bounds any backend's
 speedup that keeps ATen's linears (Amdahl).
 Rounds are kept low: one cct_14_7x2_224 forward at batch 64 takes tens of seconds on 2 cores.
@@ -14,7 +14,7 @@ extension is built (its absence is a failure of test_extension.py, not a reason 
 """
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 import cct_kernels
 from cct_kernels import extension, ops, profiling, reference
@@ -35,20 +35,15 @@ def _record(benchmark, info, backend):
 
 
 def _linears_only(model, images):
-    """The model's nn.Linear calls alone, in order, with its weights and input shapes (inference)."""
-    calls = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, torch.randn_like(args[0]))))
-             for m in model.modules() if isinstance(m, nn.Linear)]
+    """The model's linears alone (F.linear on ATen), in order, with their input and weight shapes (inference)."""
     model.eval()
-    with torch.inference_mode():
-        model(images)
-    for hook in hooks:
-        hook.remove()
+    calls = [(torch.randn(m, k), torch.randn(n, k), torch.randn(n))
+             for m, k, n in profiling.linear_shapes(model, (images,))]
 
     def run():
         with torch.inference_mode():
-            for module, x in calls:
-                module(x)
+            for x, w, b in calls:
+                F.linear(x, w, b)
     return run
 
 
@@ -61,6 +56,21 @@ def _op_case(op, shape, mode):
         inputs = (x, w, b)
         fn = {"eager": lambda *t: reference.seqpool(*t), "cpu": lambda *t: ops.seqpool(*t, backend="cpu")}
         nbytes = x.numel() * 4
+    elif op == "linear":  # linear1 of a block: bias + exact GELU in the epilogue
+        M, K, N = shape
+        inputs = (torch.randn(M, K), torch.randn(N, K) * K**-0.5, torch.randn(N))
+        fn = {"eager": lambda x, w, b: reference.linear(x, w, b, activation="gelu"),
+              "cpu": lambda x, w, b: ops.linear(x, w, b, activation="gelu", backend="cpu")}
+        nbytes = (M * K + N * K + M * N) * 4
+    elif op == "encoder_layer":  # a whole block, eval mode: one C++ call on cpu when no gradient is recorded
+        B, N, D, H = shape
+        names = ("pre_norm_weight", "pre_norm_bias", "qkv_weight", "proj_weight", "proj_bias", "norm1_weight",
+                 "norm1_bias", "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias")
+        shapes = ((D,), (D,), (3 * D, D), (D, D), (D,), (D,), (D,), (2 * D, D), (2 * D,), (D, 2 * D), (D,))
+        inputs = (torch.randn(B, N, D), *(torch.randn(s) * s[-1] ** -0.5 for s in shapes))
+        fn = {backend: (lambda backend: lambda src, *p: ops.encoder_layer(
+            src, num_heads=H, backend=backend, **dict(zip(names, p))))(backend) for backend in ("eager", "cpu")}
+        nbytes = sum(t.numel() for t in inputs) * 4 + B * N * D * 4
     elif op == "attention":
         B, N, H = shape
         inputs = (torch.randn(B, N, 3 * H * 64),)
@@ -92,7 +102,8 @@ def _op_case(op, shape, mode):
 OP_CASES = [
     ("seqpool", (64, 256, 256)), ("seqpool", (64, 196, 384)), ("seqpool", (1, 196, 384)),
     ("attention", (64, 256, 4)), ("attention", (64, 196, 6)), ("attention", (1, 256, 4)),
-    ("tokenize", (64,)),
+    ("tokenize", (64,)), ("linear", (16384, 256, 512)), ("linear", (256, 256, 512)),
+    ("encoder_layer", (1, 256, 256, 4)), ("encoder_layer", (64, 256, 256, 4)),
 ]
 MODEL_CASES = [
     ("cct_7_3x1_32", 1, "inference"), ("cct_7_3x1_32", 64, "inference"),

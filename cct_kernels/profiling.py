@@ -393,6 +393,32 @@ def model_flops(name: str, batch: int, mode: str) -> float:
     return float(total) * batch * (3 if mode == "train" else 1)
 
 
+def linear_shapes(model: nn.Module, inputs: tuple) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every linear of one inference forward of `model` (a model built with backend="eager", whose
+    encoder blocks run their linears as ops.linear), in call order, plus the nn.Linear modules called directly (the
+    classifier's fc)."""
+    shapes, run_linear = [], ops.linear
+
+    def record(x, weight, *args, **kwargs):
+        shapes.append((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
+        return run_linear(x, weight, *args, **kwargs)
+
+    def module_hook(linear, args, _output):
+        shapes.append((args[0].numel() // args[0].shape[-1], linear.in_features, linear.out_features))
+
+    from cct_kernels.nn.seqpool import SeqPool
+
+    hooks = [m.register_forward_hook(module_hook) for m in model.modules()
+             if isinstance(m, nn.Linear) and not isinstance(m, SeqPool)]
+    try:
+        with torch.inference_mode(), mock.patch.object(ops, "linear", record):
+            model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 

@@ -258,6 +258,12 @@ def test_model_flops_counts_the_matmuls_of_the_small_model():
     assert profiling.model_flops("cct_2_3x2_32", 1, "train") == 3 * (conv + 2 * layer + head)
 
 
+def test_linear_shapes_lists_every_linear_of_the_small_model():
+    model = cct_kernels.create_model("cct_2_3x2_32", backend="eager")
+    block = [(2 * 64, 128, 384), (2 * 64, 128, 128), (2 * 64, 128, 128), (2 * 64, 128, 128)]  # qkv, proj, mlp
+    assert profiling.linear_shapes(model, (torch.randn(2, 3, 32, 32),)) == block * 2 + [(2, 128, 10)]
+
+
 FAKE_BENCHMARKS = {
     "machine_info": {"node": "gpu-1"},
     "benchmarks": [
