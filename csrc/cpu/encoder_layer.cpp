@@ -1,9 +1,11 @@
 // The whole CCT encoder block in inference, one call from Python: the official order (pre_norm, qkv, attention,
 // proj + residual, norm1 overwriting the residual stream, linear1 + GELU, linear2 + residual) on this backend's
-// linear and attention kernels. Why: at batch 1 the block's eight op calls through Python cost more than its
-// LayerNorms (~25 us each, NOTES.md, cpu extension, fifth round); the kernels and their order are those of the
-// op-by-op path, so the output is the same to the bit. No dropout, stochastic depth or key padding (eval mode,
-// no mask: the op layer runs every other case op by op).
+// linear and attention kernels. Why: at batch 1 the block's eight op calls through Python cost ~15-20 us each
+// (NOTES.md, cpu extension, fifth round); the kernels and their order are those of the op-by-op path, so the output
+// is the same to the bit. No dropout, stochastic depth or key padding (eval mode, no mask: the op layer runs every
+// other case op by op). The intermediates of the linears and attention live in the output cache (output_cache.h);
+// the LayerNorms' stay on ATen's allocator (moving them into the cache with a LayerNorm of our own measured within
+// noise at batch 1, and gave up the bitwise equality).
 #include "cpu_ops.h"
 
 namespace cct {

@@ -14,8 +14,22 @@
 namespace cct {
 namespace {
 
-constexpr size_t kMinCachedBytes = size_t(1) << 20;
-constexpr size_t kHugePage = size_t(2) << 20;  // blocks are 2 MiB aligned and sized, so THP can back them
+constexpr size_t kMinCachedBytes = size_t(64) << 10;
+constexpr size_t kSmallStep = size_t(64) << 10;  // blocks below kLarge: 64 KiB multiples, page aligned
+constexpr size_t kLarge = size_t(4) << 20;
+constexpr size_t kHugePage = size_t(2) << 20;  // larger blocks: 2 MiB aligned and sized, so THP can back them
+
+size_t rounded(size_t n) {
+  const size_t step = n < kLarge ? kSmallStep : kHugePage;
+  return (n + step - 1) / step * step;
+}
+
+void* map_block(size_t bytes) {
+  const bool large = bytes >= kLarge;
+  void* ptr = std::aligned_alloc(large ? kHugePage : 4096, bytes);
+  if (ptr != nullptr && large) madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint: ignored where THP is off
+  return ptr;
+}
 
 size_t cap_from_env() {
   const char* v = std::getenv("CCT_KERNELS_CPU_CACHE_MB");
@@ -38,7 +52,7 @@ class OutputCache final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinCachedBytes || cap_ == 0) return c10::GetCPUAllocator()->allocate(n);
-    const size_t bytes = (n + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t bytes = rounded(n);
     Block* block = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -54,13 +68,12 @@ class OutputCache final : public c10::Allocator {
       }
     }
     if (block == nullptr) {
-      void* ptr = std::aligned_alloc(kHugePage, bytes);
+      void* ptr = map_block(bytes);
       if (ptr == nullptr) {
         release();  // free blocks of other sizes may be what stands in the way
-        ptr = std::aligned_alloc(kHugePage, bytes);
+        ptr = map_block(bytes);
       }
       TORCH_CHECK(ptr != nullptr, "cct_kernels: out of memory allocating ", bytes, " bytes for a CPU kernel output");
-      madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint: ignored where transparent huge pages are off
       block = new Block{ptr, bytes};
       std::lock_guard<std::mutex> lock(mutex_);
       live_bytes_ += bytes;
