@@ -66,15 +66,9 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, src, mask=None):
-        if not self.training and self._fusable():
-            attn = self.self_attn
-            return ops.encoder_layer(
-                src, pre_norm_weight=self.pre_norm.weight, pre_norm_bias=self.pre_norm.bias,
-                qkv_weight=attn.qkv.weight, proj_weight=attn.proj.weight, proj_bias=attn.proj.bias,
-                norm1_weight=self.norm1.weight, norm1_bias=self.norm1.bias, linear1_weight=self.linear1.weight,
-                linear1_bias=self.linear1.bias, linear2_weight=self.linear2.weight, linear2_bias=self.linear2.bias,
-                num_heads=attn.num_heads, scale=attn.scale, pre_norm_eps=self.pre_norm.eps, norm1_eps=self.norm1.eps,
-                mask=mask, backend=self.backend)
+        fused = None if self.training else self._fused_block_arguments()
+        if fused is not None:
+            return ops.encoder_layer(src, **fused, mask=mask, backend=self.backend)
         if self._dropout_between_linear_and_residual(self.self_attn.proj_drop):
             src = src + self.drop_path(self.self_attn(self.pre_norm(src), mask))
         else:
@@ -92,19 +86,38 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         return ops.linear(hidden, self.linear2.weight, self.linear2.bias, residual=residual, row_scale=row_scale,
                           backend=self.backend)
 
-    def _fusable(self) -> bool:
-        """Whether ops.encoder_layer computes this block's eval-mode function: the official parameters (a qkv
-        without bias, affine LayerNorms over the last dim), no forward hook that running the norms as modules
-        would fire, and no TorchScript/ONNX trace (which records the block's ops: the fused op has no ONNX
-        symbolic)."""
-        if torch.jit.is_tracing():
-            return False
-        norms = (self.pre_norm, self.norm1)
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in norms) or _global_module_hooks()
-        plain_norms = all(type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None
-                          and len(m.normalized_shape) == 1 for m in norms)
-        return plain_norms and not hooked and self.self_attn.qkv.bias is None and self.linear1.bias is not None \
-            and self.linear2.bias is not None and self.self_attn.proj.bias is not None
+    def _fused_block_arguments(self) -> dict | None:
+        """ops.encoder_layer's keyword arguments for this block's eval-mode function, or None when the op would not
+        compute it: parameters other than the official ones (a qkv bias, non-affine or multi-dim LayerNorms,
+        replaced submodules), a forward hook that running the norms as modules would fire, or a TorchScript/ONNX
+        trace (which records the block's ops: the fused op has no ONNX symbolic). Read straight from the module
+        dicts: this runs on every eval-mode call, where nn.Module's attribute lookup cost ~20 us a block."""
+        if torch.jit.is_tracing() or _global_module_hooks():
+            return None
+        modules = self._modules
+        pre_norm, norm1, attn = modules["pre_norm"], modules["norm1"], modules["self_attn"]
+        linear1, linear2 = modules["linear1"], modules["linear2"]
+        if type(attn) is not Attention:
+            return None
+        qkv, proj = attn._modules["qkv"], attn._modules["proj"]
+        for norm in (pre_norm, norm1):
+            if type(norm) is not nn.LayerNorm or norm._forward_hooks or norm._forward_pre_hooks \
+                    or len(norm.normalized_shape) != 1:
+                return None
+        if any(type(m) is not nn.Linear for m in (qkv, proj, linear1, linear2)) or qkv._parameters["bias"] is not None:
+            return None
+        arguments = {
+            "pre_norm_weight": pre_norm._parameters["weight"], "pre_norm_bias": pre_norm._parameters["bias"],
+            "qkv_weight": qkv._parameters["weight"], "proj_weight": proj._parameters["weight"],
+            "proj_bias": proj._parameters["bias"], "norm1_weight": norm1._parameters["weight"],
+            "norm1_bias": norm1._parameters["bias"], "linear1_weight": linear1._parameters["weight"],
+            "linear1_bias": linear1._parameters["bias"], "linear2_weight": linear2._parameters["weight"],
+            "linear2_bias": linear2._parameters["bias"],
+        }
+        if any(p is None for p in arguments.values()):
+            return None
+        return {**arguments, "num_heads": attn.num_heads, "scale": attn.scale, "pre_norm_eps": pre_norm.eps,
+                "norm1_eps": norm1.eps}
 
     def _dropout_between_linear_and_residual(self, dropout: nn.Dropout) -> bool:
         """Whether `dropout` runs between a linear and its residual add in this call (then nothing is fused)."""
