@@ -122,3 +122,29 @@ def test_cache_can_be_turned_off_and_bad_values_are_refused():
     assert "'hits': 1, 'misses': 1" in on.stdout
     bad = _run_with_cache_env("lots", _TWO_OUTPUTS)
     assert bad.returncode != 0 and "CCT_KERNELS_CPU_CACHE_MB must be a whole number of MiB >= 0, got 'lots'" in bad.stderr
+
+
+def test_threads_share_the_cache_safely():
+    """Four threads allocate and free cached outputs at once (the free list is shared): every result stays right."""
+    import threading
+
+    torch.manual_seed(0)
+    inputs = [(torch.randn(1024 + 64 * i, 256), torch.randn(512, 256) / 16) for i in range(4)]
+    expected = [x @ w.t() for x, w in inputs]
+    errors = []
+
+    def work(i):
+        x, w = inputs[i]
+        for _ in range(30):
+            out = ops.linear(x, w, backend="cpu")
+            if not torch.allclose(out, expected[i], rtol=1e-4, atol=1e-4):
+                errors.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    stats = extension.output_cache_stats()
+    assert stats["live_bytes"] >= 0 and stats["free_bytes"] >= 0
