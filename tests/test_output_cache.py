@@ -148,3 +148,13 @@ def test_threads_share_the_cache_safely():
     assert not errors
     stats = extension.output_cache_stats()
     assert stats["live_bytes"] >= 0 and stats["free_bytes"] >= 0
+
+
+def test_torch_profiler_counts_cached_outputs():
+    """profiling.allocated_bytes (torch.profiler's memory events) sees the cached outputs as any CPU tensor."""
+    from cct_kernels import profiling
+
+    x, w = torch.randn(4096, 256), torch.randn(512, 256)
+    _linear_out(4096, 512)  # a free block of that size: the measured call reuses it and must still count it
+    counted = profiling.allocated_bytes(lambda: ops.linear(x, w, backend="cpu"), torch.device("cpu"))
+    assert counted >= 4096 * 512 * 4

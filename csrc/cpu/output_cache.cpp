@@ -43,7 +43,8 @@ size_t cap_from_env() {
 
 struct Block {
   void* ptr;
-  size_t bytes;
+  size_t bytes;      // the block's size
+  size_t requested;  // what its current tensor asked for (reported to torch.profiler)
 };
 
 class OutputCache final : public c10::Allocator {
@@ -74,10 +75,12 @@ class OutputCache final : public c10::Allocator {
         ptr = map_block(bytes);
       }
       TORCH_CHECK(ptr != nullptr, "cct_kernels: out of memory allocating ", bytes, " bytes for a CPU kernel output");
-      block = new Block{ptr, bytes};
+      block = new Block{ptr, bytes, 0};
       std::lock_guard<std::mutex> lock(mutex_);
       live_bytes_ += bytes;
     }
+    block->requested = n;
+    report(block->ptr, (int64_t)n);
     return {block->ptr, block, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -104,6 +107,18 @@ class OutputCache final : public c10::Allocator {
   }
 
  private:
+  // torch.profiler's memory accounting (profile_memory=True) sees these tensors as it sees any CPU tensor's.
+  void report(void* ptr, int64_t delta) {
+    if (!c10::memoryProfilingEnabled()) return;
+    size_t live, free;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live = live_bytes_;
+      free = free_bytes_;
+    }
+    c10::reportMemoryUsageToProfiler(ptr, delta, live, live + free, c10::Device(c10::DeviceType::CPU));
+  }
+
   static void destroy(Block* block) {
     std::free(block->ptr);
     delete block;
@@ -112,6 +127,7 @@ class OutputCache final : public c10::Allocator {
   static void give_back(void* ctx) {
     auto* block = static_cast<Block*>(ctx);
     OutputCache& cache = instance();
+    cache.report(block->ptr, -(int64_t)block->requested);
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
       cache.live_bytes_ -= block->bytes;
