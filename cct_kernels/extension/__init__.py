@@ -82,9 +82,10 @@ def describe() -> str:
 
 
 def output_cache_stats() -> dict:
-    """The CPU kernels' output cache (csrc/cpu/output_cache.h): blocks of 1 MiB and more that the kernels' outputs
-    used stay mapped after those tensors die and serve the next output of their size (GEMMs into fresh pages ran
-    ~1.7x slower on our 2-core VM). CCT_KERNELS_CPU_CACHE_MB caps the free bytes kept (default 2048, 0: off).
+    """The CPU kernels' output cache (csrc/cpu/output_cache.h): blocks of 64 KiB and more that the kernels' outputs
+    used stay mapped after those tensors die and serve the next output of about their size (GEMMs into fresh pages
+    ran ~1.7x slower on our 2-core VM). torch.profiler's memory events include these tensors.
+    CCT_KERNELS_CPU_CACHE_MB caps the free bytes kept (default 2048, 0: off).
 
     -> {'live_bytes': held by live tensors, 'free_bytes': kept for reuse, 'hits': outputs served from the free
     blocks, 'misses': outputs that allocated}. Raises ImportError when the extension is not built."""
