@@ -8,7 +8,13 @@
 """
 from __future__ import annotations
 
+import torch
+
 from cct_kernels import extension
+
+# The op is traced as itself under torch.compile (no Python custom op around it): its fake states the output, a
+# contiguous (B, N, D) tensor like src.
+torch.library.register_fake("cct_kernels_C::encoder_layer_forward", lambda src, *_args: src.new_empty(src.shape))
 
 
 def unsupported(src, mask, *, backend: str) -> str | None:
@@ -21,7 +27,9 @@ def unsupported(src, mask, *, backend: str) -> str | None:
 
 def forward(src, pre_norm_weight, pre_norm_bias, qkv_weight, proj_weight, proj_bias, norm1_weight, norm1_bias,
             linear1_weight, linear1_bias, linear2_weight, linear2_bias, num_heads, scale, pre_norm_eps, norm1_eps):
-    return extension.ops().encoder_layer_forward(src, pre_norm_weight, pre_norm_bias, qkv_weight, proj_weight,
-                                                 proj_bias, norm1_weight, norm1_bias, linear1_weight, linear1_bias,
-                                                 linear2_weight, linear2_bias, num_heads, scale, pre_norm_eps,
-                                                 norm1_eps)
+    # torch.ops directly, not extension.ops(): this module is imported only once the extension has loaded, and
+    # torch.compile traces this call (extension.ops() checks the build, which dynamo cannot trace)
+    return torch.ops.cct_kernels_C.encoder_layer_forward(src, pre_norm_weight, pre_norm_bias, qkv_weight,
+                                                         proj_weight, proj_bias, norm1_weight, norm1_bias,
+                                                         linear1_weight, linear1_bias, linear2_weight, linear2_bias,
+                                                         num_heads, scale, pre_norm_eps, norm1_eps)

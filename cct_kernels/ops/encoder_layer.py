@@ -17,6 +17,9 @@ Kernel backends implement (the kernel-module interface of cct_kernels.backends):
             linear1_weight, linear1_bias, linear2_weight, linear2_bias, num_heads, scale, pre_norm_eps, norm1_eps)
         -> (B, N, D), every tensor contiguous
     unsupported(src, mask, *, backend) -> why a kernel cannot serve the call, or None
+The cpu forward is the extension's C++ op torch.ops.cct_kernels_C.encoder_layer_forward, registered with its fake
+(extension/encoder_layer.py) and traced as itself under torch.compile: the compiled graph calls it with no Python in
+between (the other ops go through Python custom ops, ~20 us a call).
 The fused kernel serves calls that need no gradient, carry no mask and run outside torch.autocast (where the
 parameters may differ in dtype from src, as for the modules' ops); every other call
 (and every backend without a fused block: triton, cuda, eager) runs the ops one by one with the same backend
@@ -36,29 +39,9 @@ import torch.nn.functional as F
 
 from cct_kernels import backends, ops  # the block's ops through the package, as the nn modules call them
 from cct_kernels.ops._checks import check_int, check_real, check_shape, check_tensor, is_positive_finite
-from cct_kernels.ops._launch import run_kernel, runs_directly
 
 OP = "encoder_layer"
 _FUSED_BACKEND = "cpu"
-
-
-def _run_forward(
-    src: torch.Tensor, pre_norm_weight: torch.Tensor, pre_norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
-    proj_weight: torch.Tensor, proj_bias: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor,
-    linear1_weight: torch.Tensor, linear1_bias: torch.Tensor, linear2_weight: torch.Tensor,
-    linear2_bias: torch.Tensor, num_heads: int, scale: float, pre_norm_eps: float, norm1_eps: float,
-) -> torch.Tensor:
-    return run_kernel(_FUSED_BACKEND, OP, "forward", src.device, src, pre_norm_weight, pre_norm_bias, qkv_weight,
-                      proj_weight, proj_bias, norm1_weight, norm1_bias, linear1_weight, linear1_bias, linear2_weight,
-                      linear2_bias, num_heads, scale, pre_norm_eps, norm1_eps)
-
-
-_forward = torch.library.custom_op("cct_kernels::encoder_layer_forward", _run_forward, mutates_args=())
-
-
-@_forward.register_fake
-def _(src, *_args):
-    return src.new_empty(src.shape)
 
 
 def encoder_layer(
@@ -93,9 +76,10 @@ def encoder_layer(
     norm1_eps = check_real("norm1_eps", norm1_eps, "positive", is_positive_finite)
     tensors = [t for t, _ in params.values()]
     if not autocast and _runs_fused(src, tensors, mask, backend):
-        forward = _run_forward if runs_directly(src, *tensors) else _forward
-        return forward(src.contiguous(), *(t.contiguous() for t in tensors), num_heads, scale, pre_norm_eps,
-                       norm1_eps)
+        # The extension's C++ op itself (its fake: extension/encoder_layer.py), also under torch.compile, where the
+        # graph then calls it with no Python in between.
+        return backends.kernel_module(_FUSED_BACKEND, OP).forward(
+            src.contiguous(), *(t.contiguous() for t in tensors), num_heads, scale, pre_norm_eps, norm1_eps)
     normed = F.layer_norm(src, (dim,), pre_norm_weight, pre_norm_bias, pre_norm_eps)
     qkv = ops.linear(normed, qkv_weight, backend=backend)
     heads = ops.attention(qkv, num_heads, scale=scale, mask=mask, backend=backend)
