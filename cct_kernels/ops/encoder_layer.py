@@ -4,8 +4,8 @@ block's ops one by one on the requested backend.
     encoder_layer(src, ...) = linear2(GELU(linear1(s))) + s,  s = norm1(proj(attention(qkv(pre_norm(src)))) + src)
 
 (the official TransformerEncoderLayer in eval mode: no dropout, no stochastic depth). Why an op of its own: at batch
-1 the block's eight op calls from Python cost as much as its LayerNorms and GELU together (NOTES.md, cpu extension,
-fifth round); the cpu kernel runs the same kernels in the same order in C++, so the output is the same to the bit.
+1 the block's eight op calls from Python cost ~15-20 us each (NOTES.md, cpu extension, fifth round); the cpu kernel
+runs the same kernels in the same order in C++, so the output is the same to the bit.
 
 Shapes: src (B, N, D); pre_norm_weight/bias, norm1_weight/bias (D,); qkv_weight (3D, D); proj_weight (D, D),
 proj_bias (D,); linear1_weight (F, D), linear1_bias (F,); linear2_weight (D, F), linear2_bias (D,); mask None or
