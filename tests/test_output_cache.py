@@ -158,3 +158,25 @@ def test_torch_profiler_counts_cached_outputs():
     _linear_out(4096, 512)  # a free block of that size: the measured call reuses it and must still count it
     counted = profiling.allocated_bytes(lambda: ops.linear(x, w, backend="cpu"), torch.device("cpu"))
     assert counted >= 4096 * 512 * 4
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_uses_the_cache():
+    """A child forked after the parent used the cache (as DataLoader workers are) allocates from it and exits. The
+    child runs one thread, as DataLoader workers do: the parent's OpenMP threads do not survive fork (an ATen matmul
+    hangs there too otherwise); a hang ends at the alarm, as a failure."""
+    import signal
+
+    first = _linear_out(4096, 256)
+    del first  # a free block the child inherits
+    pid = os.fork()
+    if pid == 0:  # the child: run a cached kernel, report through the exit status only
+        try:
+            signal.alarm(60)
+            torch.set_num_threads(1)
+            out = _linear_out(4096, 256)
+            os._exit(0 if out.shape == (4096, 256) and extension.output_cache_stats()["hits"] >= 1 else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

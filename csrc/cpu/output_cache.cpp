@@ -4,6 +4,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstdlib>
@@ -102,7 +103,14 @@ class OutputCache final : public c10::Allocator {
   }
 
   static OutputCache& instance() {
-    static OutputCache* cache = new OutputCache();  // never destroyed: tensors may die after static destructors
+    static OutputCache* cache = [] {
+      auto* c = new OutputCache();  // never destroyed: tensors may die after static destructors
+      // fork() (DataLoader workers, multiprocessing) while another thread holds the lock would leave the child a
+      // locked mutex and a free list mid-update: hold it across the fork, as glibc's malloc does with its arenas.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+      return c;
+    }();
     return *cache;
   }
 
