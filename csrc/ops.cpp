@@ -149,9 +149,9 @@ std::tuple<at::Tensor, at::Tensor> tokenize_forward_cuda(const at::Tensor& x, co
   const auto cl = at::MemoryFormat::ChannelsLast;
   auto y = at::convolution(x.contiguous(cl), weight.contiguous(cl), bias, {stride, stride}, {padding, padding},
                            {1, 1}, false, {0, 0}, 1);
-  if (pool_kernel == 0) return conv_epilogue_no_pool(y.contiguous(cl), relu, to_tokens);
+  if (pool_kernel == 0) return conv_epilogue_no_pool(y.contiguous(cl), relu, to_tokens, false);
   const PoolGeometry g = pool_geometry(y.sizes(), pool_kernel, pool_stride, pool_padding);
-  auto [out, index, os] = allocate_pooled(y.options(), g, to_tokens);
+  auto [out, index, os] = allocate_pooled(y.options(), g, to_tokens, false);
   check_launch(pool_forward_cuda_launch(dtype_code(y), y.data_ptr(), strides4(y), out.data_ptr(),
                                         index.data_ptr<int8_t>(), os, g, relu, stream()),
                "tokenize forward epilogue");
@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cuda(
                                            stream()),
                  "tokenize backward gather");
   }
-  return conv_backward(gy, xin, win, bias, stride, padding, x, needs_input_grad);
+  return conv_backward(gy, xin, win, bias, stride, padding, x, needs_input_grad, at::MemoryFormat::Contiguous);
 }
 
 namespace {

@@ -29,17 +29,28 @@ inline PoolGeometry pool_geometry(at::IntArrayRef conv_shape, int64_t pk, int64_
 }
 
 // out (B, Hp*Wp, C) tokens or (B, C, Hp, Wp), pool_index int8 of out's shape, and their [b, c, h, w] strides.
+// A (B, C, Hp, Wp) output is channels-last when `channels_last` (its strides are then the tokens').
 inline std::tuple<at::Tensor, at::Tensor, Strides4> allocate_pooled(const at::TensorOptions& options,
-                                                                    const PoolGeometry& g, bool to_tokens) {
-  const std::vector<int64_t> shape =
-      to_tokens ? std::vector<int64_t>{g.B, g.Hp * g.Wp, g.C} : std::vector<int64_t>{g.B, g.C, g.Hp, g.Wp};
-  return {at::empty(shape, options), at::empty(shape, options.dtype(at::kChar)), pooled_strides(g, to_tokens)};
+                                                                    const PoolGeometry& g, bool to_tokens,
+                                                                    bool channels_last) {
+  if (to_tokens || channels_last) {
+    const auto fmt = to_tokens ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+    const std::vector<int64_t> shape =
+        to_tokens ? std::vector<int64_t>{g.B, g.Hp * g.Wp, g.C} : std::vector<int64_t>{g.B, g.C, g.Hp, g.Wp};
+    return {at::empty(shape, options.memory_format(fmt)), at::empty(shape, options.dtype(at::kChar).memory_format(fmt)),
+            pooled_strides(g, true)};
+  }
+  const std::vector<int64_t> shape{g.B, g.C, g.Hp, g.Wp};
+  return {at::empty(shape, options), at::empty(shape, options.dtype(at::kChar)), pooled_strides(g, false)};
 }
 
 // No pooling: out = ReLU(y) (or y) in the requested layout, pool_index empty.
-inline std::tuple<at::Tensor, at::Tensor> conv_epilogue_no_pool(at::Tensor y, bool relu, bool to_tokens) {
+inline std::tuple<at::Tensor, at::Tensor> conv_epilogue_no_pool(at::Tensor y, bool relu, bool to_tokens,
+                                                                bool channels_last) {
   const int64_t B = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
-  at::Tensor out = to_tokens ? y.permute({0, 2, 3, 1}).reshape({B, HW, C}) : y.contiguous();
+  at::Tensor out = to_tokens       ? y.permute({0, 2, 3, 1}).reshape({B, HW, C})
+                   : channels_last ? y.contiguous(at::MemoryFormat::ChannelsLast)
+                                   : y.contiguous();
   if (relu) out = at::relu(out);  // a fresh tensor: y may be shared with the reshape view
   return {out, at::empty({0}, y.options().dtype(at::kChar))};
 }
@@ -53,12 +64,14 @@ inline at::Tensor grad_no_pool(const at::Tensor& grad_out, const at::Tensor& out
 }
 
 // (grad_x or an empty tensor when !needs_input_grad, grad_weight, grad_bias or an empty tensor) from the
-// conv-output gradient; grads in x's/weight's layout. The image stem needs no grad_x: skipping it saves a conv.
+// conv-output gradient; grad_x in `grad_x_format`, grad_weight row-major. The image stem needs no grad_x: skipping
+// it saves a conv.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& gy, const at::Tensor& xin,
                                                                     const at::Tensor& win,
                                                                     const c10::optional<at::Tensor>& bias,
                                                                     int64_t stride, int64_t padding,
-                                                                    const at::Tensor& x, bool needs_input_grad) {
+                                                                    const at::Tensor& x, bool needs_input_grad,
+                                                                    at::MemoryFormat grad_x_format) {
   const bool has_bias = bias.has_value() && bias->defined();
   std::vector<int64_t> bias_sizes;
   if (has_bias) bias_sizes = {bias->size(0)};
@@ -66,7 +79,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Te
                                         {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1,
                                         {needs_input_grad, true, has_bias});
   // Distinct empty tensors: outputs of a registered op must not alias each other.
-  return {needs_input_grad ? std::get<0>(grads).contiguous() : at::empty({0}, x.options()),
+  return {needs_input_grad ? std::get<0>(grads).contiguous(grad_x_format) : at::empty({0}, x.options()),
           std::get<1>(grads).contiguous(), has_bias ? std::get<2>(grads) : at::empty({0}, x.options())};
 }
 

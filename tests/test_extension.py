@@ -253,11 +253,13 @@ def test_masked_seqpool_cpu(case):
 # ---------------------------------------------------------------------------------------------------- tokenize
 # (B, C_in, H, W, C_out, k, stride, padding, pool, relu, to_tokens, bias)
 TOKENIZE_CASES = [
-    (2, 3, 32, 32, 40, 3, 1, 1, (3, 2, 1), True, True, False),     # CCT-7/3x1 stem (direct path: C_in*k*k <= 32)
+    (2, 3, 32, 32, 40, 3, 1, 1, (3, 2, 1), True, True, False),     # CCT-7/3x1 stem (direct path: C_in*k*k <= 160)
     (2, 1, 28, 28, 24, 3, 1, 1, (3, 2, 1), True, False, True),     # grayscale stem (direct), NCHW output, bias
     (2, 4, 11, 10, 20, 3, 2, 1, (3, 2, 1), False, True, True),     # direct path, conv stride 2, no ReLU
-    (1, 3, 33, 31, 24, 7, 2, 3, (3, 2, 1), True, False, False),    # odd image, NCHW output (channels-last conv)
-    (2, 24, 17, 15, 20, 7, 2, 3, (3, 2, 1), True, True, True),     # NCHW conv path, bias, odd sizes
+    (1, 3, 33, 31, 24, 7, 2, 3, (3, 2, 1), True, False, False),    # 7x7 RGB stem (direct), odd image, NCHW output
+    (2, 3, 20, 23, 12, 7, 2, 3, (3, 2, 1), True, True, True),      # 7x7 RGB stem (direct), bias, edge columns
+    (2, 24, 17, 15, 20, 7, 2, 3, (3, 2, 1), True, True, True),     # oneDNN conv path (7x7 over 24 channels), bias
+    (2, 16, 13, 14, 10, 7, 2, 3, (3, 2, 1), True, False, False),   # oneDNN 7x7 conv, channels-last NCHW output
     (2, 3, 32, 32, 16, 4, 4, 0, None, False, True, True),          # ViT-Lite/CVT patch embedding
     (1, 8, 15, 15, 12, 3, 1, 1, None, True, False, False),         # no pool, ReLU, NCHW output
     (2, 6, 20, 19, 10, 3, 1, 1, (2, 2, 0), False, True, False),    # pool without ReLU, even window
@@ -332,6 +334,65 @@ def test_tokenize_cpu_low_precision_forward_general_conv(dtype):
     assert_matches("tokenize low-precision forward", out, ref, reference.tokenize(x, w, None, stride=1, padding=1))
 
 
+@pytest.mark.parametrize("k1, c1", [(7, 3), (3, 5)], ids=["direct-rgb-7x7-stem", "onednn-stem"])
+def test_tokenize_cpu_two_stages_pass_the_activation_channels_last(k1, c1):
+    """Stage 1 (to_tokens=False) returns a channels-last (B, C, H, W) tensor with pool_index in its layout, stage 2
+    reads it as it is, and stage 1's gradient comes back channels-last; values and gradients match float64."""
+    x = torch.randn(2, c1, 21, 19)
+    w1 = torch.randn(16, c1, k1, k1) * (2 / (c1 * k1 * k1)) ** 0.5
+    w2 = torch.randn(20, 16, 7, 7) * (2 / (16 * 49)) ** 0.5
+    stage_grads = []
+
+    def two_stages(tokenize, x, w1, w2):
+        y = tokenize(x, w1, stride=2, padding=k1 // 2, to_tokens=False)
+        if y.requires_grad:
+            y.register_hook(stage_grads.append)
+        return y, tokenize(y, w2, stride=1, padding=3, to_tokens=True)
+
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    y, out = two_stages(lambda *a, **k: ops.tokenize(*a, **k, backend="cpu"), *leaves)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    _, index = torch.ops.cct_kernels_C.tokenize_forward(x, w1, None, 2, k1 // 2, True, 3, 2, 1, False)
+    assert index.stride() == y.stride()
+    grad_out = torch.randn(out.shape)
+    out.backward(grad_out)
+    assert stage_grads[0].is_contiguous(memory_format=torch.channels_last) and not stage_grads[0].is_contiguous()
+    exact = [t.double().requires_grad_() for t in (x, w1, w2)]
+    exact_y, exact_out = two_stages(reference.tokenize, *exact)
+    exact_out.backward(grad_out.double())
+    torch.testing.assert_close(y.double(), exact_y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double(), exact_out, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(leaves, exact):
+        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c_in, x_channels_last", [(3, False), (16, False), (16, True)],
+                         ids=["direct", "onednn", "onednn-channels-last-x"])
+def test_tokenize_cpu_backward_takes_any_layout(c_in, x_channels_last):
+    """grad_out of a channels-last NCHW output: channels-last, row-major, or a strided slice, and a row-major out
+    and pool_index, all give the same gradients; grad_x comes back in x's layout."""
+    x = torch.randn(2, c_in, 15, 13)
+    if x_channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(12, c_in, 7, 7) * (2 / (c_in * 49)) ** 0.5
+    kernels = torch.ops.cct_kernels_C
+    out, index = kernels.tokenize_forward(x, weight, None, 2, 3, True, 3, 2, 1, False)
+    assert out.is_contiguous(memory_format=torch.channels_last) and index.stride() == out.stride()
+    grad = torch.randn(out.shape)
+    wide = torch.zeros(*out.shape[:3], out.shape[3] + 3)
+    wide[..., :out.shape[3]] = grad
+
+    def grads(g, o=out, i=index):
+        return kernels.tokenize_backward(g, x, weight, None, o, i, 2, 3, True, 3, 2, 1, False, True)
+
+    expected = grads(grad.contiguous(memory_format=torch.channels_last))
+    assert expected[0].is_contiguous(memory_format=torch.channels_last if x_channels_last else torch.contiguous_format)
+    for g, o, i in ((grad, out, index), (wide[..., :out.shape[3]], out, index),
+                    (grad, out.contiguous(), index.contiguous())):
+        for e, got in zip(expected, grads(g, o, i)):
+            torch.testing.assert_close(got, e, rtol=0, atol=0)
+
+
 def test_tokenize_pool_index_is_first_argmax_of_relu():
     x, w = _tie_free_identity_case(torch.float32, 4, 9, 9, B=1)
     x[0, 0] = -1.0  # every window of plane 0 ties at ReLU = 0: the first position of the window wins
@@ -380,6 +441,18 @@ def _opcheck_samples(device):
                                (torch.randn(2, 6, 11, 10, **g, requires_grad=True),
                                 torch.randn(5, 6, 3, 3, **g, requires_grad=True),
                                 torch.randn(5, **g, requires_grad=True), 2, 1, True, 3, 2, 1, False)),
+        "tokenize_channels_last_x": (torch.ops.cct_kernels.tokenize_forward,
+                                     (torch.randn(2, 16, 13, 12, **g).contiguous(memory_format=torch.channels_last)
+                                      .requires_grad_(), torch.randn(6, 16, 7, 7, **g, requires_grad=True), None, 2,
+                                      3, True, 3, 2, 1, False)),
+        "tokenize_rgb_7x7_nchw": (torch.ops.cct_kernels.tokenize_forward,
+                                  (torch.randn(1, 3, 17, 18, **g, requires_grad=True),
+                                   torch.randn(8, 3, 7, 7, **g, requires_grad=True), None, 2, 3, True, 3, 2, 1,
+                                   False)),
+        "tokenize_no_pool_nchw": (torch.ops.cct_kernels.tokenize_forward,
+                                  (torch.randn(2, 5, 8, 8, **g, requires_grad=True),
+                                   torch.randn(4, 5, 3, 3, **g, requires_grad=True), None, 1, 1, True, 0, 1, 0,
+                                   False)),
         "tokenize_no_pool": (torch.ops.cct_kernels.tokenize_forward,
                              (torch.randn(2, 3, 8, 8, **g, requires_grad=True),
                               torch.randn(4, 3, 4, 4, **g, requires_grad=True),

@@ -5,8 +5,8 @@
 Shapes: x (B, C_in, H, W), weight (C_out, C_in, kh, kw), bias (C_out,) or None. The conv output is
 Ho = (H + 2*padding - kh) // stride + 1 (likewise Wo); with pool=(k, s, p) the pooled size is (Ho + 2p - k) // s + 1.
 Returns (B, Hp*Wp, C_out) in row-major token order if to_tokens, else (B, C_out, Hp, Wp): contiguous, except that
-the triton backend returns it channels-last (the layout the next stage's kernel reads, so a multi-stage tokenizer
-never transposes its activation). x may come in either layout (NCHW or channels-last) and is read as it is.
+the triton and cpu backends return it channels-last (the layout the next stage's kernel reads, so a multi-stage
+tokenizer never transposes its activation). x may come in either layout (NCHW or channels-last).
 Dtypes: float32, float16, bfloat16, all tensors the same dtype. relu=False / pool=None drop those steps (the
 ViT-Lite/CVT patch embedding is tokenize(x, w, b, stride=4, padding=0, relu=False, pool=None)).
 
@@ -58,8 +58,9 @@ def output_shape(x_shape, weight_shape, stride, padding, pool_kernel, pool_strid
 
 
 # Kernel backends whose (B, C_out, Hp, Wp) output (to_tokens=False) is channels-last, with grad_x in x's layout: the
-# Triton kernel writes every output channel-fastest and reads channels-last x without a copy.
-CHANNELS_LAST_BACKENDS = ("triton",)
+# Triton kernel writes every output channel-fastest and reads channels-last x without a copy; the cpu epilogue
+# writes channel-fastest, and oneDNN's convolutions run channels-last where that is faster (csrc/cpu/tokenize.cpp).
+CHANNELS_LAST_BACKENDS = ("triton", "cpu")
 
 
 def memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -203,7 +204,7 @@ def tokenize(
         return reference.tokenize(
             x, weight, bias, stride=stride, padding=padding, relu=relu, pool=pool, to_tokens=to_tokens
         )
-    if memory_format(x) != torch.channels_last:  # a channels-last x (the previous Triton stage's) stays as it is
+    if memory_format(x) != torch.channels_last:  # a channels-last x (the previous stage's) stays as it is
         x = x.contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None

@@ -1,20 +1,41 @@
 // One tokenizer stage on CPU, two paths.
-// Direct (C_in*kh*kw <= 32: the grayscale/RGB 3x3 stems): the convolution as small patch GEMMs per conv row, pooled
+// Direct (the grayscale/RGB stems, see use_direct): the convolution as small patch GEMMs per conv row, pooled
 // from cache; the full-resolution activation is never written (see "Direct path" below).
 // General: convolution through ATen (oneDNN), then ONE fused pass for ReLU + max pool + the output layout.
-// Both write tokens (B, Hp*Wp, C) or NCHW (B, C, Hp, Wp) plus the int8 pool_index (row-major offset kh*k+kw of
-// the first maximum in the window, as torch's max_pool2d picks it). Backward: the conv-output gradient gathered
-// from pool_index (each conv position sums the windows whose argmax it is; ReLU'd-away maxima pass nothing), then
-// at::convolution_backward (general) or the patch GEMMs (direct).
-// The general convolution runs in oneDNN's faster layout (conv_channels_last); the epilogue reads either layout
-// (vectorised over C when channels-last). Dtypes: float32, float16, bfloat16 (computed in float; the epilogue
-// itself does not round).
+// Both write tokens (B, Hp*Wp, C) or a channels-last (B, C, Hp, Wp) (the next stage's convolution reads it without
+// a copy), plus the int8 pool_index in out's layout (row-major offset kh*k+kw of the first maximum in the window, as
+// torch's max_pool2d picks it). Backward: the conv-output gradient gathered from pool_index (each conv position
+// sums the windows whose argmax it is; ReLU'd-away maxima pass nothing), then at::convolution_backward (general)
+// or the patch GEMMs (direct); grad_x comes back in x's layout.
+// The general convolution runs in oneDNN's faster layout (conv_channels_last); the epilogue reads it channels-last
+// (vectorised over C). Dtypes: float32, float16, bfloat16 (computed in float; the epilogue itself does not round).
 #include "common.h"
 #include "cpu_ops.h"
 #include "../tokenize_common.h"
 
 namespace cct {
 namespace {
+
+// x's layout as the op layer names it (ops/tokenize.py, memory_format): channels-last only when not also row-major.
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                               : at::MemoryFormat::Contiguous;
+}
+
+// out, pool_index or grad_out in the layout this backend writes them: tokens row-major, (B, C, Hp, Wp)
+// channels-last; either way channel-fastest, with pooled_strides(g, true).
+at::Tensor pooled_layout(const at::Tensor& t, bool to_tokens) {
+  return to_tokens ? t.contiguous() : t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+bool have_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512;
+#else
+  return false;
+#endif
+}
 
 // Max pool of one pooled row (b, ph) from channels-last conv rows: row(h) points at conv row h (Wo x C, any float
 // type); writes out/index at their strides. mx, ix: scratch of C floats. The window's argmax code is tracked as a
@@ -50,17 +71,10 @@ void pool_row_cl(RowFn row, int64_t b, int64_t ph, T* out, int8_t* index, const 
     }
     T* o = out + b * os.b + ph * os.h + pw * os.w;
     int8_t* id = index + b * os.b + ph * os.h + pw * os.w;
-    if (os.c == 1) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        o[c] = static_cast<T>(mx[c]);
-        id[c] = (int8_t)ix[c];
-      }
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        o[c * os.c] = static_cast<T>(mx[c]);
-        id[c * os.c] = (int8_t)ix[c];
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      o[c] = static_cast<T>(mx[c]);
+      id[c] = (int8_t)ix[c];
     }
   }
 }
@@ -75,26 +89,6 @@ void pool_forward_cl(const T* y, T* out, int8_t* index, const PoolGeometry& g, c
       pool_row_cl(
           [&](int64_t h) { return y + (b * g.Ho + h) * g.Wo * g.C; }, b, t % g.Hp, out, index, g, os, relu,
           mx.data(), ix.data());
-    }
-  });
-}
-
-template <typename T>
-void pool_forward_nchw(const T* y, T* out, int8_t* index, const PoolGeometry& g, const Strides4& os, bool relu) {
-  // y NCHW contiguous. One task per (b, c) plane.
-  at::parallel_for(0, g.B * g.C, grain_for(g.Hp * g.Wp * g.pk * g.pk), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / g.C, c = t % g.C;
-      const T* plane = y + t * g.Ho * g.Wo;
-      for (int64_t ph = 0; ph < g.Hp; ++ph)
-        for (int64_t pw = 0; pw < g.Wp; ++pw) {
-          float m = -INFINITY;
-          int8_t ix = 0;
-          pool_window_max(plane, g, ph, pw, relu, m, ix);
-          const int64_t off = b * os.b + c * os.c + ph * os.h + pw * os.w;
-          out[off] = static_cast<T>(m);
-          index[off] = ix;
-        }
     }
   });
 }
@@ -117,20 +111,12 @@ bool gather_grad_cl(const T* gout, const T* out, const int8_t* index, const Pool
       const T* go = gout + off;
       const T* o = out + off;
       const int8_t* id = index + off;
-      if (os.c == 1) {
-        const float codef = code;
-        const bool norelu = !relu;
+      const float codef = code;
+      const bool norelu = !relu;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {  // float compare and bitwise ops: the form GCC vectorises
-          const bool hit = ((float)id[c] == codef) & (relu_passes(to_f(o[c])) | norelu);
-          acc[c] += hit ? to_f(go[c]) : 0.f;
-        }
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t k = c * os.c;
-          const bool hit = id[k] == code && (!relu || relu_passes(to_f(o[k])));
-          acc[c] += hit ? to_f(go[k]) : 0.f;
-        }
+      for (int64_t c = 0; c < C; ++c) {  // float compare and bitwise ops: the form GCC vectorises
+        const bool hit = ((float)id[c] == codef) & (relu_passes(to_f(o[c])) | norelu);
+        acc[c] += hit ? to_f(go[c]) : 0.f;
       }
     }
   return true;
@@ -155,20 +141,6 @@ void pool_backward_cl(const T* gout, const T* out, const int8_t* index, T* gy, c
   });
 }
 
-template <typename T>
-void pool_backward_nchw(const T* gout, const T* out, const int8_t* index, T* gy, const PoolGeometry& g,
-                        const Strides4& os, bool relu) {
-  at::parallel_for(0, g.B * g.C, grain_for(g.Ho * g.Wo * 4), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / g.C, c = t % g.C;
-      T* plane = gy + t * g.Ho * g.Wo;
-      for (int64_t h = 0; h < g.Ho; ++h)
-        for (int64_t w = 0; w < g.Wo; ++w)
-          plane[h * g.Wo + w] = static_cast<T>(gather_grad(gout, out, index, g, os, b, c, h, w, relu));
-    }
-  });
-}
-
 // ---- Direct path: convolutions with a small reduction (C_in*kh*kw <= kDirectMaxK: the grayscale and RGB 3x3
 // stems). oneDNN runs these memory-bound (writing the full-resolution activation and reading it back costs more
 // than the FLOPs), so here each task computes the conv rows its pooled row needs into a ring of pk rows (a row
@@ -176,7 +148,7 @@ void pool_backward_nchw(const T* gout, const T* out, const int8_t* index, T* gy,
 // Backward gathers each conv position's gradient from pool_index and accumulates the weight, bias (and input)
 // gradients from the input patch in the same pass; per-chunk partial sums are added in a fixed order, so the
 // result does not depend on thread scheduling.
-constexpr int64_t kDirectMaxK = 32;
+constexpr int64_t kDirectMaxK = 160;
 
 struct ConvGeometry {
   int64_t Cin, H, W, KH, KW, stride, padding;
@@ -207,12 +179,41 @@ inline void for_patch(const ConvGeometry& cg, int64_t h, int64_t w, F&& f) {
 }
 
 // The im2col rows of conv row h of image xb: patches[w, k] (Wo x K), zero where the window leaves the image.
+// Positions whose window lies inside the row copy KW consecutive inputs per (ci, i), KW a compile-time constant
+// for the usual 3, 5 and 7; only the edge positions go through for_patch's bounds checks. For the 7x7 RGB stem
+// this is ~10x faster than for_patch everywhere, which cost as much as the conv row's GEMM.
+template <int64_t KWc, typename T>
+void load_patches_kw(const T* xb, const ConvGeometry& cg, int64_t Wo, int64_t h, float* patches) {
+  const int64_t K = cg.K(), KW = KWc > 0 ? KWc : cg.KW;
+  for (int64_t w = 0; w < Wo; ++w) {
+    float* __restrict p = patches + w * K;
+    const int64_t w0 = w * cg.stride - cg.padding;
+    if (w0 < 0 || w0 + KW > cg.W) {
+      std::fill(p, p + K, 0.f);
+      for_patch(cg, h, w, [&](int64_t k, int64_t off) { p[k] = to_f(xb[off]); });
+      continue;
+    }
+    for (int64_t ci = 0; ci < cg.Cin; ++ci)
+      for (int64_t i = 0; i < cg.KH; ++i, p += KW) {
+        const int64_t hi = h * cg.stride - cg.padding + i;
+        if (hi < 0 || hi >= cg.H) {
+          std::fill(p, p + KW, 0.f);
+          continue;
+        }
+        const T* __restrict src = xb + (ci * cg.H + hi) * cg.W + w0;
+        for (int64_t j = 0; j < KW; ++j) p[j] = to_f(src[j]);
+      }
+  }
+}
+
 template <typename T>
 void load_patches(const T* xb, const ConvGeometry& cg, int64_t Wo, int64_t h, float* patches) {
-  const int64_t K = cg.K();
-  std::fill(patches, patches + Wo * K, 0.f);
-  for (int64_t w = 0; w < Wo; ++w)
-    for_patch(cg, h, w, [&](int64_t k, int64_t off) { patches[w * K + k] = to_f(xb[off]); });
+  switch (cg.KW) {
+    case 3: return load_patches_kw<3>(xb, cg, Wo, h, patches);
+    case 5: return load_patches_kw<5>(xb, cg, Wo, h, patches);
+    case 7: return load_patches_kw<7>(xb, cg, Wo, h, patches);
+    default: return load_patches_kw<0>(xb, cg, Wo, h, patches);
+  }
 }
 
 // Conv row h of image xb, channels-last float (Wo x C) = patches (Wo x K) @ wt (K x C) + bias: one small GEMM.
@@ -311,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> direct_tokenize_forward(const at::Tensor& x, 
   const auto bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const PoolGeometry g =
       pool_geometry(conv_output_shape(x, weight, stride, padding), pool_kernel, pool_stride, pool_padding);
-  auto [out, index, os] = allocate_pooled(x.options(), g, to_tokens);
+  auto [out, index, os] = allocate_pooled(x.options(), g, to_tokens, true);
   const ConvGeometry cg = conv_geometry(x, weight, stride, padding);
   CCT_DISPATCH(x.scalar_type(), "tokenize_forward_cpu", [&] {
     direct_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<float>(),
@@ -326,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_tokenize_backward(
     const at::Tensor& out, const at::Tensor& pool_index, int64_t stride, int64_t padding, bool relu,
     int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens, bool needs_input_grad) {
   const auto xc = x.contiguous(), wt = weight_kc(weight);
-  const auto go = grad_out.contiguous(), o = out.contiguous(), idx = pool_index.contiguous();
+  const auto go = pooled_layout(grad_out, to_tokens), o = pooled_layout(out, to_tokens),
+             idx = pooled_layout(pool_index, to_tokens);
   const PoolGeometry g =
       pool_geometry(conv_output_shape(x, weight, stride, padding), pool_kernel, pool_stride, pool_padding);
   const ConvGeometry cg = conv_geometry(x, weight, stride, padding);
@@ -335,26 +337,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_tokenize_backward(
   auto grad_x = needs_input_grad ? at::zeros(x.sizes(), f32) : at::empty({0}, x.options());
   CCT_DISPATCH(x.scalar_type(), "tokenize_backward_cpu", [&] {
     direct_backward<scalar_t>(go.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), idx.data_ptr<int8_t>(),
-                              xc.data_ptr<scalar_t>(), wt.data_ptr<float>(), cg, g, pooled_strides(g, to_tokens),
+                              xc.data_ptr<scalar_t>(), wt.data_ptr<float>(), cg, g, pooled_strides(g, true),
                               relu, grad_wt.data_ptr<float>(), grad_b.data_ptr<float>(),
                               needs_input_grad ? grad_x.data_ptr<float>() : nullptr);
   });
   const bool has_bias = bias.has_value() && bias->defined();
-  return {needs_input_grad ? grad_x.to(x.scalar_type()) : grad_x,
+  return {needs_input_grad ? grad_x.to(x.scalar_type()).contiguous(layout_of(x)) : grad_x,
           grad_wt.t().reshape(weight.sizes()).to(weight.scalar_type()),
           has_bias ? grad_b.to(bias->scalar_type()) : at::empty({0}, x.options())};
 }
 
-// oneDNN's faster layout on this AVX2 machine (measured, forward+backward): channels-last for the RGB 7x7 stem
+// oneDNN's faster layout (measured, forward and backward). On an AVX2 machine: channels-last for the RGB 7x7 stem
 // (~1.6x) and for 3x3 kernels (64 -> 128 at 14x14: ~1.4x); NCHW for 7x7 over 64 channels (~1.2x at batch 16,
-// ~1.6x at batch 1). 1x1 kernels stay NCHW: torch 2.13's channels-last convolution_backward returns a wrong weight
-// gradient, intermittently, for some strided 1x1 convolutions (seen: 5 -> 5 channels, stride 2, 10x12 input).
+// ~1.6x at batch 1). With AVX-512, channels-last for those too (64 -> 384 7x7 at 56x56, batch 16: forward 75 vs
+// 95 ms, backward 184 vs 194 ms; NOTES.md, cpu extension, sixth round). 1x1 kernels stay NCHW: torch 2.13's
+// channels-last convolution_backward returns a wrong weight gradient, intermittently, for some strided 1x1
+// convolutions (seen: 5 -> 5 channels, stride 2, 10x12 input).
 bool conv_channels_last(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t taps = weight.size(2) * weight.size(3);
-  return taps > 1 && (x.size(1) <= 4 || taps <= 9);
-}
-bool epilogue_channels_last(const at::Tensor& x, const at::Tensor& weight, bool to_tokens) {
-  return to_tokens || conv_channels_last(x, weight);
+  return taps > 1 && (x.size(1) <= 4 || taps <= 9 || have_avx512());
 }
 
 }  // namespace
@@ -372,20 +373,15 @@ std::tuple<at::Tensor, at::Tensor> tokenize_forward_cpu(const at::Tensor& x, con
   auto y = at::convolution(x.contiguous(fmt), weight.contiguous(fmt), bias, {stride, stride}, {padding, padding},
                            {1, 1}, false, {0, 0}, 1)
                .contiguous(fmt);
-  if (pool_kernel == 0) return conv_epilogue_no_pool(y, relu, to_tokens);
-  // Token output: the channels-last epilogue (vectorised over C) even after an NCHW conv; one ATen transpose copy
-  // of y plus it beats the scalar plane-wise NCHW epilogue ~3x (measured, 384 x 28 x 28 planes).
-  const bool cl_epilogue = epilogue_channels_last(x, weight, to_tokens);
-  if (cl_epilogue) y = y.contiguous(at::MemoryFormat::ChannelsLast);
+  if (pool_kernel == 0) return conv_epilogue_no_pool(y, relu, to_tokens, true);
+  // The channels-last epilogue (vectorised over C) even after an NCHW conv: one ATen transpose copy of y plus it
+  // beats a scalar plane-wise NCHW epilogue ~3x (measured, 384 x 28 x 28 planes).
+  y = y.contiguous(at::MemoryFormat::ChannelsLast);
   const PoolGeometry g = pool_geometry(y.sizes(), pool_kernel, pool_stride, pool_padding);
-  auto [out, index, os] = allocate_pooled(y.options(), g, to_tokens);
+  auto [out, index, os] = allocate_pooled(y.options(), g, to_tokens, true);
   CCT_DISPATCH(y.scalar_type(), "tokenize_forward_cpu", [&] {
-    if (cl_epilogue)
-      pool_forward_cl<scalar_t>(y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), index.data_ptr<int8_t>(), g, os,
-                                relu);
-    else
-      pool_forward_nchw<scalar_t>(y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), index.data_ptr<int8_t>(), g, os,
-                                  relu);
+    pool_forward_cl<scalar_t>(y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), index.data_ptr<int8_t>(), g, os,
+                              relu);
   });
   return {out, index};
 }
@@ -402,27 +398,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cpu(
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto xin = x.contiguous(fmt), win = weight.contiguous(fmt);
   const auto conv_shape = conv_output_shape(x, weight, stride, padding);
-  const auto go = grad_out.contiguous(), o = out.contiguous();
+  const auto go = pooled_layout(grad_out, to_tokens), o = pooled_layout(out, to_tokens);
   at::Tensor gy;
   if (pool_kernel == 0) {
     gy = grad_no_pool(go, o, conv_shape, relu, to_tokens).contiguous(fmt);
   } else {
-    const bool cl_epilogue = epilogue_channels_last(x, weight, to_tokens);
-    gy = at::empty(conv_shape, x.options().memory_format(cl_epilogue ? at::MemoryFormat::ChannelsLast : fmt));
+    gy = at::empty(conv_shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
     const PoolGeometry g = pool_geometry(gy.sizes(), pool_kernel, pool_stride, pool_padding);
-    const Strides4 os = pooled_strides(g, to_tokens);
-    const auto idx = pool_index.contiguous();
+    const auto idx = pooled_layout(pool_index, to_tokens);
     CCT_DISPATCH(x.scalar_type(), "tokenize_backward_cpu", [&] {
-      if (cl_epilogue)
-        pool_backward_cl<scalar_t>(go.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), idx.data_ptr<int8_t>(),
-                                   gy.data_ptr<scalar_t>(), g, os, relu);
-      else
-        pool_backward_nchw<scalar_t>(go.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), idx.data_ptr<int8_t>(),
-                                     gy.data_ptr<scalar_t>(), g, os, relu);
+      pool_backward_cl<scalar_t>(go.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), idx.data_ptr<int8_t>(),
+                                 gy.data_ptr<scalar_t>(), g, pooled_strides(g, true), relu);
     });
     gy = gy.contiguous(fmt);  // the convolution backward in the forward's layout
   }
-  return conv_backward(gy, xin, win, bias, stride, padding, x, needs_input_grad);
+  return conv_backward(gy, xin, win, bias, stride, padding, x, needs_input_grad, layout_of(x));
 }
 
 }  // namespace cct

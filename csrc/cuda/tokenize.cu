@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) pool_bwd_kernel(const T* __restrict_
       const int8_t code = (int8_t)((h + g.pp - ph * g.ps) * g.pk + (w + g.pp - pw * g.ps));
       if (index[off] == code && (!relu || relu_passes(ld_f(out + off)))) acc += ld_f(gout + off);
     }
-  st_f(gy + b * ys.b + c * ys.c + h * ys.h + w * ys.w, acc);  // same rule as gather_grad in pool_geometry.h
+  st_f(gy + b * ys.b + c * ys.c + h * ys.h + w * ys.w, acc);  // same rule as gather_grad_cl in cpu/tokenize.cpp
 }
 
 template <typename T>
