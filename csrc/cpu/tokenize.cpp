@@ -141,14 +141,20 @@ void pool_backward_cl(const T* gout, const T* out, const int8_t* index, T* gy, c
   });
 }
 
-// ---- Direct path: convolutions with a small reduction (C_in*kh*kw <= kDirectMaxK: the grayscale and RGB 3x3
-// stems). oneDNN runs these memory-bound (writing the full-resolution activation and reading it back costs more
+// ---- Direct path: convolutions with a small reduction (C_in*kh*kw <= kDirectMaxK: the grayscale and RGB stems, 3x3
+// and 7x7). oneDNN runs these memory-bound (writing the full-resolution activation and reading it back costs more
 // than the FLOPs), so here each task computes the conv rows its pooled row needs into a ring of pk rows (a row
 // shared with the previous pooled row is reused) and pools them from cache: the activation never reaches memory.
 // Backward gathers each conv position's gradient from pool_index and accumulates the weight, bias (and input)
 // gradients from the input patch in the same pass; per-chunk partial sums are added in a fixed order, so the
-// result does not depend on thread scheduling.
+// result does not depend on thread scheduling. The backward splits the batch between threads, so with fewer images
+// than threads a large stem (K > kDirectSmallK) takes the general backward instead (both read only pool_index and
+// out from the forward, whichever path wrote them).
+// Measured, 7x7 RGB stem to 64 channels at 224x224, 2 threads (NOTES.md, cpu extension, sixth round): forward
+// 20 ms direct against 31 ms through oneDNN at batch 16, about equal at batch 1-8; forward + backward 52 against
+// 79 ms at batch 16, 4.8-5.5 against 3.7 ms at batch 1 (one thread's direct backward).
 constexpr int64_t kDirectMaxK = 160;
+constexpr int64_t kDirectSmallK = 32;
 
 struct ConvGeometry {
   int64_t Cin, H, W, KH, KW, stride, padding;
@@ -161,6 +167,11 @@ ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& weight, int64_
 
 bool use_direct(const at::Tensor& weight, int64_t pool_kernel) {
   return pool_kernel > 0 && weight.size(1) * weight.size(2) * weight.size(3) <= kDirectMaxK;
+}
+
+bool use_direct_backward(const at::Tensor& x, const at::Tensor& weight, int64_t pool_kernel) {
+  return use_direct(weight, pool_kernel) &&
+         (weight.size(1) * weight.size(2) * weight.size(3) <= kDirectSmallK || x.size(0) >= at::get_num_threads());
 }
 
 // Calls f(k, offset) for every input element of conv position (h, w) inside the image; k = (ci*KH + i)*KW + j
@@ -391,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tokenize_backward_cpu(
     const at::Tensor& out, const at::Tensor& pool_index, int64_t stride, int64_t padding, bool relu,
     int64_t pool_kernel, int64_t pool_stride, int64_t pool_padding, bool to_tokens, bool needs_input_grad) {
   check_tokenize(x, weight, pool_kernel);
-  if (use_direct(weight, pool_kernel))
+  if (use_direct_backward(x, weight, pool_kernel))
     return direct_tokenize_backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, pool_kernel,
                                     pool_stride, pool_padding, to_tokens, needs_input_grad);
   const bool cl = conv_channels_last(x, weight);
