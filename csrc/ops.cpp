@@ -102,12 +102,12 @@ std::tuple<at::Tensor, at::Tensor> seqpool_forward_cuda(const at::Tensor& x, con
   check_seqpool_cuda(x);
   const int64_t* lens = lengths_cuda(lengths, x, "seqpool");
   const auto xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous();
-  auto out = at::empty({x.size(0), x.size(2)}, x.options());
+  auto out = at::empty({x.size(0), x.size(2)}, x.options().dtype(at::kFloat));  // float32: see seqpool.cu
   auto lse = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   auto workspace = at::empty({seqpool_cuda_workspace_floats(x.size(0), x.size(1), x.size(2))},
                              x.options().dtype(at::kFloat));
   check_launch(seqpool_forward_cuda_launch(dtype_code(x), xc.data_ptr(), w.data_ptr(), b.data_ptr(), lens,
-                                           out.data_ptr(), lse.data_ptr<float>(), workspace.data_ptr<float>(),
+                                           out.data_ptr<float>(), lse.data_ptr<float>(), workspace.data_ptr<float>(),
                                            x.size(0), x.size(1), x.size(2), stream()),
                "seqpool forward");
   return {out, lse};
@@ -121,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::T
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   check_seqpool_cuda(x);
   const int64_t* lens = lengths_cuda(lengths, x, "seqpool");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "seqpool backward (cuda): out must be the forward's float32 output");
   const auto g = grad_out.contiguous(), xc = aligned16(x), w = weight.contiguous(), b = bias.contiguous(),
              o = out.contiguous(), l = lse.to(at::kFloat).contiguous();
   auto gx = at::empty_like(xc);
@@ -128,14 +129,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cuda(const at::T
   auto gw_rows = at::empty({parts, D}, x.options().dtype(at::kFloat));
   auto gb_rows = at::empty({parts}, x.options().dtype(at::kFloat));
   check_launch(seqpool_backward_cuda_launch(dtype_code(x), g.data_ptr(), xc.data_ptr(), w.data_ptr(), b.data_ptr(),
-                                            o.data_ptr(), l.data_ptr<float>(), lens, gx.data_ptr(),
+                                            o.data_ptr<float>(), l.data_ptr<float>(), lens, gx.data_ptr(),
                                             gw_rows.data_ptr<float>(), gb_rows.data_ptr<float>(), B, N, D, stream()),
                "seqpool backward");
-  // Each row's ds sums to delta = g.(out_exact - out), not 0, since ds is centred on the output as saved in the
-  // input dtype; the exactly centred ds give dw - delta out and db = 0 (softmax is shift-invariant), written
-  // delta - delta so that a NaN row still gives NaN, as the reference does.
+  // Each row's ds sums to delta = g.(out_exact - out), 0 up to float32 rounding; the exactly centred ds give
+  // dw - delta out and db = 0 (softmax is shift-invariant), written delta - delta so that a NaN row still gives
+  // NaN, as the reference does.
   const auto delta = gb_rows.view({B, splits}).sum(1, true);
-  const auto gw = (gw_rows.sum(0) - (delta * o.to(at::kFloat)).sum(0)).view({1, D});
+  const auto gw = (gw_rows.sum(0) - (delta * o).sum(0)).view({1, D});
   return {gx, gw.to(weight.scalar_type()), (delta - delta).sum(0).to(bias.scalar_type())};
 }
 

@@ -84,9 +84,9 @@ def test_rows_wider_than_one_block_loop_over_d(dtype, device):
     class Chunked(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight, bias):
-            out, lse = triton_seqpool.forward(x, weight, bias, max_block_d=32)
+            out, lse = triton_seqpool.forward(x, weight, bias, max_block_d=32)  # out float32, as the op saves it
             ctx.save_for_backward(x, weight, bias, out, lse)
-            return out
+            return out.to(x.dtype)
 
         @staticmethod
         def backward(ctx, grad_out):
@@ -128,7 +128,7 @@ def test_key_padding_matches_float64(dtype, max_block_d, device, monkeypatch):
         def forward(ctx, x, weight, bias):
             out, lse = triton_seqpool.forward(x, weight, bias, lengths, max_block_d=max_block_d)
             ctx.save_for_backward(x, weight, bias, out, lse)
-            return out
+            return out.to(x.dtype)
 
         @staticmethod
         def backward(ctx, grad_out):

@@ -27,10 +27,10 @@ def unsupported(x, weight, bias, lengths=None, *, backend: str) -> str | None:
 
 
 def forward(x, weight, bias, lengths=None):
-    """-> (out (B, D) x.dtype, lse (B,) float32)."""
+    """-> (out (B, D) float32, lse (B,) float32)."""
     return tuple(extension.ops().seqpool_forward(x, weight, bias, lengths))
 
 
 def backward(grad_out, x, weight, bias, out, lse, lengths=None):
-    """-> (grad_x (B, N, D), grad_weight (1, D), grad_bias (1,))."""
+    """-> (grad_x (B, N, D), grad_weight (1, D), grad_bias (1,)); out: the forward's (float32)."""
     return tuple(extension.ops().seqpool_backward(grad_out, x, weight, bias, out, lse, lengths))

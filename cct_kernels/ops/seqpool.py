@@ -10,8 +10,12 @@ them, reading real tokens only); a bool mask that is not a prefix of each sequen
 torch.compile or a CUDA graph capture a bool mask is served as given by eager (pass lengths there).
 
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends):
-    forward(x, weight, bias, lengths) -> (out (B, D) x.dtype, lse (B,) float32: logsumexp over n of the scores)
-    backward(grad_out, x, weight, bias, out, lse, lengths) -> (grad_x, grad_weight, grad_bias)
+    forward(x, weight, bias, lengths) -> (out (B, D) float32, lse (B,) float32: logsumexp over n of the scores)
+    backward(grad_out (B, D) x.dtype, x, weight, bias, out (float32, the forward's), lse, lengths)
+        -> (grad_x, grad_weight, grad_bias)
+The forward's output stays float32 for the backward: the score gradients ds_n = p_n g.(x_n - out) are centred on
+it, and only on the exact output do they sum to zero (centred on a float16/bfloat16 rounding of it, dx gained a
+p_n g.(out_exact - out) w term, up to 6x eager's error). seqpool() returns it cast to x's dtype.
 `lengths` (last, default None) is None or (B,) int64 key padding (see mask); unsupported(x, weight, bias, lengths)
 declines what a kernel cannot serve.
 
@@ -45,7 +49,7 @@ _forward = torch.library.custom_op("cct_kernels::seqpool_forward", _run_forward,
 
 @_forward.register_fake
 def _(x, weight, bias, backend, lengths=None):
-    return x.new_empty(x.shape[0], x.shape[2]), x.new_empty(x.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], x.shape[2], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("cct_kernels::seqpool_backward", mutates_args=())
@@ -69,25 +73,10 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
     x, weight, bias, lengths, out, lse = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _backward(grad_out.contiguous(), x, weight, bias, out, lse, ctx.backend, lengths)
-    if x.dtype != torch.float32:
-        grad_x = _centre_on_exact_output(grad_x, grad_out, x, weight, bias, out, lse, lengths)
+    # grad_out arrives float32 through seqpool()'s cast; it was x.dtype before it, so casting back is exact
+    grad_out = grad_out.to(x.dtype).contiguous()
+    grad_x, grad_weight, grad_bias = _backward(grad_out, x, weight, bias, out, lse, ctx.backend, lengths)
     return grad_x, grad_weight, grad_bias, None, None
-
-
-def _centre_on_exact_output(grad_x, grad_out, x, weight, bias, out, lse, lengths):
-    """float16/bfloat16: the kernels centre the score gradients on `out` as saved in x's dtype, so each row's
-    ds_n = p_n g.(x_n - out) sums to delta = g.(out_exact - out) instead of 0. They remove delta's share from dw
-    and db; in dx it stays as p_n delta w, up to 6x eager's error (hypothesis found rows with it). Removed here, in
-    float32, in one extra pass over x: dx_n -= p_n delta w."""
-    xf = x.float()
-    scores = (xf @ weight.float().t()).squeeze(-1) + bias.float()
-    p = torch.where(torch.isinf(lse)[:, None], 0.0, torch.exp(scores - lse[:, None]))  # empty rows: lse = -inf
-    if lengths is not None:
-        p = p * (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])
-    exact = torch.einsum("bn,bnd->bd", p, xf)
-    delta = (grad_out.float() * (exact - out.float())).sum(-1)
-    return (grad_x.float() - p[:, :, None] * delta[:, None, None] * weight.float()).to(x.dtype)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -115,4 +104,4 @@ def seqpool(
     if name == "eager":
         return reference.seqpool(x, weight, bias, mask=None if padding is None else padding.mask)
     forward = _run_forward if runs_directly(x, weight, bias) else _forward
-    return forward(x, weight, bias, name, lengths)[0]
+    return forward(x, weight, bias, name, lengths)[0].to(x.dtype)

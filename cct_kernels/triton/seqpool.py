@@ -301,10 +301,10 @@ def _lengths_arg(lengths, x):
 
 
 def forward(x, weight, bias, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
-    """x (B, N, D), weight (1, D), bias (1,), lengths None or (B,) int64 -> (out (B, D) x.dtype, lse (B,) float32;
+    """x (B, N, D), weight (1, D), bias (1,), lengths None or (B,) int64 -> (out (B, D) float32, lse (B,) float32;
     a row without real tokens: out 0, lse -inf)."""
     B, N, D = x.shape
-    out = _empty(B, D, device=x.device, dtype=x.dtype)
+    out = _empty(B, D, device=x.device, dtype=torch.float32)
     lse = _empty(B, device=x.device, dtype=torch.float32)
     if B == 0:
         return out, lse
@@ -330,8 +330,8 @@ def forward(x, weight, bias, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
 
 
 def backward(grad_out, x, weight, bias, out, lse, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
-    """-> (grad_x (B, N, D) x.dtype, grad_weight (1, D), grad_bias (1,)); grad_out (B, D) contiguous; lengths
-    those of the forward."""
+    """-> (grad_x (B, N, D) x.dtype, grad_weight (1, D), grad_bias (1,)); grad_out (B, D) contiguous; out (float32)
+    and lengths those of the forward."""
     B, N, D = x.shape
     grad_x = _empty(B, N, D, device=x.device, dtype=x.dtype)
     if B == 0:
@@ -347,11 +347,11 @@ def backward(grad_out, x, weight, bias, out, lse, lengths=None, *, max_block_d: 
         split, BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, HAS_LENGTHS=lengths is not None,
         num_warps=num_warps,
     )
-    # Each row's ds sums to delta = g.(out_exact - out), not 0, since ds is centred on the output as saved in the
-    # input dtype; the exactly centred ds give dw - delta out and db = 0 (softmax is shift-invariant), written
-    # delta - delta so that a NaN row still gives NaN, as the reference does.
+    # Each row's ds sums to delta = g.(out_exact - out), 0 up to float32 rounding; the exactly centred ds give
+    # dw - delta out and db = 0 (softmax is shift-invariant), written delta - delta so that a NaN row still gives
+    # NaN, as the reference does.
     delta = db_ws.view(B, split).sum(1, keepdim=True)
-    grad_weight = (dw_ws.sum(0) - (delta * out.float()).sum(0)).unsqueeze(0).to(weight.dtype)
+    grad_weight = (dw_ws.sum(0) - (delta * out).sum(0)).unsqueeze(0).to(weight.dtype)
     grad_bias = (delta - delta).sum(0).to(bias.dtype)
     return grad_x, grad_weight, grad_bias
 

@@ -1,6 +1,7 @@
 // SeqPool on CPU: out[b] = sum_n softmax_n(x[b,n].w + bias) x[b,n], one pass over x from memory with an online
 // softmax per block of rows (each block is read twice, the second time from L2).
-// x (B, N, D) float32/float16/bfloat16 contiguous, weight (1, D), bias (1,); float32 accumulation.
+// x (B, N, D) float32/float16/bfloat16 contiguous, weight (1, D), bias (1,); float32 accumulation. out is float32
+// whatever x's dtype: the backward centres its score gradients on it (cct_kernels/ops/seqpool.py says why).
 // Parallel over batch rows, and over chunks of N when B is smaller than the thread count (partials merged after).
 #include "common.h"
 #include "cpu_ops.h"
@@ -81,7 +82,7 @@ const float* rows_f32(const T* src, int64_t m, int64_t D, std::vector<float>& bu
 // memory once (the block is re-read from L2).
 // Key padding: row b pools its first real_tokens(lengths, b, N) tokens; a row with none gives zeros, lse = -inf.
 template <typename T>
-void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float* lse, int64_t B, int64_t N,
+void seqpool_forward_kernel(const T* x, const T* w_in, float bias, float* out, float* lse, int64_t B, int64_t N,
                             int64_t D, const int64_t* lengths) {
   const int64_t nc = chunks_per_row(B, N, D);
   const int64_t chunk = (N + nc - 1) / nc;
@@ -136,16 +137,16 @@ void seqpool_forward_kernel(const T* x, const T* w_in, float bias, T* out, float
         for (int64_t k = 0; k < D; ++k) o[k] += r * a[k];
       }
       const float inv = Z > 0.f ? 1.f / Z : 0.f;
-      for (int64_t k = 0; k < D; ++k) out[b * D + k] = static_cast<T>(o[k] * inv);
+      for (int64_t k = 0; k < D; ++k) out[b * D + k] = o[k] * inv;
       lse[b] = Z > 0.f ? M + std::log(Z) : -INFINITY;
     }
   });
 }
 
 // p_n = exp(s_n - lse); ds_n = p_n (g.x_n - g.out); dx_n = p_n g + ds_n w; dw = sum ds_n x_n; db = sum ds_n.
-// Per block: s = X w, g.(x_n - out) per row, the rank-2 row update, dw += X^T ds.
+// Per block: s = X w, g.(x_n - out) per row, the rank-2 row update, dw += X^T ds. out: the forward's, float32.
 template <typename T>
-void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bias, const T* out_in,
+void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bias, const float* out_in,
                              const float* lse, T* gx, float* gw_out, float* gb_out, int64_t B, int64_t N,
                              int64_t D, const int64_t* lengths) {
   const int64_t nc = chunks_per_row(B, N, D);
@@ -161,7 +162,7 @@ void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bia
         std::fill(gx + (b * N + n) * D, gx + (b * N + n + 1) * D, static_cast<T>(0.f));
       for (int64_t k = 0; k < D; ++k) {
         g[k] = to_f(g_in[b * D + k]);
-        o[k] = to_f(out_in[b * D + k]);
+        o[k] = out_in[b * D + k];
       }
       float* pw = gw.data() + t * D;
       std::fill(pw, pw + D, 0.f);
@@ -191,10 +192,9 @@ void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bia
       gb[t] = pb;
     }
   });
-  // Each row's ds sums to delta = g.(out_exact - out) instead of 0, because ds is centred on the output as saved
-  // in the input dtype. The exactly centred ds_n - p_n delta give dw - delta out and db = 0 (softmax is
-  // shift-invariant), written delta - delta so that a NaN row still gives NaN, as the reference does; dx keeps the
-  // p_n delta w term, an error of the size of out's rounding.
+  // Each row's ds sums to delta = g.(out_exact - out), 0 up to float32 rounding. The exactly centred ds_n - p_n delta
+  // give dw - delta out and db = 0 (softmax is shift-invariant), written delta - delta so that a NaN row still
+  // gives NaN, as the reference does.
   std::fill(gw_out, gw_out + D, 0.f);
   float db = 0.f;
   for (int64_t b = 0; b < B; ++b) {
@@ -205,7 +205,7 @@ void seqpool_backward_kernel(const T* g_in, const T* x, const T* w_in, float bia
 #pragma omp simd
       for (int64_t k = 0; k < D; ++k) gw_out[k] += pw[k];
     }
-    for (int64_t k = 0; k < D; ++k) gw_out[k] -= delta * to_f(out_in[b * D + k]);
+    for (int64_t k = 0; k < D; ++k) gw_out[k] -= delta * out_in[b * D + k];
     db += delta - delta;
   }
   *gb_out = db;
@@ -225,12 +225,12 @@ std::tuple<at::Tensor, at::Tensor> seqpool_forward_cpu(const at::Tensor& x, cons
                                                        const at::Tensor& bias, const c10::optional<at::Tensor>& lengths) {
   check_seqpool(x, weight, bias);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  auto out = at::empty({B, D}, x.options());
+  auto out = at::empty({B, D}, x.options().dtype(at::kFloat));
   auto lse = at::empty({B}, x.options().dtype(at::kFloat));
   const auto w = weight.contiguous();
   const float b = bias.item<float>();
   CCT_DISPATCH(x.scalar_type(), "seqpool_forward_cpu", [&] {
-    seqpool_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b, out.data_ptr<scalar_t>(),
+    seqpool_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b, out.data_ptr<float>(),
                                      lse.data_ptr<float>(), B, N, D, lengths_data(lengths, B));
   });
   return {out, lse};
@@ -242,6 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cpu(const at::Te
                                                                     const c10::optional<at::Tensor>& lengths) {
   check_seqpool(x, weight, bias);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "seqpool_backward: out must be the forward's float32 output");
   const auto g = grad_out.contiguous(), o = out.contiguous(), w = weight.contiguous();
   const auto l = lse.to(at::kFloat).contiguous();
   auto gx = cached_empty(x.sizes(), x.options());
@@ -250,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seqpool_backward_cpu(const at::Te
   const float b = bias.item<float>();
   CCT_DISPATCH(x.scalar_type(), "seqpool_backward_cpu", [&] {
     seqpool_backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b,
-                                      o.data_ptr<scalar_t>(), l.data_ptr<float>(), gx.data_ptr<scalar_t>(),
+                                      o.data_ptr<float>(), l.data_ptr<float>(), gx.data_ptr<scalar_t>(),
                                       gw.data_ptr<float>(), gb.data_ptr<float>(), B, N, D, lengths_data(lengths, B));
   });
   return {gx, gw.view({1, D}).to(weight.scalar_type()), gb.to(bias.scalar_type())};

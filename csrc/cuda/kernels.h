@@ -13,7 +13,8 @@ namespace cct {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-// SeqPool, x (B, N, D), weight (D), bias (1) on device. Forward: out (B, D) dtype, lse (B) float32.
+// SeqPool, x (B, N, D), weight (D), bias (1) on device. Forward: out (B, D) float32 (the backward's out: float32),
+// lse (B) float32.
 // Limits: any N; D <= seqpool_cuda_max_d: 1024 when D is a multiple of 16 bytes (x read in 16-byte vectors; x and
 // grad_x 16-byte aligned), else 256 (a warp keeps its rows' accumulators in registers, kSeqPoolMaxPerLane floats
 // per lane). The launchers return cudaErrorInvalidValue beyond it.
@@ -35,13 +36,13 @@ inline int64_t seqpool_cuda_workspace_floats(int64_t B, int64_t N, int64_t D) {
 // lengths: nullptr, or (B) int64 on the device, the real tokens (a prefix) of each row, 0 <= lengths[b] <= N: the
 // softmax runs over those only; a row with none gets out 0 and lse -inf.
 cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias,
-                                        const int64_t* lengths, void* out, float* lse, float* workspace, int64_t B,
+                                        const int64_t* lengths, float* out, float* lse, float* workspace, int64_t B,
                                         int64_t N, int64_t D, cudaStream_t stream);
 // Backward: grad_x (B, N, D) dtype (0 for padded tokens); partial grad_weight (B * S, D) and grad_bias (B * S) in
 // float32, one row per block, S = seqpool_cuda_splits(B, N) (summed by the caller, so the result does not depend on
 // atomics' order).
 cudaError_t seqpool_backward_cuda_launch(int dtype, const void* grad_out, const void* x, const void* weight,
-                                         const void* bias, const void* out, const float* lse, const int64_t* lengths,
+                                         const void* bias, const float* out, const float* lse, const int64_t* lengths,
                                          void* grad_x, float* grad_weight_rows, float* grad_bias_rows, int64_t B,
                                          int64_t N, int64_t D, cudaStream_t stream);
 

@@ -6,6 +6,7 @@
 // Forward: per row s_n = x_n . w + bias (warp all-reduce), then an online softmax: a larger s_n rescales the
 // warp's (l, acc) by exp(m - s_n); warps are merged in a fixed order (deterministic) through shared memory, and
 // with S > 1 the blocks' partials (max, sum, accumulators) by seqpool_combine_kernel, also in a fixed order.
+// out is float32 whatever x's dtype: the backward centres on it (cct_kernels/ops/seqpool.py says why).
 // Backward: per row, p_n = exp(s_n - lse), ds_n = p_n g.(x_n - out) (one sum: g.x_n - g.out would cancel),
 // grad_x[n] = p_n g + ds_n w written at once, and the warp accumulates grad_w += ds_n x_n, grad_b += ds_n.
 // NaN propagates as in the reference: a NaN score makes p_n NaN (never a max candidate: `s > m` is false).
@@ -84,7 +85,7 @@ template <typename T, int V, int C>
 __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                const T* __restrict__ bias,
                                                                const int64_t* __restrict__ lengths,
-                                                               T* __restrict__ out, float* __restrict__ lse,
+                                                               float* __restrict__ out, float* __restrict__ lse,
                                                                float* __restrict__ part, int N, int D, int rows) {
   extern __shared__ float smem[];  // w (D floats), the merged accumulator (D floats)
   float* sw = smem;
@@ -161,8 +162,7 @@ __global__ void __launch_bounds__(kThreads) seqpool_fwd_kernel(const T* __restri
 }
 
 // out[b] and lse[b] from the S partials of batch row b (one block per row, threads over D; splits in order).
-template <typename T>
-__global__ void __launch_bounds__(256) seqpool_combine_kernel(const float* __restrict__ part, T* __restrict__ out,
+__global__ void __launch_bounds__(256) seqpool_combine_kernel(const float* __restrict__ part, float* __restrict__ out,
                                                               float* __restrict__ lse, int S, int D) {
   const int b = blockIdx.x;
   const float* row = part + (int64_t)b * S * (D + 2);
@@ -193,7 +193,7 @@ constexpr int bwd_min_blocks(int per_lane) { return per_lane <= 4 ? 4 : per_lane
 template <typename T, int V, int C>
 __global__ void __launch_bounds__(kThreads, bwd_min_blocks(V * C))
     seqpool_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ w,
-                       const T* __restrict__ bias, const T* __restrict__ out, const float* __restrict__ lse,
+                       const T* __restrict__ bias, const float* __restrict__ out, const float* __restrict__ lse,
                        const int64_t* __restrict__ lengths, T* __restrict__ gx, float* __restrict__ gw_rows,
                        float* __restrict__ gb_rows, int N, int D, int rows) {
   extern __shared__ float smem[];  // w, g, out, the merged grad_w (D floats each)
@@ -307,7 +307,7 @@ bool dispatch_width(int64_t D, const void* a, const void* b, F&& launch) {
 
 // Shared memory: 2 (forward) or 4 (backward) x D floats <= 4 x 1024 x 4 bytes = 16 KB: under the 48 KB default.
 template <typename T>
-cudaError_t launch_fwd(const void* x, const void* w, const void* bias, const int64_t* lengths, void* out, float* lse,
+cudaError_t launch_fwd(const void* x, const void* w, const void* bias, const int64_t* lengths, float* out, float* lse,
                        float* part, int64_t B, int64_t N, int64_t D, cudaStream_t stream) {
   const int64_t S = seqpool_cuda_splits(B, N), rows = (N + S - 1) / S;
   const size_t smem = 2 * D * sizeof(float);
@@ -317,16 +317,16 @@ cudaError_t launch_fwd(const void* x, const void* w, const void* bias, const int
     using W = decltype(width);
     seqpool_fwd_kernel<T, W::kV, W::kC><<<grid, kThreads, smem, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias), lengths,
-        static_cast<T*>(out), lse, partials, (int)N, (int)D, (int)rows);
+        out, lse, partials, (int)N, (int)D, (int)rows);
   });
   if (!ok) return cudaErrorInvalidValue;
   if (S > 1)
-    seqpool_combine_kernel<T><<<(unsigned)B, 256, 0, stream>>>(part, static_cast<T*>(out), lse, (int)S, (int)D);
+    seqpool_combine_kernel<<<(unsigned)B, 256, 0, stream>>>(part, out, lse, (int)S, (int)D);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_bwd(const void* g, const void* x, const void* w, const void* bias, const void* out,
+cudaError_t launch_bwd(const void* g, const void* x, const void* w, const void* bias, const float* out,
                        const float* lse, const int64_t* lengths, void* gx, float* gw_rows, float* gb_rows, int64_t B,
                        int64_t N, int64_t D, cudaStream_t stream) {
   const int64_t S = seqpool_cuda_splits(B, N), rows = (N + S - 1) / S;
@@ -336,7 +336,7 @@ cudaError_t launch_bwd(const void* g, const void* x, const void* w, const void* 
     using W = decltype(width);
     seqpool_bwd_kernel<T, W::kV, W::kC><<<grid, kThreads, smem, stream>>>(
         static_cast<const T*>(g), static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias),
-        static_cast<const T*>(out), lse, lengths, static_cast<T*>(gx), gw_rows, gb_rows, (int)N, (int)D, (int)rows);
+        out, lse, lengths, static_cast<T*>(gx), gw_rows, gb_rows, (int)N, (int)D, (int)rows);
   });
   return ok ? cudaGetLastError() : cudaErrorInvalidValue;
 }
@@ -344,7 +344,7 @@ cudaError_t launch_bwd(const void* g, const void* x, const void* w, const void* 
 }  // namespace
 
 cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* weight, const void* bias,
-                                        const int64_t* lengths, void* out, float* lse, float* workspace, int64_t B,
+                                        const int64_t* lengths, float* out, float* lse, float* workspace, int64_t B,
                                         int64_t N, int64_t D, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   switch (dtype) {
@@ -356,7 +356,7 @@ cudaError_t seqpool_forward_cuda_launch(int dtype, const void* x, const void* we
 }
 
 cudaError_t seqpool_backward_cuda_launch(int dtype, const void* grad_out, const void* x, const void* weight,
-                                         const void* bias, const void* out, const float* lse, const int64_t* lengths,
+                                         const void* bias, const float* out, const float* lse, const int64_t* lengths,
                                          void* grad_x, float* grad_weight_rows, float* grad_bias_rows, int64_t B,
                                          int64_t N, int64_t D, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
