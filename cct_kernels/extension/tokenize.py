@@ -2,10 +2,12 @@
 
 Both backends run the convolution through ATen (oneDNN on CPU, cuDNN on CUDA) and then one fused pass of their own
 for ReLU + max pool + output layout (tokens or NCHW) + the int8 pool_index; backward gathers the conv-output gradient
-from pool_index and calls ATen's convolution_backward. On CPU, stems with C_in*kh*kw <= 32 (grayscale and RGB 3x3)
-take a direct path instead: per conv row a small patch GEMM, pooled from cache (the full-resolution activation is
-never written), and a backward that accumulates the weight/bias/input gradients from the gathered gradient and the
-patches in the same pass. float32/float16/bfloat16; pool kernel <= 11 (int8 index).
+from pool_index and calls ATen's convolution_backward. The cpu backend's NCHW output and pool_index are
+channels-last and its grad_x comes back in x's layout (the cuda backend's are row-major). On CPU, stems with
+C_in*kh*kw <= 160 (grayscale and RGB, 3x3 and 7x7) take a direct path instead: per conv row a small patch GEMM,
+pooled from cache (the full-resolution activation is never written), and a backward that accumulates the
+weight/bias/input gradients from the gathered gradient and the patches in the same pass (for the 7x7 RGB stem only
+with at least as many images as threads). float32/float16/bfloat16; pool kernel <= 11 (int8 index).
 """
 from __future__ import annotations
 
