@@ -1,10 +1,10 @@
 """Shared test helpers: which (op, kernel backend) pairs run on this machine, which backends can serve a whole
-model, and the tolerance rule."""
+model, the tolerance rule, and the channels-last checks of the tokenizer backends that write it."""
 from unittest import mock
 
 import torch
 
-from cct_kernels import backends
+from cct_kernels import backends, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 OPS = ("tokenize", "attention", "seqpool", "linear")
@@ -83,3 +83,46 @@ def assert_close_to_reference(out, ref64, eager_same_dtype, name="output", facto
     assert err <= factor * eager_err + floor * scale, (
         f"{name}: max error {err:.3e} vs eager {eager_same_dtype.dtype} error {eager_err:.3e} (scale {scale:.3e})"
     )
+
+
+def check_two_stages_channels_last(tokenize, x, w1, w2, stage1: dict, stage2: dict, grad_out: torch.Tensor):
+    """Stage 1 (tokenize(x, w1, **stage1, to_tokens=False)) returns a channels-last (B, C, H, W) tensor, stage 2
+    (to_tokens=True) takes it, and stage 1's gradient comes back channels-last; values and gradients match float64.
+    Returns stage 1's output and the three leaves (copies of x, w1, w2) the stages ran on."""
+    stage_grads = []
+
+    def two_stages(tokenize, x, w1, w2):
+        y = tokenize(x, w1, **stage1, to_tokens=False)
+        if y.requires_grad:
+            y.register_hook(stage_grads.append)
+        return y, tokenize(y, w2, **stage2, to_tokens=True)
+
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    y, out = two_stages(tokenize, *leaves)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    out.backward(grad_out)
+    assert stage_grads[0].is_contiguous(memory_format=torch.channels_last) and not stage_grads[0].is_contiguous()
+    exact = [t.double().requires_grad_() for t in (x, w1, w2)]
+    exact_y, exact_out = two_stages(reference.tokenize, *exact)
+    exact_out.backward(grad_out.double())
+    torch.testing.assert_close(y.double(), exact_y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double(), exact_out, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(leaves, exact):
+        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=1e-4, atol=1e-4)
+    return y, leaves
+
+
+def check_backward_takes_any_layout(out, index, grads):
+    """out and pool_index of a channels-last NCHW tokenizer output, and grads(grad_out, out, pool_index) -> the
+    backward's gradients: grad_out channels-last, row-major or a strided slice, and a row-major out and pool_index,
+    all give the same gradients, bit for bit. Returns them."""
+    assert out.is_contiguous(memory_format=torch.channels_last) and index.stride() == out.stride()
+    grad = torch.randn(out.shape, device=out.device)
+    wide = torch.zeros(*out.shape[:3], out.shape[3] + 3, device=out.device)
+    wide[..., :out.shape[3]] = grad
+    expected = grads(grad.contiguous(memory_format=torch.channels_last), out, index)
+    for g, o, i in ((grad, out, index), (wide[..., :out.shape[3]], out, index),
+                    (grad, out.contiguous(), index.contiguous())):
+        for e, got in zip(expected, grads(g, o, i)):
+            torch.testing.assert_close(got, e, rtol=0, atol=0)
+    return expected

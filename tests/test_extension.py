@@ -13,6 +13,7 @@ import cct_kernels
 from cct_kernels import backends, extension, ops, reference
 from cct_kernels.extension import attention as ext_attention
 from cct_kernels.ops.attention import new_seed
+from tests.cases import check_backward_takes_any_layout, check_two_stages_channels_last
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()
@@ -336,61 +337,32 @@ def test_tokenize_cpu_low_precision_forward_general_conv(dtype):
 
 @pytest.mark.parametrize("k1, c1", [(7, 3), (3, 5)], ids=["direct-rgb-7x7-stem", "onednn-stem"])
 def test_tokenize_cpu_two_stages_pass_the_activation_channels_last(k1, c1):
-    """Stage 1 (to_tokens=False) returns a channels-last (B, C, H, W) tensor with pool_index in its layout, stage 2
-    reads it as it is, and stage 1's gradient comes back channels-last; values and gradients match float64."""
+    """Stage 1's (B, C, H, W) output and pool_index are channels-last, stage 2 reads the output as it is, and stage 1's
+    gradient comes back channels-last; values and gradients match float64 (tests/cases.py)."""
     x = torch.randn(2, c1, 21, 19)
     w1 = torch.randn(16, c1, k1, k1) * (2 / (c1 * k1 * k1)) ** 0.5
     w2 = torch.randn(20, 16, 7, 7) * (2 / (16 * 49)) ** 0.5
-    stage_grads = []
-
-    def two_stages(tokenize, x, w1, w2):
-        y = tokenize(x, w1, stride=2, padding=k1 // 2, to_tokens=False)
-        if y.requires_grad:
-            y.register_hook(stage_grads.append)
-        return y, tokenize(y, w2, stride=1, padding=3, to_tokens=True)
-
-    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
-    y, out = two_stages(lambda *a, **k: ops.tokenize(*a, **k, backend="cpu"), *leaves)
-    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    y, _ = check_two_stages_channels_last(lambda *a, **k: ops.tokenize(*a, **k, backend="cpu"), x, w1, w2,
+                                          dict(stride=2, padding=k1 // 2), dict(stride=1, padding=3),
+                                          torch.randn(2, 9, 20))
     _, index = torch.ops.cct_kernels_C.tokenize_forward(x, w1, None, 2, k1 // 2, True, 3, 2, 1, False)
     assert index.stride() == y.stride()
-    grad_out = torch.randn(out.shape)
-    out.backward(grad_out)
-    assert stage_grads[0].is_contiguous(memory_format=torch.channels_last) and not stage_grads[0].is_contiguous()
-    exact = [t.double().requires_grad_() for t in (x, w1, w2)]
-    exact_y, exact_out = two_stages(reference.tokenize, *exact)
-    exact_out.backward(grad_out.double())
-    torch.testing.assert_close(y.double(), exact_y, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.double(), exact_out, rtol=1e-4, atol=1e-5)
-    for got, expected in zip(leaves, exact):
-        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("c_in, x_channels_last", [(3, False), (16, False), (16, True)],
                          ids=["direct", "onednn", "onednn-channels-last-x"])
 def test_tokenize_cpu_backward_takes_any_layout(c_in, x_channels_last):
-    """grad_out of a channels-last NCHW output: channels-last, row-major, or a strided slice, and a row-major out
-    and pool_index, all give the same gradients; grad_x comes back in x's layout."""
+    """The backward's gradients do not depend on the layouts of grad_out, out and pool_index (tests/cases.py);
+    grad_x comes back in x's layout."""
     x = torch.randn(2, c_in, 15, 13)
     if x_channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(12, c_in, 7, 7) * (2 / (c_in * 49)) ** 0.5
     kernels = torch.ops.cct_kernels_C
     out, index = kernels.tokenize_forward(x, weight, None, 2, 3, True, 3, 2, 1, False)
-    assert out.is_contiguous(memory_format=torch.channels_last) and index.stride() == out.stride()
-    grad = torch.randn(out.shape)
-    wide = torch.zeros(*out.shape[:3], out.shape[3] + 3)
-    wide[..., :out.shape[3]] = grad
-
-    def grads(g, o=out, i=index):
-        return kernels.tokenize_backward(g, x, weight, None, o, i, 2, 3, True, 3, 2, 1, False, True)
-
-    expected = grads(grad.contiguous(memory_format=torch.channels_last))
-    assert expected[0].is_contiguous(memory_format=torch.channels_last if x_channels_last else torch.contiguous_format)
-    for g, o, i in ((grad, out, index), (wide[..., :out.shape[3]], out, index),
-                    (grad, out.contiguous(), index.contiguous())):
-        for e, got in zip(expected, grads(g, o, i)):
-            torch.testing.assert_close(got, e, rtol=0, atol=0)
+    grad_x, _, _ = check_backward_takes_any_layout(
+        out, index, lambda g, o, i: kernels.tokenize_backward(g, x, weight, None, o, i, 2, 3, True, 3, 2, 1, False, True))
+    assert grad_x.is_contiguous(memory_format=torch.channels_last if x_channels_last else torch.contiguous_format)
 
 
 def test_tokenize_pool_index_is_first_argmax_of_relu():

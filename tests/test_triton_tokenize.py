@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cct_kernels import backends, ops, reference
 from cct_kernels.triton import tokenize as triton_tokenize
+from tests.cases import check_backward_takes_any_layout, check_two_stages_channels_last
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -208,34 +209,17 @@ class _KernelSpy:
 
 def test_two_stages_pass_the_activation_channels_last_without_a_copy(monkeypatch, device):
     """Stage 1 (to_tokens=False) returns a channels-last (B, C, H, W) tensor; stage 2 hands it to the kernel as it
-    is (no transpose), and its gradient comes back to stage 1 channels-last; values and gradients match float64."""
+    is (no transpose), and its gradient comes back to stage 1 channels-last; values and gradients match float64
+    (tests/cases.py)."""
     x = torch.randn(2, 3, 10, 9, device=device)
     w1 = torch.randn(16, 3, 3, 3, device=device) * (2 / 27) ** 0.5
     w2 = torch.randn(20, 16, 3, 3, device=device) * (2 / 144) ** 0.5  # C_in 16: the per-tap channels-last path
-    grad_out = torch.randn(2, 9, 20, device=device)
     spy = _KernelSpy(triton_tokenize._forward_kernel)
     monkeypatch.setattr(triton_tokenize, "_forward_kernel", spy)
-    stage_grads = []
-
-    def two_stages(tokenize, x, w1, w2):
-        y = tokenize(x, w1, stride=1, padding=1, to_tokens=False)
-        if y.requires_grad:
-            y.register_hook(stage_grads.append)
-        return y, tokenize(y, w2, stride=1, padding=1, to_tokens=True)
-
-    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
-    y, out = two_stages(lambda *a, **k: ops.tokenize(*a, **k, backend="triton"), *leaves)
-    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    y, leaves = check_two_stages_channels_last(lambda *a, **k: ops.tokenize(*a, **k, backend="triton"), x, w1, w2,
+                                               dict(stride=1, padding=1), dict(stride=1, padding=1),
+                                               torch.randn(2, 9, 20, device=device))
     assert [a.data_ptr() for a in spy.first_args] == [leaves[0].data_ptr(), y.data_ptr()]  # stage 2 read y in place
-    out.backward(grad_out)
-    assert stage_grads[0].is_contiguous(memory_format=torch.channels_last) and not stage_grads[0].is_contiguous()
-    exact = [t.double().requires_grad_() for t in (x, w1, w2)]
-    exact_y, exact_out = two_stages(reference.tokenize, *exact)
-    exact_out.backward(grad_out.double())
-    torch.testing.assert_close(y.double(), exact_y, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.double(), exact_out, rtol=1e-4, atol=1e-5)
-    for got, expected in zip(leaves, exact):
-        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_takes_the_gradient_in_the_layout_it_gets(device):
@@ -244,19 +228,8 @@ def test_backward_takes_the_gradient_in_the_layout_it_gets(device):
     x = torch.randn(1, 16, 9, 10, device=device)
     weight = torch.randn(12, 16, 3, 3, device=device) * (2 / 144) ** 0.5
     out, index = triton_tokenize.forward(x, weight, None, 1, 1, True, 3, 2, 1, False)
-    assert out.is_contiguous(memory_format=torch.channels_last) and index.stride() == out.stride()
-    grad = torch.randn(out.shape, device=device)
-    wide = torch.zeros(*out.shape[:3], out.shape[3] + 3, device=device)
-    wide[..., :out.shape[3]] = grad
-
-    def grads(g, o=out, i=index):
-        return triton_tokenize.backward(g, x, weight, None, o, i, 1, 1, True, 3, 2, 1, False)
-
-    expected = grads(grad.contiguous(memory_format=torch.channels_last))
-    for g, o, i in ((grad, out, index), (wide[..., :out.shape[3]], out, index),
-                    (grad, out.contiguous(), index.contiguous())):
-        for e, got in zip(expected, grads(g, o, i)):
-            torch.testing.assert_close(got, e, rtol=0, atol=0)
+    check_backward_takes_any_layout(
+        out, index, lambda g, o, i: triton_tokenize.backward(g, x, weight, None, o, i, 1, 1, True, 3, 2, 1, False))
 
 
 def _meta_stage(c_in, c_out, k, stride, padding, size, dtype=torch.bfloat16, batch=64):
