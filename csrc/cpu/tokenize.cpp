@@ -38,8 +38,9 @@ bool have_avx512() {
 }
 
 // Max pool of one pooled row (b, ph) from channels-last conv rows: row(h) points at conv row h (Wo x C, any float
-// type); writes out/index at their strides. mx, ix: scratch of C floats. The window's argmax code is tracked as a
-// float so that the whole loop is one float vector type (int8 lanes beside float lanes keep GCC from vectorising).
+// type); writes out/index at os, channel-fastest (os.c == 1). mx, ix: scratch of C floats. The window's argmax code
+// is tracked as a float so that the whole loop is one float vector type (int8 lanes beside float lanes keep GCC from
+// vectorising).
 template <typename T, typename RowFn>
 void pool_row_cl(RowFn row, int64_t b, int64_t ph, T* out, int8_t* index, const PoolGeometry& g, const Strides4& os,
                  bool relu, float* __restrict mx, float* __restrict ix) {
@@ -94,7 +95,8 @@ void pool_forward_cl(const T* y, T* out, int8_t* index, const PoolGeometry& g, c
 }
 
 // d loss / d y[b, h, w, :] (channels-last) into acc[0..C): the windows whose recorded argmax is (h, w) pass their
-// grad_out, unless ReLU clipped their maximum. Returns false (acc untouched) when no window covers (h, w).
+// grad_out, unless ReLU clipped their maximum. grad_out, out and index at os, channel-fastest (os.c == 1). Returns
+// false (acc untouched) when no window covers (h, w).
 template <typename T>
 bool gather_grad_cl(const T* gout, const T* out, const int8_t* index, const PoolGeometry& g, const Strides4& os,
                     bool relu, int64_t b, int64_t h, int64_t w, float* __restrict acc) {
