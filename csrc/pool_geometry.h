@@ -17,13 +17,14 @@ struct PoolGeometry {
   int64_t B, C, Ho, Wo, Hp, Wp, pk, ps, pp;
 };
 
-// Element strides of a pooled tensor addressed as [b, c, ph, pw] (tokens: c = 1, w = C, h = Wp*C; NCHW: w = 1).
+// Element strides of a pooled tensor addressed as [b, c, ph, pw] (channel-fastest, i.e. tokens or channels-last
+// NCHW: c = 1, w = C, h = Wp*C; row-major NCHW: w = 1).
 struct Strides4 {
   int64_t b, c, h, w;
 };
 
-CCT_HD Strides4 pooled_strides(PoolGeometry g, bool to_tokens) {
-  if (to_tokens) return Strides4{g.Hp * g.Wp * g.C, 1, g.Wp * g.C, g.C};
+CCT_HD Strides4 pooled_strides(PoolGeometry g, bool channel_fastest) {
+  if (channel_fastest) return Strides4{g.Hp * g.Wp * g.C, 1, g.Wp * g.C, g.C};
   return Strides4{g.C * g.Hp * g.Wp, g.Hp * g.Wp, g.Wp, 1};
 }
 

@@ -33,15 +33,11 @@ inline PoolGeometry pool_geometry(at::IntArrayRef conv_shape, int64_t pk, int64_
 inline std::tuple<at::Tensor, at::Tensor, Strides4> allocate_pooled(const at::TensorOptions& options,
                                                                     const PoolGeometry& g, bool to_tokens,
                                                                     bool channels_last) {
-  if (to_tokens || channels_last) {
-    const auto fmt = to_tokens ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-    const std::vector<int64_t> shape =
-        to_tokens ? std::vector<int64_t>{g.B, g.Hp * g.Wp, g.C} : std::vector<int64_t>{g.B, g.C, g.Hp, g.Wp};
-    return {at::empty(shape, options.memory_format(fmt)), at::empty(shape, options.dtype(at::kChar).memory_format(fmt)),
-            pooled_strides(g, true)};
-  }
-  const std::vector<int64_t> shape{g.B, g.C, g.Hp, g.Wp};
-  return {at::empty(shape, options), at::empty(shape, options.dtype(at::kChar)), pooled_strides(g, false)};
+  const std::vector<int64_t> shape =
+      to_tokens ? std::vector<int64_t>{g.B, g.Hp * g.Wp, g.C} : std::vector<int64_t>{g.B, g.C, g.Hp, g.Wp};
+  const auto fmt = !to_tokens && channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return {at::empty(shape, options.memory_format(fmt)), at::empty(shape, options.dtype(at::kChar).memory_format(fmt)),
+          pooled_strides(g, to_tokens || channels_last)};
 }
 
 // No pooling: out = ReLU(y) (or y) in the requested layout, pool_index empty.
