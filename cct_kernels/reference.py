@@ -5,6 +5,8 @@ Plain PyTorch with autograd, written to be the same function as the official CCT
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -85,20 +87,68 @@ def seqpool(x, weight, bias, *, mask=None):
 ACTIVATIONS = ("none", "gelu")
 
 
-def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=None):
-    """A linear layer with its epilogue: activation(x @ weight.T + bias) * row_scale + residual.
+def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=None, dropout_p=0.0,
+           dropout_mask=None):
+    """A linear layer with its epilogue: dropout(activation(x @ weight.T + bias)) * row_scale + residual.
 
     x (..., K); weight (N, K); bias (N,) or None; residual (..., N) or None; activation "none" or "gelu" (the
     exact, erf-based GELU of F.gelu, as the official MLP uses); row_scale (...) or None, one factor per row (the
     encoder block's stochastic depth: 0 or 1 / keep_prob per sample). The encoder block's proj and linear2 take
-    the residual stream as `residual`, linear1 takes activation="gelu".
+    the residual stream as `residual`, linear1 takes activation="gelu". Dropout with rate dropout_p in [0, 1]
+    (the official proj_drop, dropout1, dropout2): with `dropout_mask` (..., N) bool (True = kept) it is applied as
+    given, kept values scaled by 1 / (1 - dropout_p); else drawn by F.dropout when dropout_p > 0.
     """
     y = F.linear(x, weight, bias)
     if activation == "gelu":
         y = F.gelu(y)
+    if dropout_mask is not None:
+        y = y * dropout_mask.to(y.dtype) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+    elif dropout_p > 0.0:
+        y = F.dropout(y, dropout_p)
     if row_scale is not None:
         y = y * row_scale.unsqueeze(-1)
     return y if residual is None else y + residual
+
+
+# The kernels' dropout hash, on uint32 values held in int64 tensors (C++: mix32 and dropout_key in csrc/cpu/common.h;
+# Triton: cct_kernels/triton/linear.py). The products are split in 16-bit halves so that no int64 product overflows.
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _U32
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The kernels drop an element when its 24 random bits are below this: dropout_p * 2**24 rounded half up (C++
+    llround)."""
+    return math.floor(dropout_p * 2**24 + 0.5)
+
+
+def linear_dropout_mask(seed: torch.Tensor, rows: int, cols: int, dropout_p: float) -> torch.Tensor:
+    """The (rows, cols) bool keep mask (True = kept) that every kernel backend of ops.linear draws for `seed` (an
+    int64 tensor of one element) and dropout_p in [0, 1]: element (r, c) is kept iff
+        mix32(key(seed, r) ^ mix32(c)) >> 8 >= dropout_threshold(dropout_p),
+        key(seed, r) = mix32(mix32(lo ^ 0x85EBCA6B) ^ mix32(hi + 0x27D4EB2F) ^ mix32(r + 0x9E3779B9)),
+    lo / hi the seed's low / high 32 bits and mix32 the lowbias32 integer hash, all modulo 2**32. A counter-based
+    hash: forward and backward redraw the same mask from the seed, any element independently of the others.
+    On seed's device, no host synchronisation (the cuda backend draws its mask with it)."""
+    seed = seed.reshape(1).to(torch.int64)
+    lo, hi = seed & _U32, (seed >> 32) & _U32
+    seed_key = _mix32(lo ^ 0x85EBCA6B) ^ _mix32((hi + 0x27D4EB2F) & _U32)
+    r = torch.arange(rows, dtype=torch.int64, device=seed.device)
+    c = torch.arange(cols, dtype=torch.int64, device=seed.device)
+    keys = _mix32(seed_key ^ _mix32((r + 0x9E3779B9) & _U32))
+    bits = _mix32(keys[:, None] ^ _mix32(c)[None, :]) >> 8
+    return bits >= dropout_threshold(dropout_p)
 
 
 def _masked_softmax(scores, keep, dim=-1):

@@ -250,10 +250,13 @@ TORCH_LIBRARY(cct_kernels_C, m) {
   m.def("tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor out, Tensor pool_index,"
         " int stride, int padding, bool relu, int pool_kernel, int pool_stride, int pool_padding, bool to_tokens,"
         " bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
-  // Linear + epilogue: act(x W^T + b) * row_scale + residual (act GELU when gelu), h = x W^T + b when
-  // save_pre_activation.
+  // Linear + epilogue: dropout(act(x W^T + b)) * row_scale + residual (act GELU when gelu), h = x W^T + b when
+  // save_pre_activation; the backward's gradient at h in one pass.
   m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu,"
-        " bool save_pre_activation, Tensor? row_scale=None) -> (Tensor, Tensor)");
+        " bool save_pre_activation, Tensor? row_scale=None, float dropout_p=0., Tensor? seed=None)"
+        " -> (Tensor, Tensor)");
+  m.def("linear_grad_pre_activation(Tensor grad_out, Tensor? pre_activation, Tensor? row_scale, float dropout_p,"
+        " Tensor? seed) -> Tensor");
   // The encoder block in inference (eval mode, no mask) on the kernels above, in the official order.
   m.def("encoder_layer_forward(Tensor src, Tensor pre_norm_weight, Tensor pre_norm_bias, Tensor qkv_weight,"
         " Tensor proj_weight, Tensor proj_bias, Tensor norm1_weight, Tensor norm1_bias, Tensor linear1_weight,"
@@ -274,6 +277,7 @@ TORCH_LIBRARY_IMPL(cct_kernels_C, CPU, m) {
   m.impl("tokenize_forward", &cct::tokenize_forward_cpu);
   m.impl("tokenize_backward", &cct::tokenize_backward_cpu);
   m.impl("linear_forward", &cct::linear_forward_cpu);
+  m.impl("linear_grad_pre_activation", &cct::linear_grad_pre_activation_cpu);
   m.impl("encoder_layer_forward", &cct::encoder_layer_forward_cpu);
   m.impl("text_tokenize_forward", &cct::text_tokenize_forward_cpu);
   m.impl("text_tokenize_backward", &cct::text_tokenize_backward_cpu);

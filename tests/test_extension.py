@@ -12,6 +12,7 @@ import torch
 import cct_kernels
 from cct_kernels import backends, extension, ops, reference
 from cct_kernels.extension import attention as ext_attention
+from cct_kernels.nn import encoder
 from cct_kernels.ops.attention import new_seed
 from tests.cases import check_backward_takes_any_layout, check_two_stages_channels_last
 
@@ -496,6 +497,49 @@ def test_model_cpu_backend_trains_with_attention_dropout(monkeypatch):
     torch.manual_seed(1)
     loss64 = torch.nn.functional.cross_entropy(model64(x.double()), y)
     loss64.backward()
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for (name, p), p64 in zip(model.named_parameters(), model64.parameters()):
+        scale = max(p64.grad.abs().max().item(), 1e-3)  # SeqPool's bias gradient is 0 up to rounding
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-3, atol=3e-4 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_model_cpu_backend_trains_with_dropout_and_stochastic_depth(monkeypatch):
+    """Training with dropout (proj_drop, dropout1, dropout2 in the linears' epilogues) and stochastic depth on the cpu
+    backend: loss and every gradient match a float64 model whose linears apply the same masks
+    (reference.linear_dropout_mask of the seeds ops.linear draws, in the same order)."""
+    torch.manual_seed(0)
+    kwargs = dict(dropout=0.3, attention_dropout=0.0, stochastic_depth=0.3)
+    model = cct_kernels.create_model("cct_2_3x2_32", backend="cpu", **kwargs).train()
+    model64 = cct_kernels.create_model("cct_2_3x2_32", backend="auto", **kwargs).double().train()
+    model64.load_state_dict(model.state_dict())
+    for m in (model, model64):
+        m.classifier.dropout.p = 0.0  # F.dropout's draws on a float64 tensor are not those on float32
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    torch.manual_seed(1)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+
+    # the float64 model draws stochastic depth from float32 numbers, as the float32 model does
+    scale_of = encoder.drop_path_scale
+    monkeypatch.setattr(encoder, "drop_path_scale", lambda x, p: scale_of(x.float(), p).to(x.dtype))
+    linear = ops.linear
+    dropped = []
+
+    def linear_with_the_kernels_masks(x, weight, bias=None, *, dropout_p=0.0, **kwargs):
+        if dropout_p == 0:
+            return linear(x, weight, bias, **kwargs)
+        mask = reference.linear_dropout_mask(new_seed(x.device), x[..., 0].numel(), weight.shape[0], dropout_p)
+        dropped.append(1 - mask.float().mean().item())
+        kwargs.pop("backend")
+        return reference.linear(x, weight, bias, dropout_p=dropout_p, dropout_mask=mask.view(*x.shape[:-1], -1),
+                                **kwargs)
+
+    monkeypatch.setattr(ops, "linear", linear_with_the_kernels_masks)
+    torch.manual_seed(1)
+    loss64 = torch.nn.functional.cross_entropy(model64(x.double()), y)
+    loss64.backward()
+    assert len(dropped) == 6 and all(0.2 < d < 0.4 for d in dropped)  # proj, linear1, linear2 of 2 blocks
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
     for (name, p), p64 in zip(model.named_parameters(), model64.parameters()):
         scale = max(p64.grad.abs().max().item(), 1e-3)  # SeqPool's bias gradient is 0 up to rounding

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cct_kernels import backends, ops, reference
+from cct_kernels.ops._launch import new_seed
 from tests.cases import DEVICE, assert_close_to_reference
 
 SERVING = ["eager"] + [
@@ -126,3 +127,154 @@ def test_linear_errors_name_the_argument():
         ops.linear(x, w, b, row_scale=torch.ones(2))
     with pytest.raises(ValueError, match="at least one dimension"):
         ops.linear(torch.tensor(1.0), w, b)
+
+
+# ------------------------------------------------------------------------------------------------------- dropout
+KERNEL_SERVING = [b for b in SERVING if b != "eager"]
+
+
+def _hash_mask_in_python_ints(seed: int, row: int, col: int, dropout_p: float) -> bool:
+    """reference.linear_dropout_mask's definition for one element, in plain Python integers (no tensor tricks)."""
+    def mix32(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % 2**32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % 2**32
+        return x ^ (x >> 16)
+
+    lo, hi = seed % 2**32, (seed % 2**64) >> 32
+    key = mix32(mix32(lo ^ 0x85EBCA6B) ^ mix32((hi + 0x27D4EB2F) % 2**32) ^ mix32((row + 0x9E3779B9) % 2**32))
+    return mix32(key ^ mix32(col)) >> 8 >= reference.dropout_threshold(dropout_p)
+
+
+@pytest.mark.parametrize("seed", [0, 123456789012345, -1, -(2**63), 2**63 - 1])
+def test_linear_dropout_mask_is_its_definition(seed):
+    mask = reference.linear_dropout_mask(torch.tensor([seed]), 70, 300, 0.3)
+    for row, col in [(0, 0), (0, 299), (69, 0), (17, 123), (69, 299), (5, 256)]:
+        assert bool(mask[row, col]) == _hash_mask_in_python_ints(seed, row, col, 0.3), (row, col)
+    assert torch.equal(mask, reference.linear_dropout_mask(torch.tensor([seed]), 70, 300, 0.3))
+
+
+def test_linear_dropout_mask_statistics():
+    """Kept fraction 1 - p overall and per row and column (no stripes), masks of two seeds independent."""
+    p = 0.25
+    a = reference.linear_dropout_mask(torch.tensor([11]), 1024, 1024, p).double()
+    b = reference.linear_dropout_mask(torch.tensor([12]), 1024, 1024, p).double()
+    assert abs(a.mean().item() - (1 - p)) < 3e-3  # sd of the mean: 4.2e-4
+    for fractions in (a.mean(0), a.mean(1)):  # sd per row / column: 0.0135
+        assert (fractions - (1 - p)).abs().max().item() < 0.08
+    assert abs((a * b).mean().item() - (1 - p) ** 2) < 3e-3
+    assert abs((a[:, 1:] * a[:, :-1]).mean().item() - (1 - p) ** 2) < 3e-3  # neighbours independent
+    assert not reference.linear_dropout_mask(torch.tensor([11]), 4, 4, 0.0).logical_not().any()
+    assert not reference.linear_dropout_mask(torch.tensor([11]), 4, 4, 1.0).any()
+
+
+def _dropout_case(backend, dtype, activation, dropout_p, generator):
+    """ops.linear with dropout, row scale and residual on `backend`, and the seed it drew."""
+    x, weight, b, res = _inputs(dtype, (3, 37, 48), 40, True, True, generator)
+    scale = torch.tensor([0.0, 4 / 3, 4 / 3])[:, None].expand(3, 37).to(DEVICE)
+    state = torch.get_rng_state(), torch.cuda.get_rng_state() if DEVICE.type == "cuda" else None
+    out = ops.linear(x, weight, b, activation=activation, residual=res, row_scale=scale.to(dtype),
+                     dropout_p=dropout_p, backend=backend)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+    seed = new_seed(DEVICE)  # the seed ops.linear drew
+    return out, (x, weight, b, res), scale, seed
+
+
+@pytest.mark.parametrize("backend", KERNEL_SERVING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_linear_dropout_against_float64_with_the_kernels_mask(backend, dtype, activation):
+    """Forward and every gradient against float64 applying reference.linear_dropout_mask of the drawn seed."""
+    generator = torch.Generator().manual_seed(3)
+    p = 0.3
+    out, inputs, scale, seed = _dropout_case(backend, dtype, activation, p, generator)
+    mask = reference.linear_dropout_mask(seed, 111, 40, p).view(3, 37, 40)
+    assert 0.6 < mask.float().mean().item() < 0.8
+    as64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref64 = reference.linear(*as64[:3], activation=activation, residual=as64[3], row_scale=scale.double(),
+                             dropout_p=p, dropout_mask=mask)
+    eager = reference.linear(*inputs[:3], activation=activation, residual=inputs[3], row_scale=scale.to(dtype),
+                             dropout_p=p, dropout_mask=mask)
+    assert_close_to_reference(out, ref64, eager, "out")
+    grad = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    grads = torch.autograd.grad(out, inputs, grad.to(dtype))
+    grads64 = torch.autograd.grad(ref64, as64, grad)
+    eager_grads = torch.autograd.grad(eager, inputs, grad.to(dtype))
+    for name, g, g64, ge in zip(("x", "weight", "bias", "residual"), grads, grads64, eager_grads):
+        assert_close_to_reference(g, g64, ge, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_SERVING)
+def test_linear_dropout_one_drops_everything(backend):
+    generator = torch.Generator().manual_seed(4)
+    out, (x, weight, b, res), _, _ = _dropout_case(backend, torch.float32, "gelu", 1.0, generator)
+    torch.testing.assert_close(out, res)  # every linear output dropped: the residual alone
+    grad_x, grad_w = torch.autograd.grad(out.sum(), [x, weight])
+    assert not grad_x.any() and not grad_w.any()
+
+
+def test_linear_eager_dropout_draws_as_the_official_module():
+    """The eager backend's dropout is F.dropout on torch's generator: the official nn.Dropout's draws."""
+    x, weight, b = torch.randn(4, 9, 8), torch.randn(6, 8), torch.randn(6)
+    torch.manual_seed(5)
+    out = ops.linear(x, weight, b, activation="gelu", dropout_p=0.4, backend="eager")
+    torch.manual_seed(5)
+    official = torch.nn.Dropout(0.4)(torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, b)))
+    torch.testing.assert_close(out, official)
+
+
+@pytest.mark.parametrize("backend", KERNEL_SERVING)
+def test_linear_dropout_is_seeded_by_torch_manual_seed(backend):
+    x, weight = torch.randn(16, 8, device=DEVICE), torch.randn(32, 8, device=DEVICE)
+    torch.manual_seed(9)
+    a = ops.linear(x, weight, dropout_p=0.5, backend=backend)
+    torch.manual_seed(9)
+    b = ops.linear(x, weight, dropout_p=0.5, backend=backend)
+    c = ops.linear(x, weight, dropout_p=0.5, backend=backend)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_linear_cuda_aten_path_matches_the_cpu_kernel():
+    """The cuda backend's ATen epilogue (run here on CPU tensors) draws the cpu kernel's mask and gradients."""
+    from cct_kernels.extension import linear as ext_linear
+
+    if backends.unsupported_reason("cpu", "linear", torch.device("cpu"), torch.randn(2, 4), torch.randn(3, 4),
+                                   None, None, "none") is not None:
+        pytest.skip("the cpu extension is not built")
+    generator = torch.Generator().manual_seed(6)
+    x, weight, b, res = (torch.randn(*s, generator=generator) for s in ((50, 24), (40, 24), (40,), (50, 40)))
+    scale, seed = torch.rand(50, generator=generator), torch.tensor([77])
+    grad = torch.randn(50, 40, generator=generator)
+    for activation in ("none", "gelu"):
+        args = (x, weight, b, res, activation, True, scale, 0.3, seed)
+        out, h = ext_linear.forward(*args)
+        aten_out, aten_h = ext_linear.aten_forward(*args)
+        torch.testing.assert_close(aten_out, out)
+        kernel_grad_h = torch.ops.cct_kernels_C.linear_grad_pre_activation(
+            grad, h if activation == "gelu" else None, scale, 0.3, seed)
+        aten_grad_h = ext_linear.aten_grad_pre_activation(grad, aten_h if activation == "gelu" else None, scale, 0.3,
+                                                           seed)
+        torch.testing.assert_close(aten_grad_h, kernel_grad_h)
+
+
+@pytest.mark.parametrize("backend", KERNEL_SERVING)
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_linear_dropout_fakes(backend, activation):
+    x, weight, b, res = _inputs(torch.float32, (9, 24), 20, True, True, torch.Generator().manual_seed(2))
+    scale, seed = torch.rand(9, device=DEVICE), torch.tensor([5], device=DEVICE)
+    torch.library.opcheck(torch.ops.cct_kernels.linear_forward,
+                          (x, weight, b, res, activation, True, backend, scale, 0.2, seed))
+    out, h = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation, True, backend, scale, 0.2, seed)
+    torch.library.opcheck(torch.ops.cct_kernels.linear_backward,
+                          (torch.randn_like(out), x.detach(), weight.detach(), True, h.detach(), activation, backend,
+                           scale, 0.2, seed))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), True])
+def test_linear_dropout_rate_errors(p):
+    x, w = torch.randn(2, 8), torch.randn(6, 8)
+    with pytest.raises((ValueError, TypeError), match=r"dropout_p must be .*in \[0, 1\]"):
+        ops.linear(x, w, dropout_p=p)

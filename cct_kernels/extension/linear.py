@@ -1,33 +1,68 @@
 """Linear + epilogue kernels of the "cpu" and "cuda" backends. Interface: cct_kernels/ops/linear.py.
 
 "cpu" (csrc/cpu/linear.cpp): one MKL sgemm over all rows, then a single parallel pass for the whole epilogue (bias,
-    exact GELU, stochastic depth's row scale, residual, the cast) where ATen would run addmm (a bias copy and the
-    GEMM) and a pass per elementwise op. float32/float16/bfloat16 (16-bit operands widened to float32), any M >= 0.
-"cuda": cuBLAS (F.linear) with the epilogue as ATen passes: cuBLASLt's fused GELU epilogue is the tanh
-    approximation, not the exact GELU of the official model. The fused GPU kernel is the triton backend's.
+    exact GELU, dropout, stochastic depth's row scale, residual, the cast) where ATen would run addmm (a bias copy
+    and the GEMM) and a pass per elementwise op. float32/float16/bfloat16 (16-bit operands widened to float32), any
+    M >= 0. Dropout's mask is hashed in the pass (reference.linear_dropout_mask), never stored.
+"cuda": cuBLAS (F.linear) with the epilogue as ATen passes (aten_forward / aten_backward): cuBLASLt's fused GELU
+    epilogue is the tanh approximation, not the exact GELU of the official model. Dropout's mask is
+    reference.linear_dropout_mask, drawn in each pass that needs it. The fused GPU kernel is the triton backend's.
 Training (save_pre_activation) also writes h = x @ W.T + b, the GELU's input, for the backward.
-Backward, both devices: grad_h = GELU'(h) * grad_out (ATen's one-pass gelu_backward), grad_x = grad_h @ W,
-grad_W = grad_h.T @ x (vendor GEMMs), grad_b = the column sums of grad_h (float32 accumulation).
+Backward, both devices: grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (cpu: one C++ pass; cuda: ATen's
+gelu_backward and products), grad_x = grad_h @ W, grad_W = grad_h.T @ x (vendor GEMMs), grad_b = the column sums of
+grad_h (float32 accumulation).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from cct_kernels import extension
+from cct_kernels import extension, reference
 
 
 def unsupported(x, weight, bias, residual, activation, *, backend: str) -> str | None:
     return extension.dtype_reason(x.dtype)
 
 
-def forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None):
+def forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None, dropout_p=0.0, seed=None):
     """-> (out (M, N), pre_activation (M, N) when activation == "gelu" and save_pre_activation, else empty (0,))."""
     gelu = activation == "gelu"
     if x.device.type == "cpu":
-        return tuple(extension.ops().linear_forward(x, weight, bias, residual, gelu, save_pre_activation, row_scale))
+        return tuple(extension.ops().linear_forward(x, weight, bias, residual, gelu, save_pre_activation, row_scale,
+                                                    dropout_p, seed))
+    return aten_forward(x, weight, bias, residual, activation, save_pre_activation, row_scale, dropout_p, seed)
+
+
+def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None):
+    """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias)."""
+    gelu = activation == "gelu"
+    if x.device.type != "cpu":
+        grad_h = aten_grad_pre_activation(grad_out, pre_activation if gelu else None, row_scale, dropout_p, seed)
+    elif gelu or row_scale is not None or dropout_p > 0:
+        grad_h = extension.ops().linear_grad_pre_activation(grad_out, pre_activation if gelu else None, row_scale,
+                                                            dropout_p, seed)
+    else:
+        grad_h = grad_out
+    grad_x = grad_h @ weight
+    grad_weight = grad_h.t() @ x
+    grad_bias = grad_h.sum(0, dtype=torch.float32).to(x.dtype) if has_bias else x.new_empty(0)
+    return grad_x, grad_weight, grad_bias
+
+
+def _dropout_scale(x, dropout_p, seed):
+    """Dropout's factor per element of x (M, N): mask / (1 - p) in x's dtype."""
+    keep = reference.linear_dropout_mask(seed, x.shape[0], x.shape[1], dropout_p)
+    return keep.to(x.dtype) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+
+
+def aten_forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None, dropout_p=0.0,
+                 seed=None):
+    """The cuda forward in ATen ops (any device: tests run it on CPU tensors)."""
+    gelu = activation == "gelu"
     pre_activation = F.linear(x, weight, bias)
     out = F.gelu(pre_activation) if gelu else pre_activation
+    if dropout_p > 0:
+        out = out * _dropout_scale(out, dropout_p, seed)
     if row_scale is not None:
         out = out * row_scale[:, None]
     if residual is not None:
@@ -35,10 +70,9 @@ def forward(x, weight, bias, residual, activation, save_pre_activation, row_scal
     return out, (pre_activation if gelu and save_pre_activation else x.new_empty(0))
 
 
-def backward(grad_out, x, weight, has_bias, pre_activation, activation):
-    """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias)."""
-    grad_h = torch.ops.aten.gelu_backward(grad_out, pre_activation) if activation == "gelu" else grad_out
-    grad_x = grad_h @ weight
-    grad_weight = grad_h.t() @ x
-    grad_bias = grad_h.sum(0, dtype=torch.float32).to(x.dtype) if has_bias else x.new_empty(0)
-    return grad_x, grad_weight, grad_bias
+def aten_grad_pre_activation(grad_out, pre_activation, row_scale, dropout_p, seed):
+    """The cuda backward's grad_h in ATen ops (any device); pre_activation None without GELU."""
+    grad_h = grad_out if row_scale is None else grad_out * row_scale[:, None]
+    if dropout_p > 0:
+        grad_h = grad_h * _dropout_scale(grad_h, dropout_p, seed)
+    return grad_h if pre_activation is None else torch.ops.aten.gelu_backward(grad_h, pre_activation)

@@ -39,15 +39,11 @@ class Attention(UsesBackend, nn.Module):
 
     def project(self, x, residual=None, row_scale=None):
         """proj_drop(proj(x)) * row_scale + residual (each optional; row_scale (B, N) is the caller's stochastic
-        depth), fused into the projection's epilogue when proj_drop is inactive."""
-        if not _active(self.proj_drop):
-            return ops.linear(x, self.proj.weight, self.proj.bias, residual=residual, row_scale=row_scale,
-                              backend=self.backend)
-        x = self.proj_drop(ops.linear(x, self.proj.weight, self.proj.bias, backend=self.backend))
-        if row_scale is not None:
-            x = x * row_scale.unsqueeze(-1)
-        return x if residual is None else x + residual
+        depth), all in the projection's epilogue."""
+        return ops.linear(x, self.proj.weight, self.proj.bias, residual=residual, row_scale=row_scale,
+                          dropout_p=active_rate(self.proj_drop), backend=self.backend)
 
 
-def _active(dropout: nn.Dropout) -> bool:
-    return dropout.training and dropout.p > 0
+def active_rate(dropout: nn.Dropout) -> float:
+    """The rate nn.Dropout `dropout` applies in this call: its p in training mode, else 0."""
+    return dropout.p if dropout.training else 0.0

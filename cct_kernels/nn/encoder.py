@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cct_kernels import ops
+from cct_kernels import backends, ops
 from cct_kernels.nn._backend import UsesBackend
 from cct_kernels.nn._checks import check_int, check_probability
-from cct_kernels.nn.attention import Attention
+from cct_kernels.nn.attention import Attention, active_rate
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -46,9 +46,10 @@ class DropPath(nn.Module):
 class TransformerEncoderLayer(UsesBackend, nn.Module):
     """(B, N, d_model) -> (B, N, d_model). Sizes are ints >= 1 (d_model a multiple of nhead), rates in [0, 1].
 
-    The official function, with the four linears run by ops.linear: linear1's GELU, the two residual adds and
-    stochastic depth (as a per-sample row scale) are fused into their linear's epilogue; the residual ones stay
-    unfused only when dropout with a rate > 0 runs between the linear and the add (CCT's default rate is 0).
+    The official function, with the four linears run by ops.linear: linear1's GELU, the dropouts, the two residual
+    adds and stochastic depth (as a per-sample row scale) are fused into their linear's epilogue. On the eager
+    backend, with both dropout and stochastic depth active, the residual linears keep the official modules' order
+    of random draws (dropout's mask, then drop_path's), so the oracle draws what the official model draws.
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, attention_dropout=0.1, drop_path_rate=0.1):
@@ -69,22 +70,22 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         fused = None if self.training else self._fused_block_arguments()
         if fused is not None:
             return ops.encoder_layer(src, **fused, mask=mask, backend=self.backend)
-        if self._dropout_between_linear_and_residual(self.self_attn.proj_drop):
+        if self._official_draw_order(self.self_attn.proj_drop):
             src = src + self.drop_path(self.self_attn(self.pre_norm(src), mask))
         else:
             heads = self.self_attn.attend(self.pre_norm(src), mask)
             # drawn after attention's dropout, in the official order of random draws
             src = self.self_attn.project(heads, residual=src, row_scale=self._row_scale(src))
         src = self.norm1(src)
-        hidden = ops.linear(src, self.linear1.weight, self.linear1.bias, activation="gelu", backend=self.backend)
-        hidden = self.dropout1(hidden)
-        if self._dropout_between_linear_and_residual(self.dropout2):
-            return src + self.drop_path(self.dropout2(self._linear2(hidden)))
+        hidden = ops.linear(src, self.linear1.weight, self.linear1.bias, activation="gelu",
+                            dropout_p=active_rate(self.dropout1), backend=self.backend)
+        if self._official_draw_order(self.dropout2):
+            return src + self.drop_path(self._linear2(hidden))
         return self._linear2(hidden, residual=src, row_scale=self._row_scale(src))
 
     def _linear2(self, hidden, residual=None, row_scale=None):
         return ops.linear(hidden, self.linear2.weight, self.linear2.bias, residual=residual, row_scale=row_scale,
-                          backend=self.backend)
+                          dropout_p=active_rate(self.dropout2), backend=self.backend)
 
     def _fused_block_arguments(self) -> dict | None:
         """ops.encoder_layer's keyword arguments for this block's eval-mode function, or None when the op would not
@@ -119,9 +120,11 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         return {**arguments, "num_heads": attn.num_heads, "scale": attn.scale, "pre_norm_eps": pre_norm.eps,
                 "norm1_eps": norm1.eps}
 
-    def _dropout_between_linear_and_residual(self, dropout: nn.Dropout) -> bool:
-        """Whether `dropout` runs between a linear and its residual add in this call (then nothing is fused)."""
-        return self.training and dropout.p > 0
+    def _official_draw_order(self, dropout: nn.Dropout) -> bool:
+        """Whether stochastic depth must be drawn after `dropout`'s mask, as a separate step (not the linear's row
+        scale, drawn before the linear runs): on the eager backend, when both draw in this call."""
+        return (active_rate(dropout) > 0 and isinstance(self.drop_path, DropPath) and self.training
+                and backends.requested_backend(self.backend) == "eager")
 
     def _row_scale(self, src):
         """Stochastic depth as the residual linear's row_scale (None when inactive: eval mode or rate 0)."""

@@ -51,6 +51,11 @@ def runs_directly(*tensors) -> bool:
     return all(t is None or (type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad)) for t in tensors)
 
 
+def new_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed drawn from torch's generator for `device` (so torch.manual_seed reproduces it)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
 def forbid_double_backward(backward_op, op: str) -> None:
     """Give the registered backward op `backward_op` a derivative that explains why there is none."""
 

@@ -37,7 +37,7 @@ from cct_kernels import backends, reference
 from cct_kernels.ops._checks import (
     NOT_A_PREFIX, autocast_inputs, check_int, check_real, check_tensor, is_positive_finite, key_padding,
 )
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
+from cct_kernels.ops._launch import forbid_double_backward, new_seed, run_kernel, runs_directly
 
 OP = "attention"
 
@@ -88,11 +88,6 @@ def _autograd_backward(ctx, grad_out, _grad_lse):
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 forbid_double_backward(_backward, OP)
-
-
-def new_seed(device: torch.device) -> torch.Tensor:
-    """A fresh dropout seed drawn from torch's generator for `device` (so torch.manual_seed reproduces it)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 def attention(

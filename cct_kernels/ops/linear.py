@@ -1,32 +1,40 @@
 """A linear layer with its epilogue fused: the encoder block's four linears and what follows each of them.
 
-    linear(x, weight, bias, activation, residual, row_scale) = activation(x @ weight.T + bias) * row_scale + residual
+    linear(x, weight, bias, activation, residual, row_scale, dropout_p)
+        = dropout(activation(x @ weight.T + bias), dropout_p) * row_scale + residual
 
-The block uses it as qkv (no bias), proj (+ residual stream), linear1 (+ GELU) and linear2 (+ residual stream), so
-the GELU and the residual adds never make a pass of their own over memory. In training, stochastic depth is the
-row_scale (one factor per row: 0 or 1 / keep_prob per sample); dropout with a rate > 0 between a linear and its
-residual add still runs as a separate module (CCT's default rate is 0).
+The block uses it as qkv (no bias), proj (+ proj_drop, + residual stream), linear1 (+ GELU, + dropout1) and linear2
+(+ dropout2, + residual stream), so the GELU, the dropouts and the residual adds never make a pass of their own over
+memory. In training, stochastic depth is the row_scale (one factor per row: 0 or 1 / keep_prob per sample).
 
 Shapes: x (..., K), weight (N, K), bias (N,) or None, residual (..., N) or None, row_scale (...) or None (not
-differentiated: a constant such as a drop mask) -> (..., N). Dtypes: float32, float16, bfloat16, all tensors the same. activation: "none" or "gelu" (exact erf GELU, F.gelu's default).
-Any M = prod(x.shape[:-1]) >= 0, K >= 1, N >= 1.
+differentiated: a constant such as a drop mask) -> (..., N). Dtypes: float32, float16, bfloat16, all tensors the
+same. activation: "none" or "gelu" (exact erf GELU, F.gelu's default). dropout_p in [0, 1]: pass it only in
+training (kept values are scaled by 1 / (1 - p); p = 1 gives zeros, as F.dropout). Any M = prod(x.shape[:-1]) >= 0,
+K >= 1, N >= 1.
+Dropout's mask: on the eager backend F.dropout's (torch's generator, as the official nn.Dropout). Every kernel
+backend draws reference.linear_dropout_mask(seed, M, N, p) (a counter-based hash of the row and column) from a
+seed the op takes from torch's generator, so torch.manual_seed reproduces a run and the backward redraws the mask
+instead of keeping it; the drop rate is p rounded to a multiple of 2**-24.
 
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends); x and
 residual arrive flattened to 2-D, every tensor contiguous:
-    forward(x (M, K), weight, bias, residual (M, N) | None, activation, save_pre_activation, row_scale (M,) | None)
+    forward(x (M, K), weight, bias, residual (M, N) | None, activation, save_pre_activation, row_scale (M,) | None,
+            dropout_p, seed)
         -> (out (M, N), pre_activation: x @ weight.T + bias (M, N) when activation is "gelu" and
             save_pre_activation, else an empty (0,) tensor; the backward's GELU derivative reads it)
-    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation)
-        -> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or an empty (0,) tensor without bias)
+    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation, row_scale, dropout_p, seed)
+        -> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or an empty (0,) tensor without bias), through
+           grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out
     unsupported(x, weight, bias, residual, activation, *, backend) -> why a kernel cannot serve the call, or None
-The residual's gradient is grad_out itself, passed through by autograd with no kernel; with a row_scale, the backward
-kernel gets grad_out * row_scale.
+seed: a (1,) int64 tensor on x's device when dropout_p > 0, else None. The residual's gradient is grad_out itself,
+passed through by autograd with no kernel.
 
 Errors (from linear's own checks, before any kernel runs):
     TypeError   x, weight, bias or residual not a floating-point torch.Tensor, or dtypes that differ.
     ValueError  x of rank 0; weight not 2-D or K = 0; x's last dim not weight's K; bias not (N,); residual not
-                x.shape[:-1] + (N,); row_scale not x.shape[:-1]; tensors on different devices; activation not "none"/"gelu"; an unknown
-                backend name.
+                x.shape[:-1] + (N,); row_scale not x.shape[:-1]; tensors on different devices; activation not
+                "none"/"gelu"; dropout_p not a number in [0, 1]; an unknown backend name.
     BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
     RuntimeError  double backward through a kernel backend (use backend="eager" for that).
 """
@@ -35,8 +43,8 @@ from __future__ import annotations
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import autocast_inputs, check_shape, check_tensor
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
+from cct_kernels.ops._checks import autocast_inputs, check_real, check_shape, check_tensor
+from cct_kernels.ops._launch import forbid_double_backward, new_seed, run_kernel, runs_directly
 
 OP = "linear"
 ACTIVATIONS = reference.ACTIVATIONS
@@ -49,16 +57,17 @@ def _pre_activation_shape(x, weight, activation, save_pre_activation):
 def _run_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
     activation: str, save_pre_activation: bool, backend: str, row_scale: torch.Tensor | None = None,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "forward", x.device, x, weight, bias, residual, activation, save_pre_activation,
-                      row_scale)
+                      row_scale, dropout_p, seed)
 
 
 _forward = torch.library.custom_op("cct_kernels::linear_forward", _run_forward, mutates_args=())
 
 
 @_forward.register_fake
-def _(x, weight, bias, residual, activation, save_pre_activation, backend, row_scale=None):
+def _(x, weight, bias, residual, activation, save_pre_activation, backend, row_scale=None, dropout_p=0.0, seed=None):
     pre_activation = x.new_empty(_pre_activation_shape(x, weight, activation, save_pre_activation))
     return x.new_empty(x.shape[0], weight.shape[0]), pre_activation
 
@@ -66,33 +75,35 @@ def _(x, weight, bias, residual, activation, save_pre_activation, backend, row_s
 @torch.library.custom_op("cct_kernels::linear_backward", mutates_args=())
 def _backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, pre_activation: torch.Tensor,
-    activation: str, backend: str,
+    activation: str, backend: str, row_scale: torch.Tensor | None = None, dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, has_bias, pre_activation, activation)
+    return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, has_bias, pre_activation, activation,
+                      row_scale, dropout_p, seed)
 
 
 @_backward.register_fake
-def _(grad_out, x, weight, has_bias, pre_activation, activation, backend):
+def _(grad_out, x, weight, has_bias, pre_activation, activation, backend, row_scale=None, dropout_p=0.0, seed=None):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0] if has_bias else 0)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation, save_pre_activation, backend, row_scale = inputs
-    ctx.save_for_backward(x, weight, output[1], row_scale)
-    ctx.args = (bias is not None, residual is not None, activation, backend)
+    x, weight, bias, residual, activation, save_pre_activation, backend, row_scale, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, output[1], row_scale, seed)
+    ctx.args = (bias is not None, residual is not None, activation, backend, dropout_p)
 
 
 def _autograd_backward(ctx, grad_out, _grad_pre_activation):
-    x, weight, pre_activation, row_scale = ctx.saved_tensors
-    has_bias, has_residual, activation, backend = ctx.args
+    x, weight, pre_activation, row_scale, seed = ctx.saved_tensors
+    has_bias, has_residual, activation, backend, dropout_p = ctx.args
     grad_out = grad_out.contiguous()
     if activation == "gelu" and pre_activation.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("linear_forward ran with save_pre_activation=False, so the GELU's input was not kept for "
                            "the backward; pass True when a gradient is needed (ops.linear does)")
-    grad_linear = grad_out if row_scale is None else grad_out * row_scale[:, None]
-    grad_x, grad_weight, grad_bias = _backward(grad_linear, x, weight, has_bias, pre_activation, activation, backend)
+    grad_x, grad_weight, grad_bias = _backward(grad_out, x, weight, has_bias, pre_activation, activation, backend,
+                                               row_scale, dropout_p, seed)
     return (grad_x, grad_weight, grad_bias if has_bias else None, grad_out if has_residual else None,
-            None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -101,10 +112,11 @@ forbid_double_backward(_backward, OP)
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none",
-    residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, backend: str | None = None,
+    residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, dropout_p: float = 0.0,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """activation(x @ weight.T + bias) * row_scale + residual; see the module docstring for shapes, dtypes and
-    limits."""
+    """dropout(activation(x @ weight.T + bias), dropout_p) * row_scale + residual; see the module docstring for
+    shapes, dtypes, limits and errors."""
     check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., K), got a 0-dimensional tensor")
@@ -128,6 +140,7 @@ def linear(
         check_shape("row_scale", row_scale, x.shape[:-1])
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    dropout_p = check_real("dropout_p", dropout_p, "in [0, 1]", lambda p: 0.0 <= p <= 1.0)
     x2 = x.reshape(-1, in_features).contiguous()
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -136,9 +149,10 @@ def linear(
     name = backends.select(OP, backend, x.device, x2, weight, bias, residual2, activation)
     if name == "eager":
         return reference.linear(x, weight, bias, activation=activation, residual=residual,
-                                row_scale=None if row_scale is None else row_scale.detach())
+                                row_scale=None if row_scale is None else row_scale.detach(), dropout_p=dropout_p)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     forward = _run_forward if runs_directly(x2, weight, bias, residual2) else _forward
-    out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2)[0]
+    seed = new_seed(x.device) if dropout_p > 0 else None
+    out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2, dropout_p, seed)[0]
     return out.view(out_shape)

@@ -1,12 +1,13 @@
-"""Linear + fused epilogue in Triton: out = activation(x @ weight.T + bias) * row_scale + residual, forward and backward.
+"""Linear + fused epilogue in Triton: out = dropout(activation(x @ weight.T + bias)) * row_scale + residual, forward
+and backward.
 
 Kernel-module interface of cct_kernels.backends for the op cct_kernels.ops.linear (see ops/linear.py):
     unsupported(x, weight, bias, residual, activation, *, backend) -> str | None
     forward(x (M, K), weight (N, K), bias (N,) | None, residual (M, N) | None, activation, save_pre_activation,
-            row_scale (M,) | None)
+            row_scale (M,) | None, dropout_p, seed (1,) int64 | None)
         -> (out (M, N), pre_activation h = x @ weight.T + bias (M, N) if activation == "gelu" and
             save_pre_activation, else an empty (0,) tensor)
-    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation)
+    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation, row_scale, dropout_p, seed)
         -> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or an empty (0,) tensor without bias)
 Every tensor contiguous and of one dtype (float32, float16, bfloat16); outputs in that dtype. Any M >= 0,
 N, K >= 1 (every tile is masked at the tails); M*K, M*N and N*K below 2**31 (int32 offsets), else unsupported()
@@ -15,11 +16,12 @@ says so.
 Forward: one tiled GEMM (tl.dot, float32 accumulation; wgmma on sm_90 for 16-bit inputs), 1-D grid in grouped
 order (GROUP_M row blocks walk the column blocks together, so their x rows and W stay in L2), epilogue on the
 float32 accumulator: + bias, the value h stored when the backward needs it (GELU with save_pre_activation), the
-erf GELU h * Phi(h), + residual, one rounding to the output dtype.
-Backward: grad_h = GELU'(h) * grad_out (h the saved pre-activation, in the input dtype, as the reference's
-gelu_backward sees it) is computed in the prologue of both GEMMs from the grad_out and h tiles they load, so no
-grad_h tensor is written; it is rounded to the input dtype before each tensor-core product, as the reference's
-grad_h tensor is. Two kernels, no atomics (deterministic):
+erf GELU h * Phi(h), dropout (the mask hashed per tile: linear_dropout.py), * row_scale, + residual, one rounding to
+the output dtype.
+Backward: grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (h the saved pre-activation, in the input dtype,
+as the reference's gelu_backward sees it; the mask rehashed) is computed in the prologue of both GEMMs from the
+grad_out and h tiles they load, so no grad_h tensor is written; it is rounded to the input dtype before each
+tensor-core product, as the reference's grad_h tensor is. Two kernels, no atomics (deterministic):
     grad_x (M, K) = grad_h @ W: programs over (M, K) tiles, reducing over N.
     grad_W (N, K) = grad_h^T @ x, computed as (K, N) tiles of x^T @ grad_h: N*K holds few tiles (12 at N=768,
         K=256), so M is split into SPLIT chunks and each program (chunk, N tile, K tile) writes a float32 partial
@@ -31,7 +33,7 @@ tensor cores (like torch.matmul under the same flag), False (torch's default) ->
 Phi: float32 outputs use libdevice's erf (the exact GELU of F.gelu to float32 rounding); 16-bit outputs and the
 backward's GELU' use one erfc polynomial (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7 on erf: at most 7.5e-8 |h|
 in the GELU, far below a 16-bit rounding, and 3.0e-7 in GELU', against 1.4e-7 for float32 libdevice erf), which
-costs half the instructions; see _normal_tail.
+costs half the instructions; see linear_epilogue._normal_tail.
 Configs: no autotuning (the interpreter cannot autotune); `_config` picks tiles from the dtype and the shapes,
 chosen from the sm_90 static figures (see _sm90_check and /tmp/notes -> benchmarks/NOTES.md).
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 after loading, since the
@@ -40,13 +42,14 @@ interpreter computes bfloat16 arithmetic wrongly.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from cct_kernels import reference
 from cct_kernels.triton._common import dot_precision, tf32_matmul, upcast_bfloat16
+from cct_kernels.triton.linear_epilogue import gelu_erf, gelu_erf_grad, kept, seed_key
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_M = 8  # row blocks per group of the swizzled program order
@@ -54,15 +57,6 @@ META_SM_COUNT = 132  # H100 SXM / H200: what the sm_90 static check (meta tensor
 # grad_W's split of M: at least this many rows per chunk, so the float32 partials (N*K*4 bytes per chunk) stay
 # small beside the chunk's reads (MIN_CHUNK_ROWS * (2N + K) * 2 bytes in 16-bit).
 MIN_CHUNK_ROWS = 512
-_RSQRT2 = tl.constexpr(0.7071067811865476)
-_RSQRT_2PI = tl.constexpr(0.3989422804014327)
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-_NEG_HALF_LOG2E = tl.constexpr(-0.5 * 1.4426950408889634)
-# Abramowitz & Stegun 7.1.26 for erfc(x) / 2: p times 1 / sqrt 2 (the polynomial takes h, not x = h / sqrt 2),
-# the a_i halved (the tail of the normal is half of erfc)
-_AS_P = tl.constexpr(0.3275911 * 0.7071067811865476)
-_AS_A1, _AS_A2, _AS_A3 = tl.constexpr(0.254829592 / 2), tl.constexpr(-0.284496736 / 2), tl.constexpr(1.421413741 / 2)
-_AS_A4, _AS_A5 = tl.constexpr(-1.453152027 / 2), tl.constexpr(1.061405429 / 2)
 
 
 def unsupported(x, weight, bias, residual, activation, *, backend: str = "triton") -> str | None:
@@ -79,45 +73,6 @@ def unsupported(x, weight, bias, residual, activation, *, backend: str = "triton
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _normal_tail(h):
-    """(Phi(-|h|), exp(-h^2 / 2)): the normal tail erfc(|h| / sqrt 2) / 2 by Abramowitz-Stegun 7.1.26, one
-    polynomial in t = 1 / (1 + p |h| / sqrt 2) times that exp (|error| <= 1.5e-7 on erf). libdevice's erf picks one
-    of two polynomials per element (about 35 instructions on sm_90 against about 15 here)."""
-    e = tl.math.exp2(h * h * _NEG_HALF_LOG2E)
-    t = _reciprocal(1.0 + _AS_P * tl.abs(h))
-    return (t * e) * (_AS_A1 + t * (_AS_A2 + t * (_AS_A3 + t * (_AS_A4 + t * _AS_A5)))), e
-
-
-@triton.jit
-def _gelu(h, EXACT_ERF: tl.constexpr):
-    """h * Phi(h): with libdevice's erf when EXACT_ERF (float32 outputs), else with _normal_tail, whose error
-    (<= 7.5e-8 |h|) is far below a 16-bit output's rounding."""
-    if EXACT_ERF:
-        return 0.5 * h * (1.0 + tl.math.erf(h * _RSQRT2))
-    tail, _ = _normal_tail(h)
-    return h * tl.where(h >= 0, 1.0 - tail, tail)
-
-
-@triton.jit
-def _gelu_grad(h):
-    """GELU'(h) = Phi(h) + h phi(h), with _normal_tail (3.0e-7 worst error over all float32 h, against 1.4e-7
-    for float32 libdevice erf; the backward's inner loops run it per element of grad_h, so the fast form halves
-    them)."""
-    tail, e = _normal_tail(h)
-    return tl.where(h >= 0, 1.0 - tail, tail) + (h * _RSQRT_2PI) * e
-
-
-@triton.jit
-def _reciprocal(d):
-    """1 / d for d >= 1: one MUFU.RCP on the GPU (rcp.approx.ftz, 1 ulp); '/' would add the range fix-ups of
-    div.full (seven instructions per element). The interpreter, which runs no PTX, divides."""
-    if _INTERPRETED:
-        return 1.0 / d
-    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True,
-                                     pack=1)
 
 
 @triton.jit
@@ -142,21 +97,29 @@ def _load(ptrs, mask, EVEN: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _grad_h(g_ptr, h_ptr, offs, mask, EVEN: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr):
-    """The tile of grad_h = GELU'(h) * grad_out at offs, rounded to the input dtype (float32 when UPCAST)."""
+def _grad_h(g_ptr, h_ptr, scale_ptr, offs, rows, cols, mask, key0, threshold, inv_keep, EVEN: tl.constexpr,
+            GELU: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    """The tile of grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out at offs (element (rows[i], cols[j]);
+    rows already inside [0, M)), rounded to the input dtype (float32 when UPCAST)."""
     g = _load(g_ptr + offs, mask, EVEN, UPCAST)
-    if GELU:
-        h = _load(h_ptr + offs, mask, EVEN, UPCAST).to(tl.float32)
-        g = (g.to(tl.float32) * _gelu_grad(h)).to(g.dtype)
+    if GELU or HAS_SCALE or DROPOUT:
+        g32 = g.to(tl.float32)
+        if HAS_SCALE:
+            g32 *= tl.load(scale_ptr + rows).to(tl.float32)[:, None]
+        if DROPOUT:
+            g32 = tl.where(kept(key0, rows, cols, threshold), g32 * inv_keep, 0.0)
+        if GELU:
+            g32 *= gelu_erf_grad(_load(h_ptr + offs, mask, EVEN, UPCAST).to(tl.float32))
+        g = g32.to(g.dtype)
     return g
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, M, N, K,
+    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, seed_ptr, M, N, K, threshold, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
-    GELU: tl.constexpr,
+    GELU: tl.constexpr, DROPOUT: tl.constexpr,
     SAVE_H: tl.constexpr, EXACT_ERF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: the (BLOCK_M, BLOCK_N) tile of out (and of h when SAVE_H)."""
@@ -184,7 +147,9 @@ def _forward_kernel(
     if SAVE_H:
         tl.store(h_ptr + offs, acc.to(h_ptr.dtype.element_ty), mask=mask)
     if GELU:
-        acc = _gelu(acc, EXACT_ERF)
+        acc = gelu_erf(acc, EXACT_ERF)
+    if DROPOUT:
+        acc = tl.where(kept(seed_key(seed_ptr), rows, cols, threshold), acc * inv_keep, 0.0)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + rows, mask=rows < M, other=0.0).to(tl.float32)[:, None]
     if HAS_RESIDUAL:
@@ -194,9 +159,10 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_x_kernel(
-    g_ptr, h_ptr, w_ptr, gx_ptr, M, N, K,
+    g_ptr, h_ptr, w_ptr, gx_ptr, scale_ptr, seed_ptr, M, N, K, threshold, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_N: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, GELU: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One program: the (BLOCK_M, BLOCK_K) tile of grad_x = grad_h @ W, reducing over N in BLOCK_N steps."""
     pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
@@ -205,10 +171,12 @@ def _grad_x_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     g_offs = (rows % M)[:, None] * N + offs_n[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * K + (cols % K)[None, :]
+    key0 = seed_key(seed_ptr) if DROPOUT else 0
     acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_ok = offs_n < N - n0
-        grad_h = _grad_h(g_ptr, h_ptr, g_offs, n_ok[None, :], EVEN_N, GELU, UPCAST)
+        grad_h = _grad_h(g_ptr, h_ptr, scale_ptr, g_offs, rows % M, n0 + offs_n, n_ok[None, :], key0, threshold,
+                         inv_keep, EVEN_N, GELU, HAS_SCALE, DROPOUT, UPCAST)
         w = _load(w_ptrs, n_ok[:, None], EVEN_N, UPCAST)
         acc = tl.dot(grad_h, w, acc, input_precision=PRECISION)
         g_offs += BLOCK_N
@@ -219,10 +187,10 @@ def _grad_x_kernel(
 
 @triton.jit
 def _grad_w_kernel(
-    g_ptr, h_ptr, x_ptr, gw_ptr, gb_ptr, M, N, K, CHUNK,
+    g_ptr, h_ptr, x_ptr, gw_ptr, gb_ptr, scale_ptr, seed_ptr, M, N, K, CHUNK, threshold, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    EVEN_M: tl.constexpr, GELU: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, GELU: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program (chunk, N tile, K tile): the chunk's partial of grad_W = grad_h^T @ x over rows
     [chunk*CHUNK, +CHUNK) into gw_ptr[chunk] (N, K), and with HAS_BIAS, on the K-tile-0 programs, the chunk's
@@ -244,11 +212,13 @@ def _grad_w_kernel(
     m_end = tl.minimum(m_start + CHUNK, M)
     g_offs = (m_start + offs_m)[:, None] * N + (cols_n % N)[None, :]
     x_ptrs = x_ptr + (m_start + offs_m)[:, None] * K + (cols_k % K)[None, :]
+    key0 = seed_key(seed_ptr) if DROPOUT else 0
     acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # summed over rows after the loop: no shuffles per step
     for m0 in range(m_start, m_end, BLOCK_M):
         m_ok = (offs_m < m_end - m0)[:, None]
-        grad_h = _grad_h(g_ptr, h_ptr, g_offs, m_ok, EVEN_M, GELU, UPCAST)
+        grad_h = _grad_h(g_ptr, h_ptr, scale_ptr, g_offs, (m0 + offs_m) % M, cols_n % N, m_ok, key0, threshold,
+                         inv_keep, EVEN_M, GELU, HAS_SCALE, DROPOUT, UPCAST)
         a = _load(x_ptrs, m_ok, EVEN_M, UPCAST)
         if HAS_BIAS:
             db += grad_h.to(tl.float32)
@@ -300,10 +270,6 @@ def _config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tu
     return block_r, block_c, block_red, num_warps, num_stages
 
 
-
-
-
-
 @functools.cache
 def _programs_wanted(device: torch.device) -> int:
     """Programs that fill the device once: its SMs on CUDA, an H100's for the meta tensors of the sm_90 check,
@@ -330,7 +296,16 @@ def _empty(*shape, device, dtype):
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
-def forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None):
+def _dropout_args(dropout_p: float, seed, placeholder) -> tuple:
+    """(seed pointer, threshold, 1 / (1 - p)) kernel arguments; the placeholder pointer without dropout."""
+    if dropout_p == 0:
+        return placeholder, 0, 1.0
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError("linear dropout needs an int64 seed tensor of one element")
+    return seed, reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+
+
+def forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None, dropout_p=0.0, seed=None):
     """-> (out (M, N), pre_activation (M, N) if activation == "gelu" and save_pre_activation else empty (0,));
     both in x.dtype."""
     M, K = x.shape
@@ -342,22 +317,25 @@ def forward(x, weight, bias, residual, activation, save_pre_activation, row_scal
     if M == 0:
         return out, pre_activation
     block_m, block_n, block_k, num_warps, num_stages = _config("forward", x.dtype, M, N, K)
+    seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, out)
     _forward_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
         x, weight, x if bias is None else bias, out if residual is None else residual,
-        out if row_scale is None else row_scale, out, pre_activation if save else out, M, N, K,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
+        out if row_scale is None else row_scale, out, pre_activation if save else out, seed_ptr, M, N, K, threshold,
+        inv_keep, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_SCALE=row_scale is not None,
-        GELU=gelu, SAVE_H=save,
+        GELU=gelu, DROPOUT=dropout_p > 0, SAVE_H=save,
         EXACT_ERF=x.dtype == torch.float32, UPCAST=upcast_bfloat16(x.dtype), PRECISION=dot_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, pre_activation
 
 
-def backward(grad_out, x, weight, has_bias, pre_activation, activation, *, min_chunk: int = MIN_CHUNK_ROWS):
+def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None, *,
+             min_chunk: int = MIN_CHUNK_ROWS):
     """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias), all in x.dtype.
-    pre_activation: forward's saved h (M, N) when activation == "gelu" (unused otherwise). min_chunk: the fewest
-    rows of M per grad_W program (tests lower it to reach the split path on small shapes)."""
+    pre_activation: forward's saved h (M, N) when activation == "gelu" (unused otherwise); row_scale, dropout_p and
+    seed: the forward's. min_chunk: the fewest rows of M per grad_W program (tests lower it to reach the split path
+    on small shapes)."""
     M, K = x.shape
     N = weight.shape[0]
     dtype, device = x.dtype, x.device
@@ -366,11 +344,14 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, *, min_c
     if M == 0:
         return grad_x, torch.zeros_like(weight), weight.new_zeros(N if has_bias else 0)
     h = pre_activation if gelu else grad_out  # grad_out: a placeholder the kernels never read
-    common = dict(GELU=gelu, UPCAST=upcast_bfloat16(dtype), PRECISION=dot_precision(dtype))
+    seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, grad_out)
+    scale = grad_out if row_scale is None else row_scale
+    common = dict(GELU=gelu, HAS_SCALE=row_scale is not None, DROPOUT=dropout_p > 0, UPCAST=upcast_bfloat16(dtype),
+                  PRECISION=dot_precision(dtype))
 
     block_m, block_k, block_n, num_warps, num_stages = _config("grad_x", dtype, M, K, N)
     _grad_x_kernel[(triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)](
-        grad_out, h, weight, grad_x, M, N, K, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=GROUP_M,
+        grad_out, h, weight, grad_x, scale, seed_ptr, M, N, K, threshold, inv_keep, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=GROUP_M,
         EVEN_N=N % block_n == 0, num_warps=num_warps, num_stages=num_stages, **common,
     )
 
@@ -381,7 +362,8 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, *, min_c
     grad_weight = _empty(split, N, K, device=device, dtype=partial)
     grad_bias = _empty(split, N, device=device, dtype=partial) if has_bias else x.new_empty(0)
     _grad_w_kernel[(split * tiles,)](
-        grad_out, h, x, grad_weight, grad_bias if has_bias else grad_weight, M, N, K, chunk,
+        grad_out, h, x, grad_weight, grad_bias if has_bias else grad_weight, scale, seed_ptr, M, N, K, chunk,
+        threshold, inv_keep,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, EVEN_M=M % block_m == 0, HAS_BIAS=has_bias,
         num_warps=num_warps, num_stages=num_stages, **common,
     )
@@ -395,7 +377,8 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, *, min_c
 
 
 def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True, activation: str = "none",
-                residual: bool = False, save: bool = True, backward_pass: bool = False, tf32: bool = False) -> dict:
+                residual: bool = False, save: bool = True, backward_pass: bool = False, tf32: bool = False,
+                dropout: bool = False) -> dict:
     """forward() (or backward()) on meta tensors: sm90.py (or tests) compile the kernels they launch."""
 
     def launch():
@@ -407,14 +390,19 @@ def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True
             return torch.empty(*shape, dtype=dtype, device="meta")
 
         x, weight = meta(M, K), meta(N, K)
+        # dropout comes with stochastic depth's row scale, as in the encoder block's training
+        row_scale, p = (meta(M), 0.1) if dropout else (None, 0.0)
+        seed = torch.empty(1, dtype=torch.int64, device="meta") if dropout else None
         if not backward_pass:
-            forward(x, weight, meta(N) if bias else None, meta(M, N) if residual else None, activation, save)
+            forward(x, weight, meta(N) if bias else None, meta(M, N) if residual else None, activation, save,
+                    row_scale, p, seed)
             return
         h = meta(M, N) if activation == "gelu" else meta(0)
-        backward(meta(M, N), x, weight, bias, h, activation)
+        backward(meta(M, N), x, weight, bias, h, activation, row_scale, p, seed)
 
     epilogue = "".join(["_bias" * bias, f"_{activation}" * (activation != "none"), "_res" * residual,
-                        "_nosave" * (activation == "gelu" and not save and not backward_pass)])
+                        "_nosave" * (activation == "gelu" and not save and not backward_pass),
+                        "_dropout" * dropout])
     name = (f"{'bwd' if backward_pass else 'fwd'}_{str(dtype).split('.')[-1]}{'_tf32' if tf32 else ''}"
             f"_M{M}_K{K}_N{N}{epilogue}")
     return {"name": name, "launch": launch}
@@ -431,6 +419,10 @@ SM90_CHECKS = [
     _sm90_check(torch.bfloat16, 16384, 512, 256, backward_pass=True),
     _sm90_check(torch.bfloat16, 12544, 384, 1152, activation="gelu", backward_pass=True),
     _sm90_check(torch.bfloat16, 256, 256, 512, activation="gelu", backward_pass=True),  # batch 1: 64x128 tiles
+    _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu", dropout=True),  # training with dropout
+    _sm90_check(torch.bfloat16, 16384, 512, 256, residual=True, dropout=True),
+    _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu", backward_pass=True, dropout=True),
+    _sm90_check(torch.bfloat16, 16384, 512, 256, backward_pass=True, dropout=True),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu"),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", tf32=True),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True),

@@ -216,10 +216,6 @@ void check_attention(const at::Tensor& qkv, int64_t num_heads, double dropout_p,
   TORCH_CHECK(dropout_p == 0 || seed.numel() == 1, "attention: dropout needs a seed tensor of one int64");
 }
 
-int64_t seed_value(const at::Tensor& seed, double dropout_p) {
-  return dropout_p > 0 ? seed.to(at::kCPU).to(at::kLong).item<int64_t>() : 0;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& qkv, int64_t num_heads, double scale,

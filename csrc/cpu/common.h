@@ -91,6 +91,10 @@ inline uint32_t dropout_key(int64_t seed, int64_t bh) {
 }
 inline uint32_t dropout_bits(uint32_t key, uint32_t idx) { return mix32(key ^ mix32(idx)) >> 8; }  // 24 bits
 inline uint32_t dropout_threshold(double p) { return (uint32_t)std::llround(p * 16777216.0); }
+// The value of an op's (1,) int64 seed tensor (0 without dropout, where the seed may be empty or absent).
+inline int64_t seed_value(const at::Tensor& seed, double dropout_p) {
+  return dropout_p > 0 ? seed.to(at::kCPU).to(at::kLong).item<int64_t>() : 0;
+}
 
 // at::parallel_for grain (in tasks) so that a loop of fewer than ~32k elementary steps runs on the calling thread:
 // waking the OpenMP team costs more than such loops (ATen uses the same threshold, at::internal::GRAIN_SIZE).

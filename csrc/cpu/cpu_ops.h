@@ -46,13 +46,21 @@ std::tuple<at::Tensor, at::Tensor> text_tokenize_backward_cpu(const at::Tensor& 
                                                               int64_t pool_stride, int64_t pool_padding,
                                                               bool needs_input_grad);
 
-// x (M, K), weight (N, K), bias (N,), residual (M, N), row_scale (M,) (each optional) -> (out (M, N), h (M, N)
-// when gelu and save_pre_activation, else empty). See cct_kernels/ops/linear.py.
+// x (M, K), weight (N, K), bias (N,), residual (M, N), row_scale (M,) (each optional), dropout_p in [0, 1] with a
+// (1,) int64 seed when > 0 -> (out (M, N), h (M, N) when gelu and save_pre_activation, else empty). See
+// cct_kernels/ops/linear.py.
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                       const c10::optional<at::Tensor>& bias,
                                                       const c10::optional<at::Tensor>& residual, bool gelu,
                                                       bool save_pre_activation,
-                                                      const c10::optional<at::Tensor>& row_scale);
+                                                      const c10::optional<at::Tensor>& row_scale,
+                                                      double dropout_p = 0.0,
+                                                      const c10::optional<at::Tensor>& seed = c10::nullopt);
+// The backward's gradient at h = x W^T + b in one pass: grad_out * row_scale, dropout's mask and scale, GELU'(h)
+// when pre_activation (h) is given; (M, N) in grad_out's dtype.
+at::Tensor linear_grad_pre_activation_cpu(const at::Tensor& grad_out, const c10::optional<at::Tensor>& pre_activation,
+                                          const c10::optional<at::Tensor>& row_scale, double dropout_p,
+                                          const c10::optional<at::Tensor>& seed);
 
 // The CCT encoder block in inference: pre_norm, qkv, attention, proj + residual, norm1, linear1 + GELU,
 // linear2 + residual (csrc/cpu/encoder_layer.cpp); src (B, N, D) -> (B, N, D).

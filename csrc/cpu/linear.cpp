@@ -1,10 +1,12 @@
-// Linear with its epilogue on CPU: out = act(x W^T + b) * row_scale + residual, x (M, K), W (N, K), float32, float16
-// or bfloat16 (computed in float32). One GEMM over all rows on torch's BLAS (MKL sgemm on x86-64, all threads: MKL
+// Linear with its epilogue on CPU: out = dropout(act(x W^T + b)) * row_scale + residual, x (M, K), W (N, K),
+// float32, float16 or bfloat16 (computed in float32). One GEMM over all rows on torch's BLAS (MKL sgemm on x86-64, all threads: MKL
 // packs W once), then one parallel pass applies the whole epilogue (bias, exact GELU, row scale, residual, the
 // cast) row by row, each row in L1: where ATen runs addmm (a bias copy, then the GEMM) and a pass per elementwise
 // op, this is the GEMM and a single pass. Per-block GEMMs with the epilogue on L2-resident tiles were measured
 // slower here (each block's sgemm repacks W, and one thread per block runs MKL below its two-thread rate).
-// The backward's GELU input h = x W^T + b is written only when asked for (save_pre_activation).
+// The backward's GELU input h = x W^T + b is written only when asked for (save_pre_activation). Dropout keeps
+// element (r, c) iff dropout_bits(dropout_key(seed, r), c) >= threshold (common.h; the definition, in torch ops, is
+// cct_kernels.reference.linear_dropout_mask): no mask is stored, the backward's pass redraws it.
 #include "common.h"
 #include "cpu_ops.h"
 #include "output_cache.h"
@@ -37,11 +39,44 @@ inline float erf_approx(float x) {
   return x * p / q;
 }
 
-// One output row: a = x W^T (float32, in L1), then bias, h, GELU, residual, the cast, each a vectorised loop over
-// the row (one loop with all the optional steps inside does not vectorise).
+inline float gelu(float h) { return 0.5f * h * (1.f + erf_approx(h * 0.70710678118654752f)); }
+
+// d GELU(h) / dh = Phi(h) + h phi(h)
+inline float gelu_grad(float h) {
+  return 0.5f * (1.f + erf_approx(h * 0.70710678118654752f)) + h * 0.3989422804014327f * std::exp(-0.5f * h * h);
+}
+
+// Dropout's scale of row `row` in place: kept values times 1 / (1 - p), dropped ones 0.
+struct Dropout {
+  int64_t seed = 0;
+  uint32_t threshold = 0;
+  float inv_keep = 1.f;
+  bool active = false;
+
+  Dropout(double p, const c10::optional<at::Tensor>& seed_tensor) {
+    TORCH_CHECK(p >= 0 && p <= 1, "linear: dropout_p must be in [0, 1], got ", p);
+    TORCH_CHECK(p == 0 || (seed_tensor.has_value() && seed_tensor->numel() == 1),
+                "linear: dropout needs a seed tensor of one int64");
+    active = p > 0;
+    if (active) {
+      seed = seed_value(*seed_tensor, p);
+      threshold = dropout_threshold(p);
+      inv_keep = p < 1 ? (float)(1.0 / (1.0 - p)) : 0.f;
+    }
+  }
+
+  void apply(float* a, int64_t row, int64_t N) const {
+    const uint32_t key = dropout_key(seed, row);
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) a[c] = dropout_bits(key, (uint32_t)c) >= threshold ? a[c] * inv_keep : 0.f;
+  }
+};
+
+// One output row: a = x W^T (float32, in L1), then bias, h, GELU, dropout, residual, the cast, each a vectorised
+// loop over the row (one loop with all the optional steps inside does not vectorise).
 template <typename T>
 void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, const T* row_scale, int64_t row,
-                  int64_t N, bool gelu) {
+                  int64_t N, bool gelu_on, const Dropout& dropout) {
   if (bias) {
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) a[c] += to_f(bias[c]);
@@ -51,10 +86,11 @@ void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, co
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) h[c] = static_cast<T>(a[c]);
   }
-  if (gelu) {
+  if (gelu_on) {
 #pragma omp simd
-    for (int64_t c = 0; c < N; ++c) a[c] = 0.5f * a[c] * (1.f + erf_approx(a[c] * 0.70710678118654752f));
+    for (int64_t c = 0; c < N; ++c) a[c] = gelu(a[c]);
   }
+  if (dropout.active) dropout.apply(a, row, N);
   T* o = out + row * N;
   const float scale = row_scale ? to_f(row_scale[row]) : 1.f;
   if (residual) {
@@ -64,7 +100,7 @@ void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, co
   } else if (row_scale) {
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c] * scale);
-  } else if (!std::is_same_v<T, float>) {
+  } else if (!std::is_same_v<T, float>) {  // float32: a is the output row already
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c]);
   }
@@ -72,7 +108,7 @@ void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, co
 
 template <typename T>
 void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, const T* row_scale, T* out, T* pre,
-                   int64_t M, int64_t N, int64_t K, bool gelu) {
+                   int64_t M, int64_t N, int64_t K, bool gelu_on, const Dropout& dropout) {
   constexpr bool f32 = std::is_same_v<T, float>;
   std::vector<float> x32, w32, tile;  // 16-bit operands widened once, the product kept in float32
   const float *xf = nullptr, *wf = nullptr;
@@ -95,7 +131,31 @@ void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, con
   }
   gemm_rm(false, true, (int)M, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r, N, gelu);
+    for (int64_t r = begin; r < end; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r, N, gelu_on, dropout);
+  });
+}
+
+// grad_h = grad_out * row_scale * dropout's mask and scale * GELU'(h) (each step optional), row by row in L1.
+template <typename T>
+void grad_pre_activation_kernel(const T* g, const T* h, const T* row_scale, T* grad_h, int64_t M, int64_t N,
+                                const Dropout& dropout) {
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    std::vector<float> a(N);
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = row_scale ? to_f(row_scale[r]) : 1.f;
+      const T* g_row = g + r * N;
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) a[c] = to_f(g_row[c]) * s;
+      if (dropout.active) dropout.apply(a.data(), r, N);
+      if (h) {
+        const T* h_row = h + r * N;
+#pragma omp simd
+        for (int64_t c = 0; c < N; ++c) a[c] *= gelu_grad(to_f(h_row[c]));
+      }
+      T* out = grad_h + r * N;
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) out[c] = static_cast<T>(a[c]);
+    }
   });
 }
 
@@ -105,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
                                                       const c10::optional<at::Tensor>& bias,
                                                       const c10::optional<at::Tensor>& residual, bool gelu,
                                                       bool save_pre_activation,
-                                                      const c10::optional<at::Tensor>& row_scale) {
+                                                      const c10::optional<at::Tensor>& row_scale, double dropout_p,
+                                                      const c10::optional<at::Tensor>& seed) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "linear_forward: x (M, K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "linear_forward: x and weight must be contiguous");
@@ -118,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "linear_forward: bias must hold N = ", N, " values");
   TORCH_CHECK(!residual.has_value() || residual->sizes() == at::IntArrayRef({M, N}),
               "linear_forward: residual must be (M, N)");
+  const Dropout dropout(dropout_p, seed);
   auto out = cached_empty({M, N}, x.options());
   const bool keep = gelu && save_pre_activation;
   auto pre = keep ? cached_empty({M, N}, x.options()) : at::empty({0}, x.options());
@@ -127,9 +189,32 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
                             bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                             residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
                             row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                            keep ? pre.data_ptr<scalar_t>() : nullptr, M, N, K, gelu);
+                            keep ? pre.data_ptr<scalar_t>() : nullptr, M, N, K, gelu, dropout);
   });
   return {out, pre};
+}
+
+at::Tensor linear_grad_pre_activation_cpu(const at::Tensor& grad_out, const c10::optional<at::Tensor>& pre_activation,
+                                          const c10::optional<at::Tensor>& row_scale, double dropout_p,
+                                          const c10::optional<at::Tensor>& seed) {
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.is_contiguous(), "linear_grad_pre_activation: grad_out must be a "
+              "contiguous (M, N) tensor, got ", grad_out.sizes());
+  const int64_t M = grad_out.size(0), N = grad_out.size(1);
+  TORCH_CHECK(!pre_activation.has_value() || (pre_activation->sizes() == grad_out.sizes() &&
+              pre_activation->is_contiguous() && pre_activation->scalar_type() == grad_out.scalar_type()),
+              "linear_grad_pre_activation: pre_activation must be a contiguous (M, N) tensor of grad_out's dtype");
+  TORCH_CHECK(!row_scale.has_value() || (row_scale->numel() == M && row_scale->is_contiguous() &&
+              row_scale->scalar_type() == grad_out.scalar_type()),
+              "linear_grad_pre_activation: row_scale must be M contiguous values of grad_out's dtype");
+  const Dropout dropout(dropout_p, seed);
+  auto grad_h = at::empty_like(grad_out);
+  CCT_DISPATCH(grad_out.scalar_type(), "linear_grad_pre_activation_cpu", [&] {
+    grad_pre_activation_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(),
+                                         pre_activation.has_value() ? pre_activation->data_ptr<scalar_t>() : nullptr,
+                                         row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
+                                         grad_h.data_ptr<scalar_t>(), M, N, dropout);
+  });
+  return grad_h;
 }
 
 }  // namespace cct
