@@ -130,18 +130,19 @@ def test_model_compiles_fullgraph_with_inductor(family, train, backend):
 
 @pytest.mark.parametrize("backend", sorted(set(backends.KERNEL_BACKENDS) & set(backends_serving_model(
     cct_kernels.cct_2_3x2_32(), torch.randn(2, 3, 32, 32, device=DEVICE), train=True)) - {"triton"}))
-def test_stochastic_depth_row_scale_compiles_and_matches_eager(backend):
-    """Training with stochastic depth fuses each block's drop mask into the residual linears (ops.linear's
-    row_scale); compiled with inductor drawing the same random numbers as eager (fallback_random), the two agree.
-    (inductor's own config.patch: pytest's monkeypatch deletes the option on undo here, which hides it from every
-    later compile in the session.)"""
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_stochastic_depth_and_dropout_compile_and_match_eager(backend, dropout):
+    """Training with stochastic depth and dropout fuses each block's drop mask (ops.linear's row_scale) and the
+    dropouts (dropout_p, the seed drawn from torch's generator) into the linears; compiled with inductor drawing the
+    same random numbers as eager (fallback_random), the two agree. (inductor's own config.patch: pytest's
+    monkeypatch deletes the option on undo here, which hides it from every later compile in the session.)"""
     with torch._inductor.config.patch(fallback_random=True):
-        _check_stochastic_depth_compiles(backend)
+        _check_random_training_compiles(backend, dropout)
 
 
-def _check_stochastic_depth_compiles(backend):
+def _check_random_training_compiles(backend, dropout):
     torch._dynamo.reset()
-    model = cct_kernels.cct_2_3x2_32(backend=backend, dropout=0.0, attention_dropout=0.0, stochastic_depth=0.9)
+    model = cct_kernels.cct_2_3x2_32(backend=backend, dropout=dropout, attention_dropout=0.0, stochastic_depth=0.9)
     model = model.to(DEVICE).train()
     x = torch.randn(4, 3, 32, 32, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
