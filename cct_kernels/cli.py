@@ -270,6 +270,10 @@ def _common_arguments(parser: argparse.ArgumentParser, default_mode: str | None)
                              "from a CUDA graph; onnxruntime: the eager model exported to ONNX Runtime (CPU, where installed); "
                              "default: eager, compile, each kernel backend that can run on the device, auto, "
                              "compile:auto, on CUDA graphs:auto, on CPU onnxruntime where installed)")
+    parser.add_argument("--dropout", type=float_in(0, 1), metavar="P",
+                        help="the model's dropout rate (its factory's `dropout`: the encoder blocks' proj_drop, "
+                             "dropout1 and dropout2; default the factory's, 0 for the CCT family); training steps "
+                             "draw it")
     parser.add_argument("--device", type=device_argument, help="cpu, cuda or cuda:N (default cuda when available)")
     parser.add_argument("--warmup", type=int_at_least(0), metavar="N",
                         help="untimed steps per backend before timing (the first includes compiling)")

@@ -98,7 +98,12 @@ def _progress(enabled: bool, desc: str, total: int):
                 dynamic_ncols=True)
 
 
-def _prepare(model_name, names, device, dtype, batch) -> tuple[dict, dict]:
+def model_kwargs(args) -> dict:
+    """The factory arguments the command line sets (only those given)."""
+    return {} if args.dropout is None else {"dropout": args.dropout}
+
+
+def _prepare(model_name, names, device, dtype, batch, kwargs) -> tuple[dict, dict]:
     """Build every backend's model and run its first inference call: (prepared models, setup errors).
 
     Logits come first, before training steps change the weights; eager's are the oracle for max_abs_diff.
@@ -109,7 +114,7 @@ def _prepare(model_name, names, device, dtype, batch) -> tuple[dict, dict]:
         print(f"  {name:<8} building, first call{' (compiles)' if compiles else ''}",
               file=sys.stderr)
         try:
-            model = profiling.build_model(model_name, name, device, dtype)
+            model = profiling.build_model(model_name, name, device, dtype, **kwargs)
             inputs, labels = profiling.make_inputs(model, batch, device, dtype)
             t0 = time.perf_counter()
             logits = profiling.make_step(model, "inference", inputs, labels)()
@@ -147,14 +152,16 @@ def _warm_up(prepared: dict, mode: str, device, warmup: int) -> tuple[dict, dict
     return steps, estimates, warmup_s, errors
 
 
-def run_bench(model_name, device, dtype, batch, names, modes, *, warmup, rounds, min_time, progress) -> list[dict]:
-    """Time every (backend, mode), the backends interleaved round by round; one result dict each.
+def run_bench(model_name, device, dtype, batch, names, modes, *, warmup, rounds, min_time, progress,
+              model_kwargs=None) -> list[dict]:
+    """Time every (backend, mode), the backends interleaved round by round; one result dict each. model_kwargs go
+    to the model factory (profiling.build_model).
 
     A failing backend yields its error in its row, not an exception. Each row has min/median/... over rounds
     (profiling.Timing.summary), images_per_s and tflops from the median, and speedups against eager and compile.
     """
     flops = {mode: profiling.model_flops(model_name, batch, mode) for mode in modes}
-    prepared, setup_errors = _prepare(model_name, names, device, dtype, batch)
+    prepared, setup_errors = _prepare(model_name, names, device, dtype, batch, model_kwargs or {})
     results = []
     for mode in modes:
         steps, estimates, warmup_s, errors = _warm_up(prepared, mode, device, warmup)
@@ -247,30 +254,34 @@ def cmd_bench(args) -> int:
           f"({device_name(device)}), modes {', '.join(modes)}, backends {', '.join(names)}, interleaved in rounds",
           file=sys.stderr)
     started = datetime.datetime.now(datetime.timezone.utc)
+    kwargs = model_kwargs(args)
     results = run_bench(args.model, device, dtype, batch, names, modes, warmup=warmup, rounds=args.rounds,
-                        min_time=min_time, progress=not args.no_progress)
+                        min_time=min_time, progress=not args.no_progress, model_kwargs=kwargs)
     elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-    title = f"{args.model}, batch {batch}, {profiling.dtype_name(dtype)} on {device_name(device)}"
+    settings = "".join(f", {key} {value:g}" for key, value in kwargs.items())
+    title = f"{args.model}{settings}, batch {batch}, {profiling.dtype_name(dtype)} on {device_name(device)}"
     print(f"\n{title}\n" + bench_table(results))
     print("\nEach round runs every backend once, in rotating order; min / median over rounds; spread: interquartile "
           "range\nover the median. vs eager / vs compile: speedup of the median; max|diff|: largest logit "
           f"difference from eager\n(same weights and images). Took {elapsed:.0f} s.")
 
-    stem = args.out / f"bench_{args.model}_{device.type}_{profiling.dtype_name(dtype)}"
+    tags = "".join(f"_{key}{value:g}" for key, value in kwargs.items())
+    json_path, png_path = (args.out / f"bench_{args.model}{tags}_{device.type}_{profiling.dtype_name(dtype)}.{suffix}"
+                           for suffix in ("json", "png"))
     report = {
         "command": args.command_line, "date": started.isoformat(timespec="seconds"), "elapsed_s": elapsed,
         "device": {"type": device.type, "name": device_name(device)}, "versions": versions(),
-        "config": {"model": args.model, "batch": batch, "dtype": profiling.dtype_name(dtype), "modes": modes,
-                   "backends": names, "warmup": warmup, "rounds": args.rounds, "min_time_s": min_time,
+        "config": {"model": args.model, "model_kwargs": kwargs, "batch": batch, "dtype": profiling.dtype_name(dtype),
+                   "modes": modes, "backends": names, "warmup": warmup, "rounds": args.rounds, "min_time_s": min_time,
                    "timing": "interleaved rounds: each round runs every backend once, in rotating order"},
         "results": results,
     }
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
     try:
-        bench_chart(results, title, stem.with_suffix(".png"))
-        print(f"wrote {stem}.json and {stem}.png")
+        bench_chart(results, title, png_path)
+        print(f"wrote {json_path} and {png_path}")
     except ImportError as e:  # matplotlib is optional: the JSON still holds everything
-        print(f"wrote {stem}.json (no chart: {e})")
+        print(f"wrote {json_path} (no chart: {e})")
     failed = [f"{r['backend']} {r['mode']}" for r in results if r["error"]]
     if failed:
         print(f"error: {len(failed)} of {len(results)} rows failed: {', '.join(failed)}", file=sys.stderr)
@@ -304,7 +315,7 @@ def cmd_profile(args) -> int:
         for name in names:
             print(f"  profiling {name} {mode} ...", file=sys.stderr)
             try:
-                model = profiling.build_model(args.model, name, device, dtype)
+                model = profiling.build_model(args.model, name, device, dtype, **model_kwargs(args))
                 step = profiling.make_step(model, mode, *profiling.make_inputs(model, batch, device, dtype))
                 trace = args.out / f"trace_{args.model}_{name}_{mode}.json"
                 prof = profiling.profile_step(step, device, warmup=warmup, iters=iters, trace_path=trace)

@@ -123,8 +123,10 @@ def speed_backends(device: torch.device) -> list[str]:
     return [n for n in names if backend_reason(n, device) is None]
 
 
-def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """Model `name` for speed backend `backend`, its weights drawn from `seed` so every backend gets the same.
+def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                **model_kwargs) -> nn.Module:
+    """Model `name` for speed backend `backend`, its weights drawn from `seed` so every backend gets the same;
+    model_kwargs go to the factory (e.g. dropout=0.1).
 
     For "compile" and "compile:*" this raises dynamo's recompile limit: dynamo keeps its compiled entries per code
     object (every model's forward is the same function), and past the limit it silently runs eager, so a process
@@ -135,7 +137,7 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
     compiled = backend == COMPILE or backend.startswith(COMPILE_OURS)
     ops_backend = ("eager" if backend in (COMPILE, ONNXRUNTIME)
                    else backend.removeprefix(COMPILE_OURS).removeprefix(GRAPHS))
-    model = create_model(name, backend=ops_backend).to(device=device, dtype=dtype)
+    model = create_model(name, backend=ops_backend, **model_kwargs).to(device=device, dtype=dtype)
     if backend.startswith(GRAPHS):
         return GraphedInference(model)
     if backend == ONNXRUNTIME:

@@ -97,6 +97,28 @@ def test_bench_writes_json_and_png_and_fails_when_a_row_failed(tmp_path, capsys)
     assert (tmp_path / "bench_cct_2_3x2_32_cpu_fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_dropout_builds_every_model_with_it(tmp_path, monkeypatch):
+    """--dropout reaches every backend's model (the blocks' linears draw it in training), is recorded in the
+    config and the file name, and must be in [0, 1]."""
+    rates = []
+    build = profiling.build_model
+
+    def recording_build(name, backend, device, dtype, seed=0, **kwargs):
+        model = build(name, backend, device, dtype, seed, **kwargs)
+        rates.append((backend, {m.dropout2.p for m in model.modules() if hasattr(m, "dropout2")}))
+        return model
+
+    monkeypatch.setattr(profiling, "build_model", recording_build)
+    argv = ["bench", *TINY, "--mode", "train", "--backends", "eager,auto", "--dropout", "0.2", "--rounds", "1",
+            "--warmup", "0", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert rates == [("eager", {0.2}), ("auto", {0.2})]
+    report = json.loads((tmp_path / "bench_cct_2_3x2_32_dropout0.2_cpu_fp32.json").read_text())
+    assert report["config"]["model_kwargs"] == {"dropout": 0.2}
+    with pytest.raises(SystemExit):
+        cli.main(["bench", *TINY, "--dropout", "1.5", "--out", str(tmp_path)])
+
+
 def test_bench_run_as_a_module_exits_0_and_records_its_real_command_line(tmp_path):
     argv = [sys.executable, "-m", "cct_kernels", "bench", *TINY, "--mode", "inference", "--backends", "eager",
             "--rounds", "1", "--warmup", "0", "--no-progress", "--out", str(tmp_path)]
