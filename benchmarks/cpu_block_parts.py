@@ -50,17 +50,18 @@ def block_parts(name: str, batch: int) -> dict:
         qkv = ops.linear_forward(normed, p["self_attn.qkv.weight"], None, None, False, False, None)[0]
         heads = ops.attention_forward(qkv.view(batch, tokens, -1), attn.num_heads, attn.scale, 0.0, seed, None)[0]
         heads = heads.view(batch * tokens, dim)
+        norm1 = (p["norm1.weight"], p["norm1.bias"], block.norm1.eps)
         stream = ops.linear_forward(heads, p["self_attn.proj.weight"], p["self_attn.proj.bias"], x, False, False,
-                                    None)[0]
+                                    None, 0.0, None, *norm1)[0]
         hidden = ops.linear_forward(stream, p["linear1.weight"], p["linear1.bias"], None, True, False, None)[0]
         steps = {
             "pre_norm": lambda: F.layer_norm(x, (dim,), p["pre_norm.weight"], p["pre_norm.bias"]),
             "qkv": lambda: ops.linear_forward(normed, p["self_attn.qkv.weight"], None, None, False, False, None),
             "attention": lambda: ops.attention_forward(qkv.view(batch, tokens, -1), attn.num_heads, attn.scale, 0.0,
                                                        seed, None),
-            "proj+residual": lambda: ops.linear_forward(heads, p["self_attn.proj.weight"], p["self_attn.proj.bias"],
-                                                        x, False, False, None),
-            "norm1": lambda: F.layer_norm(stream, (dim,), p["norm1.weight"], p["norm1.bias"]),
+            "proj+residual+norm1": lambda: ops.linear_forward(heads, p["self_attn.proj.weight"],
+                                                              p["self_attn.proj.bias"], x, False, False, None, 0.0,
+                                                              None, *norm1),
             "linear1+gelu": lambda: ops.linear_forward(stream, p["linear1.weight"], p["linear1.bias"], None, True,
                                                        False, None),
             "linear2+residual": lambda: ops.linear_forward(hidden, p["linear2.weight"], p["linear2.bias"], stream,

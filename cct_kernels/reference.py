@@ -88,8 +88,10 @@ ACTIVATIONS = ("none", "gelu")
 
 
 def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=None, dropout_p=0.0,
-           dropout_mask=None):
-    """A linear layer with its epilogue: dropout(activation(x @ weight.T + bias)) * row_scale + residual.
+           dropout_mask=None, norm_weight=None, norm_bias=None, norm_eps=1e-5):
+    """A linear layer with its epilogue: dropout(activation(x @ weight.T + bias)) * row_scale + residual, then a
+    LayerNorm over the last dim when norm_weight (N,) is given (norm_bias (N,) or None, norm_eps): the encoder
+    block's proj, whose sum with the residual stream feeds norm1.
 
     x (..., K); weight (N, K); bias (N,) or None; residual (..., N) or None; activation "none" or "gelu" (the
     exact, erf-based GELU of F.gelu, as the official MLP uses); row_scale (...) or None, one factor per row (the
@@ -107,7 +109,11 @@ def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=
         y = F.dropout(y, dropout_p)
     if row_scale is not None:
         y = y * row_scale.unsqueeze(-1)
-    return y if residual is None else y + residual
+    if residual is not None:
+        y = y + residual
+    if norm_weight is not None:
+        y = F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, norm_eps)
+    return y
 
 
 # The kernels' dropout hash, on uint32 values held in int64 tensors (C++: mix32 and dropout_key in csrc/cpu/common.h;

@@ -250,11 +250,11 @@ TORCH_LIBRARY(cct_kernels_C, m) {
   m.def("tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor out, Tensor pool_index,"
         " int stride, int padding, bool relu, int pool_kernel, int pool_stride, int pool_padding, bool to_tokens,"
         " bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
-  // Linear + epilogue: dropout(act(x W^T + b)) * row_scale + residual (act GELU when gelu), h = x W^T + b when
-  // save_pre_activation; the backward's gradient at h in one pass.
+  // Linear + epilogue: dropout(act(x W^T + b)) * row_scale + residual (act GELU when gelu), then a LayerNorm when
+  // norm_weight is given; the backward's gradient at h in one pass.
   m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu,"
-        " bool save_pre_activation, Tensor? row_scale=None, float dropout_p=0., Tensor? seed=None)"
-        " -> (Tensor, Tensor)");
+        " bool save_for_backward, Tensor? row_scale=None, float dropout_p=0., Tensor? seed=None,"
+        " Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=1e-5) -> (Tensor, Tensor, Tensor)");
   m.def("linear_grad_pre_activation(Tensor grad_out, Tensor? pre_activation, Tensor? row_scale, float dropout_p,"
         " Tensor? seed) -> Tensor");
   // The encoder block in inference (eval mode, no mask) on the kernels above, in the official order.

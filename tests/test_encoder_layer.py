@@ -125,7 +125,8 @@ def test_block_with_hooked_norm_runs_op_by_op(monkeypatch):
         hooked = model(images)
         handle.remove()
     assert seen == [torch.Size([2, 64, 128])] and len(calls) == 3  # block 0 op by op, block 1 fused
-    assert torch.equal(hooked, fused)
+    # the hooked norm1 runs as its module (ATen's LayerNorm), not in proj's epilogue: equal up to float32 rounding
+    torch.testing.assert_close(hooked, fused, rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_layer_errors_name_the_argument():

@@ -41,19 +41,36 @@ def test_linear_row_scale_against_float64(backend, dtype, activation):
     _check_against_float64(backend, dtype, activation, True, True, row_scale=torch.tensor([0.0, 4 / 3, 4 / 3]))
 
 
-def _check_against_float64(backend, dtype, activation, bias, residual, row_scale=None):
+@pytest.mark.parametrize("backend", SERVING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_bias", [True, False])
+def test_linear_layer_norm_epilogue_against_float64(backend, dtype, norm_bias):
+    """proj + residual + norm1: the LayerNorm over each output row in the epilogue, its weight and bias
+    differentiated (N = 40: the Triton tile spans 64 columns, 24 of them masked out of the statistics)."""
+    _check_against_float64(backend, dtype, "none", True, True, row_scale=torch.tensor([0.0, 4 / 3, 4 / 3]),
+                           norm=(True, norm_bias))
+
+
+def _check_against_float64(backend, dtype, activation, bias, residual, row_scale=None, norm=(False, False)):
     generator = torch.Generator().manual_seed(7)
     shape, n = (3, 37, 48), 40  # M = 111 rows, K = 48, N = 40: no dimension a multiple of a tile
     inputs = _inputs(dtype, shape, n, bias, residual, generator)
+    norm_inputs = [torch.randn(n, generator=generator, dtype=torch.float64).to(DEVICE).to(dtype).requires_grad_()
+                   if on else None for on in norm]
     x, weight, b, res = inputs
     scale = None if row_scale is None else row_scale[:, None].expand(shape[:-1]).to(DEVICE)
+
+    def norm_kwargs(tensors):
+        return dict(norm_weight=tensors[0], norm_bias=tensors[1])
+
     out = ops.linear(x, weight, b, activation=activation, residual=res,
-                     row_scale=None if scale is None else scale.to(dtype), backend=backend)
+                     row_scale=None if scale is None else scale.to(dtype), backend=backend, **norm_kwargs(norm_inputs))
+    inputs = inputs + norm_inputs
     as64 = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
     ref64 = reference.linear(as64[0], as64[1], as64[2], activation=activation, residual=as64[3],
-                             row_scale=None if scale is None else scale.double())
+                             row_scale=None if scale is None else scale.double(), **norm_kwargs(as64[4:]))
     eager = reference.linear(*inputs[:3], activation=activation, residual=inputs[3],
-                             row_scale=None if scale is None else scale.to(dtype))
+                             row_scale=None if scale is None else scale.to(dtype), **norm_kwargs(inputs[4:]))
     assert out.dtype == dtype and out.shape == (3, 37, n)
     assert_close_to_reference(out, ref64, eager, "out")
 
@@ -62,7 +79,8 @@ def _check_against_float64(backend, dtype, activation, bias, residual, row_scale
     grads = torch.autograd.grad(out, live, grad.to(dtype))
     grads64 = torch.autograd.grad(ref64, [t for t in as64 if t is not None], grad)
     eager_grads = torch.autograd.grad(eager, live, grad.to(dtype))
-    names = [name for name, t in zip(("x", "weight", "bias", "residual"), inputs) if t is not None]
+    names = [name for name, t in zip(("x", "weight", "bias", "residual", "norm_weight", "norm_bias"), inputs)
+             if t is not None]
     for name, g, g64, ge in zip(names, grads, grads64, eager_grads):
         assert_close_to_reference(g, g64, ge, f"grad {name}")
 
@@ -75,10 +93,10 @@ def test_linear_fakes_match_every_path(backend, activation, bias, residual, save
     differentiable = save or activation == "none"  # a GELU without its saved input has no backward (tested below)
     opcheck_inputs = [t if t is None or differentiable else t.detach() for t in (x, weight, b, res)]
     torch.library.opcheck(torch.ops.cct_kernels.linear_forward, (*opcheck_inputs, activation, save, backend))
-    out, pre_activation = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation, save, backend)
-    assert pre_activation.shape == ((9, 20) if activation == "gelu" and save else (0,))
+    out, pre_activation, stats = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation, save, backend)
+    assert pre_activation.shape == ((9, 20) if activation == "gelu" and save else (0,)) and stats.shape == (0,)
     if activation == "gelu" and not save:
-        with pytest.raises(RuntimeError, match="save_pre_activation=False"):
+        with pytest.raises(RuntimeError, match="save_for_backward=False"):
             out.sum().backward()
         return
     backward_args = (torch.randn_like(out), x.detach(), weight.detach(), bias, pre_activation.detach(), activation,
@@ -238,7 +256,8 @@ def test_linear_dropout_is_seeded_by_torch_manual_seed(backend):
 
 
 def test_linear_cuda_aten_path_matches_the_cpu_kernel():
-    """The cuda backend's ATen epilogue (run here on CPU tensors) draws the cpu kernel's mask and gradients."""
+    """The cuda backend's ATen epilogue (run here on CPU tensors) draws the cpu kernel's mask, normalises as its
+    LayerNorm epilogue does and gives its gradients at h."""
     from cct_kernels.extension import linear as ext_linear
 
     if backends.unsupported_reason("cpu", "linear", torch.device("cpu"), torch.randn(2, 4), torch.randn(3, 4),
@@ -247,16 +266,18 @@ def test_linear_cuda_aten_path_matches_the_cpu_kernel():
     generator = torch.Generator().manual_seed(6)
     x, weight, b, res = (torch.randn(*s, generator=generator) for s in ((50, 24), (40, 24), (40,), (50, 40)))
     scale, seed = torch.rand(50, generator=generator), torch.tensor([77])
+    norm_weight, norm_bias = torch.randn(40, generator=generator), torch.randn(40, generator=generator)
     grad = torch.randn(50, 40, generator=generator)
-    for activation in ("none", "gelu"):
-        args = (x, weight, b, res, activation, True, scale, 0.3, seed)
-        out, h = ext_linear.forward(*args)
-        aten_out, aten_h = ext_linear.aten_forward(*args)
-        torch.testing.assert_close(aten_out, out)
-        kernel_grad_h = torch.ops.cct_kernels_C.linear_grad_pre_activation(
-            grad, h if activation == "gelu" else None, scale, 0.3, seed)
-        aten_grad_h = ext_linear.aten_grad_pre_activation(grad, aten_h if activation == "gelu" else None, scale, 0.3,
-                                                           seed)
+    for gelu, norm in ((False, False), (True, False), (False, True)):
+        args = (x, weight, b, res, gelu, True, scale, 0.3, seed, norm_weight if norm else None,
+                norm_bias if norm else None, 1e-5)
+        outputs = torch.ops.cct_kernels_C.linear_forward(*args)
+        aten_outputs = ext_linear.aten_forward(*args)
+        for name, kernel, aten in zip(("out", "saved", "stats"), outputs, aten_outputs):
+            torch.testing.assert_close(aten, kernel, msg=lambda m: f"{name} (gelu {gelu}, norm {norm}): {m}")
+        h = outputs[1] if gelu else None
+        kernel_grad_h = torch.ops.cct_kernels_C.linear_grad_pre_activation(grad, h, scale, 0.3, seed)
+        aten_grad_h = ext_linear.aten_grad_pre_activation(grad, h, scale, 0.3, seed)
         torch.testing.assert_close(aten_grad_h, kernel_grad_h)
 
 
@@ -267,7 +288,7 @@ def test_linear_dropout_fakes(backend, activation):
     scale, seed = torch.rand(9, device=DEVICE), torch.tensor([5], device=DEVICE)
     torch.library.opcheck(torch.ops.cct_kernels.linear_forward,
                           (x, weight, b, res, activation, True, backend, scale, 0.2, seed))
-    out, h = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation, True, backend, scale, 0.2, seed)
+    out, h, _ = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation, True, backend, scale, 0.2, seed)
     torch.library.opcheck(torch.ops.cct_kernels.linear_backward,
                           (torch.randn_like(out), x.detach(), weight.detach(), True, h.detach(), activation, backend,
                            scale, 0.2, seed))
@@ -278,3 +299,56 @@ def test_linear_dropout_rate_errors(p):
     x, w = torch.randn(2, 8), torch.randn(6, 8)
     with pytest.raises((ValueError, TypeError), match=r"dropout_p must be .*in \[0, 1\]"):
         ops.linear(x, w, dropout_p=p)
+
+
+# ------------------------------------------------------------------------------------------ LayerNorm epilogue
+@pytest.mark.parametrize("backend", KERNEL_SERVING)
+@pytest.mark.parametrize("save", [True, False])
+@pytest.mark.parametrize("norm_bias", [True, False])
+def test_linear_layer_norm_fakes(backend, save, norm_bias):
+    x, weight, b, res = _inputs(torch.float32, (9, 24), 20, True, True, torch.Generator().manual_seed(8))
+    norm = (torch.randn(20, device=DEVICE, requires_grad=True),
+            torch.randn(20, device=DEVICE, requires_grad=True) if norm_bias else None)
+    args = (x, weight, b, res, "none", save, backend, None, 0.0, None, *norm, 1e-5)
+    if not save:
+        args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(torch.ops.cct_kernels.linear_forward, args)
+    out, summed, stats = torch.ops.cct_kernels.linear_forward(*args)
+    assert summed.shape == ((9, 20) if save else (0,)) and stats.shape == (2, 9) and stats.dtype == torch.float32
+    if save:  # the saved sum and the row statistics are those of the reference's un-normalised output
+        expected = reference.linear(x, weight, b, residual=res)
+        torch.testing.assert_close(summed, expected)
+        torch.testing.assert_close(stats[0], expected.mean(1))
+        torch.testing.assert_close(stats[1], (expected.var(1, unbiased=False) + 1e-5).rsqrt())
+
+
+@pytest.mark.parametrize("backend", KERNEL_SERVING)
+def test_linear_layer_norm_without_saved_sum_refuses_the_backward(backend):
+    x, weight = torch.randn(4, 8, device=DEVICE), torch.randn(6, 8, device=DEVICE)
+    norm_weight = torch.randn(6, device=DEVICE, requires_grad=True)
+    out = torch.ops.cct_kernels.linear_forward(x, weight, None, None, "none", False, backend, None, 0.0, None,
+                                               norm_weight, None, 1e-5)[0]
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()
+
+
+def test_linear_layer_norm_errors():
+    x, w, b = torch.randn(2, 5, 8), torch.randn(6, 8), torch.randn(6)
+    with pytest.raises(ValueError, match="follows no activation"):
+        ops.linear(x, w, b, activation="gelu", norm_weight=torch.ones(6))
+    with pytest.raises(ValueError, match="norm_bias needs norm_weight"):
+        ops.linear(x, w, b, norm_bias=torch.ones(6))
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \(6,\), got \(5,\)"):
+        ops.linear(x, w, b, norm_weight=torch.ones(5))
+    with pytest.raises(ValueError, match="norm_eps must be positive"):
+        ops.linear(x, w, b, norm_weight=torch.ones(6), norm_eps=0.0)
+    with pytest.raises(TypeError, match="norm_bias has dtype torch.float64"):
+        ops.linear(x, w, b, norm_weight=torch.ones(6), norm_bias=torch.ones(6, dtype=torch.float64))
+
+
+def test_triton_layer_norm_epilogue_declines_rows_wider_than_its_tile():
+    from cct_kernels.triton import linear as triton_linear
+
+    x, weight = torch.empty(4, 8, device="meta"), torch.empty(2048, 8, device="meta")
+    assert "N must be <= 1024" in triton_linear.unsupported(x, weight, None, None, "none", torch.empty(2048))
+    assert triton_linear.unsupported(x, weight, None, None, "none") is None

@@ -1,13 +1,13 @@
 """Linear + epilogue kernels of the "cpu" and "cuda" backends. Interface: cct_kernels/ops/linear.py.
 
 "cpu" (csrc/cpu/linear.cpp): one MKL sgemm over all rows, then a single parallel pass for the whole epilogue (bias,
-    exact GELU, dropout, stochastic depth's row scale, residual, the cast) where ATen would run addmm (a bias copy
-    and the GEMM) and a pass per elementwise op. float32/float16/bfloat16 (16-bit operands widened to float32), any
+    exact GELU, dropout, stochastic depth's row scale, residual, the cast, the LayerNorm) where ATen would run addmm
+    (a bias copy and the GEMM) and a pass per elementwise op. float32/float16/bfloat16 (16-bit operands widened to float32), any
     M >= 0. Dropout's mask is hashed in the pass (reference.linear_dropout_mask), never stored.
 "cuda": cuBLAS (F.linear) with the epilogue as ATen passes (aten_forward / aten_backward): cuBLASLt's fused GELU
     epilogue is the tanh approximation, not the exact GELU of the official model. Dropout's mask is
     reference.linear_dropout_mask, drawn in each pass that needs it. The fused GPU kernel is the triton backend's.
-Training (save_pre_activation) also writes h = x @ W.T + b, the GELU's input, for the backward.
+Training (save_for_backward) also writes h = x @ W.T + b, the GELU's input, or the sum the LayerNorm normalises.
 Backward, both devices: grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (cpu: one C++ pass; cuda: ATen's
 gelu_backward and products), grad_x = grad_h @ W, grad_W = grad_h.T @ x (vendor GEMMs), grad_b = the column sums of
 grad_h (float32 accumulation).
@@ -20,17 +20,19 @@ import torch.nn.functional as F
 from cct_kernels import extension, reference
 
 
-def unsupported(x, weight, bias, residual, activation, *, backend: str) -> str | None:
+def unsupported(x, weight, bias, residual, activation, norm_weight=None, *, backend: str) -> str | None:
     return extension.dtype_reason(x.dtype)
 
 
-def forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None, dropout_p=0.0, seed=None):
-    """-> (out (M, N), pre_activation (M, N) when activation == "gelu" and save_pre_activation, else empty (0,))."""
-    gelu = activation == "gelu"
+def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=None, dropout_p=0.0, seed=None,
+            norm_weight=None, norm_bias=None, norm_eps=1e-5):
+    """-> (out (M, N); saved (M, N) with save_for_backward: GELU's input or the LayerNorm's, else empty (0,);
+    stats (2, M) float32 with the LayerNorm: mean and 1 / std per row, else empty (0,))."""
+    args = (x, weight, bias, residual, activation == "gelu", save_for_backward, row_scale, dropout_p, seed,
+            norm_weight, norm_bias, norm_eps)
     if x.device.type == "cpu":
-        return tuple(extension.ops().linear_forward(x, weight, bias, residual, gelu, save_pre_activation, row_scale,
-                                                    dropout_p, seed))
-    return aten_forward(x, weight, bias, residual, activation, save_pre_activation, row_scale, dropout_p, seed)
+        return tuple(extension.ops().linear_forward(*args))
+    return aten_forward(*args)
 
 
 def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None):
@@ -55,10 +57,9 @@ def _dropout_scale(x, dropout_p, seed):
     return keep.to(x.dtype) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
 
 
-def aten_forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None, dropout_p=0.0,
-                 seed=None):
-    """The cuda forward in ATen ops (any device: tests run it on CPU tensors)."""
-    gelu = activation == "gelu"
+def aten_forward(x, weight, bias, residual, gelu, save_for_backward, row_scale, dropout_p, seed, norm_weight,
+                 norm_bias, norm_eps):
+    """The cuda forward in ATen ops (any device: tests run it on CPU tensors); arguments as the C++ op's."""
     pre_activation = F.linear(x, weight, bias)
     out = F.gelu(pre_activation) if gelu else pre_activation
     if dropout_p > 0:
@@ -67,7 +68,12 @@ def aten_forward(x, weight, bias, residual, activation, save_pre_activation, row
         out = out * row_scale[:, None]
     if residual is not None:
         out = out + residual
-    return out, (pre_activation if gelu and save_pre_activation else x.new_empty(0))
+    empty = x.new_empty(0)
+    if norm_weight is None:
+        return out, (pre_activation if gelu and save_for_backward else empty), empty.float()
+    normed, mean, rstd = torch.native_layer_norm(out, [out.shape[1]], norm_weight, norm_bias, norm_eps)
+    stats = torch.stack([mean.view(-1), rstd.view(-1)]).float()
+    return normed, (out if save_for_backward else empty), stats
 
 
 def aten_grad_pre_activation(grad_out, pre_activation, row_scale, dropout_p, seed):

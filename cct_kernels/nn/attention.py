@@ -37,11 +37,12 @@ class Attention(UsesBackend, nn.Module):
         return ops.attention(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p, mask=mask,
                              backend=self.backend)
 
-    def project(self, x, residual=None, row_scale=None):
-        """proj_drop(proj(x)) * row_scale + residual (each optional; row_scale (B, N) is the caller's stochastic
-        depth), all in the projection's epilogue."""
+    def project(self, x, residual=None, row_scale=None, norm: nn.LayerNorm | None = None):
+        """norm(proj_drop(proj(x)) * row_scale + residual) (each optional; row_scale (B, N) is the caller's
+        stochastic depth, norm a LayerNorm over the last dim), all in the projection's epilogue."""
+        norm_args = {} if norm is None else dict(norm_weight=norm.weight, norm_bias=norm.bias, norm_eps=norm.eps)
         return ops.linear(x, self.proj.weight, self.proj.bias, residual=residual, row_scale=row_scale,
-                          dropout_p=active_rate(self.proj_drop), backend=self.backend)
+                          dropout_p=active_rate(self.proj_drop), backend=self.backend, **norm_args)
 
 
 def active_rate(dropout: nn.Dropout) -> float:

@@ -47,7 +47,8 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
     """(B, N, d_model) -> (B, N, d_model). Sizes are ints >= 1 (d_model a multiple of nhead), rates in [0, 1].
 
     The official function, with the four linears run by ops.linear: linear1's GELU, the dropouts, the two residual
-    adds and stochastic depth (as a per-sample row scale) are fused into their linear's epilogue. On the eager
+    adds, stochastic depth (as a per-sample row scale) and norm1 (after proj's residual add) are fused into their
+    linear's epilogue. On the eager
     backend, with both dropout and stochastic depth active, the residual linears keep the official modules' order
     of random draws (dropout's mask, then drop_path's), so the oracle draws what the official model draws.
     """
@@ -70,13 +71,17 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         fused = None if self.training else self._fused_block_arguments()
         if fused is not None:
             return ops.encoder_layer(src, **fused, mask=mask, backend=self.backend)
+        norm1 = self._modules["norm1"]
         if self._official_draw_order(self.self_attn.proj_drop):
-            src = src + self.drop_path(self.self_attn(self.pre_norm(src), mask))
+            src = norm1(src + self.drop_path(self.self_attn(self.pre_norm(src), mask)))
         else:
             heads = self.self_attn.attend(self.pre_norm(src), mask)
             # drawn after attention's dropout, in the official order of random draws
-            src = self.self_attn.project(heads, residual=src, row_scale=self._row_scale(src))
-        src = self.norm1(src)
+            fused_norm = plain_layer_norm(norm1) and not _global_module_hooks()
+            src = self.self_attn.project(heads, residual=src, row_scale=self._row_scale(src),
+                                         norm=norm1 if fused_norm else None)
+            if not fused_norm:
+                src = norm1(src)
         hidden = ops.linear(src, self.linear1.weight, self.linear1.bias, activation="gelu",
                             dropout_p=active_rate(self.dropout1), backend=self.backend)
         if self._official_draw_order(self.dropout2):
@@ -101,10 +106,8 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         if type(attn) is not Attention:
             return None
         qkv, proj = attn._modules["qkv"], attn._modules["proj"]
-        for norm in (pre_norm, norm1):
-            if type(norm) is not nn.LayerNorm or norm._forward_hooks or norm._forward_pre_hooks \
-                    or len(norm.normalized_shape) != 1:
-                return None
+        if not (plain_layer_norm(pre_norm) and plain_layer_norm(norm1)):
+            return None
         if any(type(m) is not nn.Linear for m in (qkv, proj, linear1, linear2)) or qkv._parameters["bias"] is not None:
             return None
         arguments = {
@@ -131,6 +134,13 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         if not self.training or not isinstance(self.drop_path, DropPath):
             return None
         return drop_path_scale(src, self.drop_path.drop_prob)
+
+
+def plain_layer_norm(norm: nn.Module) -> bool:
+    """Whether `norm` is an nn.LayerNorm over the last dim with a weight and no hooks of its own: a kernel that
+    applies F.layer_norm with its parameters computes what calling it would."""
+    return (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and not norm._forward_hooks and not norm._forward_pre_hooks)
 
 
 def _global_module_hooks() -> bool:

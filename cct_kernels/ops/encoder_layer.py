@@ -2,6 +2,7 @@
 block's ops one by one on the requested backend.
 
     encoder_layer(src, ...) = linear2(GELU(linear1(s))) + s,  s = norm1(proj(attention(qkv(pre_norm(src)))) + src)
+(norm1 in proj's epilogue, as ops.linear's LayerNorm epilogue)
 
 (the official TransformerEncoderLayer in eval mode: no dropout, no stochastic depth). Why an op of its own: at batch
 1 the block's eight op calls from Python cost ~15-20 us each (NOTES.md, cpu extension, fifth round); the cpu kernel
@@ -83,8 +84,8 @@ def encoder_layer(
     normed = F.layer_norm(src, (dim,), pre_norm_weight, pre_norm_bias, pre_norm_eps)
     qkv = ops.linear(normed, qkv_weight, backend=backend)
     heads = ops.attention(qkv, num_heads, scale=scale, mask=mask, backend=backend)
-    stream = F.layer_norm(ops.linear(heads, proj_weight, proj_bias, residual=src, backend=backend), (dim,),
-                          norm1_weight, norm1_bias, norm1_eps)
+    stream = ops.linear(heads, proj_weight, proj_bias, residual=src, norm_weight=norm1_weight, norm_bias=norm1_bias,
+                        norm_eps=norm1_eps, backend=backend)
     mlp = ops.linear(stream, linear1_weight, linear1_bias, activation="gelu", backend=backend)
     return ops.linear(mlp, linear2_weight, linear2_bias, residual=stream, backend=backend)
 

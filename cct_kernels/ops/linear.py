@@ -43,33 +43,37 @@ from __future__ import annotations
 import torch
 
 from cct_kernels import backends, reference
-from cct_kernels.ops._checks import autocast_inputs, check_real, check_shape, check_tensor
+from cct_kernels.ops._checks import autocast_inputs, check_real, check_shape, check_tensor, is_positive_finite
 from cct_kernels.ops._launch import forbid_double_backward, new_seed, run_kernel, runs_directly
 
 OP = "linear"
 ACTIVATIONS = reference.ACTIVATIONS
 
 
-def _pre_activation_shape(x, weight, activation, save_pre_activation):
-    return (x.shape[0], weight.shape[0]) if activation == "gelu" and save_pre_activation else (0,)
+def _saved_shape(x, weight, activation, save_for_backward, norm):
+    return (x.shape[0], weight.shape[0]) if save_for_backward and (activation == "gelu" or norm) else (0,)
 
 
 def _run_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    activation: str, save_pre_activation: bool, backend: str, row_scale: torch.Tensor | None = None,
-    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return run_kernel(backend, OP, "forward", x.device, x, weight, bias, residual, activation, save_pre_activation,
-                      row_scale, dropout_p, seed)
+    activation: str, save_for_backward: bool, backend: str, row_scale: torch.Tensor | None = None,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None, norm_eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return run_kernel(backend, OP, "forward", x.device, x, weight, bias, residual, activation, save_for_backward,
+                      row_scale, dropout_p, seed, norm_weight, norm_bias, norm_eps)
 
 
 _forward = torch.library.custom_op("cct_kernels::linear_forward", _run_forward, mutates_args=())
 
 
 @_forward.register_fake
-def _(x, weight, bias, residual, activation, save_pre_activation, backend, row_scale=None, dropout_p=0.0, seed=None):
-    pre_activation = x.new_empty(_pre_activation_shape(x, weight, activation, save_pre_activation))
-    return x.new_empty(x.shape[0], weight.shape[0]), pre_activation
+def _(x, weight, bias, residual, activation, save_for_backward, backend, row_scale=None, dropout_p=0.0, seed=None,
+      norm_weight=None, norm_bias=None, norm_eps=1e-5):
+    norm = norm_weight is not None
+    saved = x.new_empty(_saved_shape(x, weight, activation, save_for_backward, norm))
+    stats = x.new_empty((2, x.shape[0]) if norm else (0,), dtype=torch.float32)
+    return x.new_empty(x.shape[0], weight.shape[0]), saved, stats
 
 
 @torch.library.custom_op("cct_kernels::linear_backward", mutates_args=())
@@ -88,22 +92,39 @@ def _(grad_out, x, weight, has_bias, pre_activation, activation, backend, row_sc
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation, save_pre_activation, backend, row_scale, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, output[1], row_scale, seed)
+    (x, weight, bias, residual, activation, save_for_backward, backend, row_scale, dropout_p, seed, norm_weight,
+     norm_bias, norm_eps) = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2], row_scale, seed, norm_weight, norm_bias)
     ctx.args = (bias is not None, residual is not None, activation, backend, dropout_p)
 
 
-def _autograd_backward(ctx, grad_out, _grad_pre_activation):
-    x, weight, pre_activation, row_scale, seed = ctx.saved_tensors
+def _autograd_backward(ctx, grad_out, _grad_saved, _grad_stats):
+    x, weight, saved, stats, row_scale, seed, norm_weight, norm_bias = ctx.saved_tensors
     has_bias, has_residual, activation, backend, dropout_p = ctx.args
     grad_out = grad_out.contiguous()
-    if activation == "gelu" and pre_activation.numel() == 0 and grad_out.numel() > 0:
-        raise RuntimeError("linear_forward ran with save_pre_activation=False, so the GELU's input was not kept for "
-                           "the backward; pass True when a gradient is needed (ops.linear does)")
+    needs_saved = activation == "gelu" or norm_weight is not None
+    if needs_saved and saved.numel() == 0 and grad_out.numel() > 0:
+        raise RuntimeError("linear_forward ran with save_for_backward=False, so the GELU's or the LayerNorm's input "
+                           "was not kept for the backward; pass True when a gradient is needed (ops.linear does)")
+    grad_norm_weight = grad_norm_bias = None
+    if norm_weight is not None:
+        grad_out, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_out, saved, stats, norm_weight,
+                                                                          norm_bias)
+    pre_activation = saved if activation == "gelu" else saved.new_empty(0)
     grad_x, grad_weight, grad_bias = _backward(grad_out, x, weight, has_bias, pre_activation, activation, backend,
                                                row_scale, dropout_p, seed)
     return (grad_x, grad_weight, grad_bias if has_bias else None, grad_out if has_residual else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, grad_norm_weight, grad_norm_bias, None)
+
+
+def _layer_norm_backward(grad, summed, stats, weight, bias):
+    """The LayerNorm epilogue's backward on ATen's kernel: (grad of the sum it normalised, grad weight, grad bias).
+    ATen's CPU kernel takes the row statistics in the input's dtype, its CUDA kernel in float32."""
+    stat_dtype = summed.dtype if summed.device.type == "cpu" else torch.float32
+    mean, rstd = (t.to(stat_dtype).view(-1, 1) for t in stats)
+    grad_sum, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+        grad, summed, [summed.shape[-1]], mean, rstd, weight, bias, [True, True, bias is not None])
+    return grad_sum, grad_weight, grad_bias
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -113,14 +134,16 @@ forbid_double_backward(_backward, OP)
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none",
     residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, dropout_p: float = 0.0,
+    norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, norm_eps: float = 1e-5,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """dropout(activation(x @ weight.T + bias), dropout_p) * row_scale + residual; see the module docstring for
-    shapes, dtypes, limits and errors."""
+    """layer_norm(dropout(activation(x @ weight.T + bias), dropout_p) * row_scale + residual) (the LayerNorm only
+    with norm_weight); see the module docstring for shapes, dtypes, limits and errors."""
     check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., K), got a 0-dimensional tensor")
-    x, weight, bias, residual, row_scale = autocast_inputs(x, weight, bias, residual, row_scale)
+    x, weight, bias, residual, row_scale, norm_weight, norm_bias = autocast_inputs(
+        x, weight, bias, residual, row_scale, norm_weight, norm_bias)
     check_tensor("weight", weight, ndim=2, like=x)
     out_features, in_features = weight.shape
     if in_features == 0 or out_features == 0:
@@ -129,9 +152,10 @@ def linear(
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features K = {in_features} "
                          f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
     out_shape = (*x.shape[:-1], out_features)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, like=x)
-        check_shape("bias", bias, (out_features,))
+    for name, tensor in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if tensor is not None:
+            check_tensor(name, tensor, ndim=1, like=x)
+            check_shape(name, tensor, (out_features,))
     if residual is not None:
         check_tensor("residual", residual, like=x)
         check_shape("residual", residual, out_shape)
@@ -141,18 +165,26 @@ def linear(
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     dropout_p = check_real("dropout_p", dropout_p, "in [0, 1]", lambda p: 0.0 <= p <= 1.0)
+    if norm_weight is None and norm_bias is not None:
+        raise ValueError("norm_bias needs norm_weight (the LayerNorm epilogue is on when norm_weight is given)")
+    if norm_weight is not None and activation != "none":
+        raise ValueError(f"the LayerNorm epilogue follows no activation: activation must be 'none' with "
+                         f"norm_weight, got {activation!r}")
+    norm_eps = check_real("norm_eps", norm_eps, "positive", is_positive_finite)
     x2 = x.reshape(-1, in_features).contiguous()
     weight = weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    bias, norm_weight, norm_bias = (None if t is None else t.contiguous() for t in (bias, norm_weight, norm_bias))
     residual2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
     scale2 = None if row_scale is None else row_scale.detach().reshape(-1).contiguous()
-    name = backends.select(OP, backend, x.device, x2, weight, bias, residual2, activation)
+    name = backends.select(OP, backend, x.device, x2, weight, bias, residual2, activation, norm_weight)
     if name == "eager":
         return reference.linear(x, weight, bias, activation=activation, residual=residual,
-                                row_scale=None if row_scale is None else row_scale.detach(), dropout_p=dropout_p)
+                                row_scale=None if row_scale is None else row_scale.detach(), dropout_p=dropout_p,
+                                norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    forward = _run_forward if runs_directly(x2, weight, bias, residual2) else _forward
+        t is not None and t.requires_grad for t in (x, weight, bias, residual, norm_weight, norm_bias))
+    forward = _run_forward if runs_directly(x2, weight, bias, residual2, norm_weight, norm_bias) else _forward
     seed = new_seed(x.device) if dropout_p > 0 else None
-    out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2, dropout_p, seed)[0]
+    out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2, dropout_p, seed, norm_weight,
+                  norm_bias, norm_eps)[0]
     return out.view(out_shape)

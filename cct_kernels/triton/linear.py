@@ -57,9 +57,10 @@ META_SM_COUNT = 132  # H100 SXM / H200: what the sm_90 static check (meta tensor
 # grad_W's split of M: at least this many rows per chunk, so the float32 partials (N*K*4 bytes per chunk) stay
 # small beside the chunk's reads (MIN_CHUNK_ROWS * (2N + K) * 2 bytes in 16-bit).
 MIN_CHUNK_ROWS = 512
+MAX_NORM_COLUMNS = 1024  # the LayerNorm epilogue holds whole rows in one tile
 
 
-def unsupported(x, weight, bias, residual, activation, *, backend: str = "triton") -> str | None:
+def unsupported(x, weight, bias, residual, activation, norm_weight=None, *, backend: str = "triton") -> str | None:
     """Why these kernels cannot serve the call (a sentence), or None."""
     if x.dtype not in DTYPES:
         return f"triton linear supports float32, float16 and bfloat16, got {x.dtype}"
@@ -69,6 +70,8 @@ def unsupported(x, weight, bias, residual, activation, *, backend: str = "triton
     N = weight.shape[0]
     if max(M * K, M * N, N * K) >= 2**31:
         return f"triton linear indexes with int32: M*K, M*N and N*K must be < 2**31 (M={M}, N={N}, K={K})"
+    if norm_weight is not None and N > MAX_NORM_COLUMNS:
+        return f"triton linear's LayerNorm epilogue holds whole rows: N must be <= {MAX_NORM_COLUMNS}, got {N}"
     return None
 
 
@@ -116,13 +119,17 @@ def _grad_h(g_ptr, h_ptr, scale_ptr, offs, rows, cols, mask, key0, threshold, in
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, seed_ptr, M, N, K, threshold, inv_keep,
+    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, seed_ptr, nw_ptr, nb_ptr, stats_ptr, M, N, K,
+    threshold, inv_keep, norm_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
-    GELU: tl.constexpr, DROPOUT: tl.constexpr,
-    SAVE_H: tl.constexpr, EXACT_ERF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GELU: tl.constexpr, DROPOUT: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr,
+    SAVE_H: tl.constexpr, SAVE_SUM: tl.constexpr, EXACT_ERF: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """One program: the (BLOCK_M, BLOCK_N) tile of out (and of h when SAVE_H)."""
+    """One program: the (BLOCK_M, BLOCK_N) tile of out (and of h when SAVE_H). With NORM the tile holds whole rows
+    (BLOCK_N >= N): the sum is normalised in registers, written to h_ptr when SAVE_SUM, its row mean and 1 / std to
+    stats_ptr (2, M)."""
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -154,6 +161,18 @@ def _forward_kernel(
         acc *= tl.load(scale_ptr + rows, mask=rows < M, other=0.0).to(tl.float32)[:, None]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the sum as the reference's tensor rounds it
+        if SAVE_SUM:
+            tl.store(h_ptr + offs, acc.to(h_ptr.dtype.element_ty), mask=mask)
+        mean = tl.sum(tl.where(col_ok[None, :], acc, 0.0), 1) / N
+        centred = tl.where(col_ok[None, :], acc - mean[:, None], 0.0)
+        rstd = tl.math.rsqrt(tl.sum(centred * centred, 1) / N + norm_eps)
+        acc = centred * rstd[:, None] * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if NORM_BIAS:
+            acc += tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(stats_ptr + rows, mean, mask=rows < M)
+        tl.store(stats_ptr + M + rows, rstd, mask=rows < M)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -261,7 +280,14 @@ def _fit(block: int, size: int) -> int:
 def _config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tuple[int, int, int, int, int]:
     """The table's entry with each block cut to its dimension. A 16-bit output-tiled kernel (forward, grad_x)
     whose 128-row tiles would fill less than half of an H100 (small batches: M = 256 at batch 1) takes 64x128
-    tiles of one warpgroup, for more programs (64x256 would hold 241-254 registers)."""
+    tiles of one warpgroup, for more programs (64x256 would hold 241-254 registers). The LayerNorm epilogue's
+    forward ("forward_norm") spans whole rows: the column block is N rounded up to a power of two, and the row
+    block shrinks so that the accumulator stays at 16K values (64 rows at N <= 256, 16 at N = 1024)."""
+    if kind == "forward_norm":
+        block_c = max(16, triton.next_power_of_2(cols))
+        block_r = _fit(max(16, min(64, 16384 // block_c)), rows)
+        _, _, block_red, num_warps, num_stages = _CONFIGS["forward", dtype == torch.float32]
+        return block_r, block_c, _fit(block_red, red), 8, 2
     block_r, block_c, block_red, num_warps, num_stages = _CONFIGS[kind, dtype == torch.float32]
     block_r, block_c, block_red = _fit(block_r, rows), _fit(block_c, cols), _fit(block_red, red)
     tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, block_c)
@@ -305,29 +331,35 @@ def _dropout_args(dropout_p: float, seed, placeholder) -> tuple:
     return seed, reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
 
 
-def forward(x, weight, bias, residual, activation, save_pre_activation, row_scale=None, dropout_p=0.0, seed=None):
-    """-> (out (M, N), pre_activation (M, N) if activation == "gelu" and save_pre_activation else empty (0,));
-    both in x.dtype."""
+def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=None, dropout_p=0.0, seed=None,
+            norm_weight=None, norm_bias=None, norm_eps=1e-5):
+    """-> (out (M, N); saved (M, N) with save_for_backward: GELU's input h or the sum the LayerNorm normalised, else
+    empty (0,); stats (2, M) float32 with the LayerNorm: mean and 1 / std per row, else empty (0,)). out and saved in
+    x.dtype."""
     M, K = x.shape
     N = weight.shape[0]
-    gelu = activation == "gelu"
-    save = gelu and save_pre_activation
+    gelu, norm = activation == "gelu", norm_weight is not None
+    save = save_for_backward and (gelu or norm)
     out = _empty(M, N, device=x.device, dtype=x.dtype)
-    pre_activation = _empty(M, N, device=x.device, dtype=x.dtype) if save else x.new_empty(0)
+    saved = _empty(M, N, device=x.device, dtype=x.dtype) if save else x.new_empty(0)
+    stats = _empty(2, M, device=x.device, dtype=torch.float32) if norm else x.new_empty(0, dtype=torch.float32)
     if M == 0:
-        return out, pre_activation
-    block_m, block_n, block_k, num_warps, num_stages = _config("forward", x.dtype, M, N, K)
+        return out, saved, stats
+    block_m, block_n, block_k, num_warps, num_stages = _config("forward_norm" if norm else "forward", x.dtype, M, N,
+                                                               K)
     seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, out)
     _forward_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
         x, weight, x if bias is None else bias, out if residual is None else residual,
-        out if row_scale is None else row_scale, out, pre_activation if save else out, seed_ptr, M, N, K, threshold,
-        inv_keep, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
+        out if row_scale is None else row_scale, out, saved if save else out, seed_ptr,
+        out if norm_weight is None else norm_weight, out if norm_bias is None else norm_bias,
+        stats if norm else out, M, N, K, threshold, inv_keep, norm_eps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_SCALE=row_scale is not None,
-        GELU=gelu, DROPOUT=dropout_p > 0, SAVE_H=save,
-        EXACT_ERF=x.dtype == torch.float32, UPCAST=upcast_bfloat16(x.dtype), PRECISION=dot_precision(x.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        GELU=gelu, DROPOUT=dropout_p > 0, NORM=norm, NORM_BIAS=norm_bias is not None, SAVE_H=save and gelu,
+        SAVE_SUM=save and norm, EXACT_ERF=x.dtype == torch.float32, UPCAST=upcast_bfloat16(x.dtype),
+        PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    return out, pre_activation
+    return out, saved, stats
 
 
 def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None, *,
@@ -378,7 +410,7 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
 
 def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True, activation: str = "none",
                 residual: bool = False, save: bool = True, backward_pass: bool = False, tf32: bool = False,
-                dropout: bool = False) -> dict:
+                dropout: bool = False, norm: bool = False) -> dict:
     """forward() (or backward()) on meta tensors: sm90.py (or tests) compile the kernels they launch."""
 
     def launch():
@@ -394,15 +426,16 @@ def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True
         row_scale, p = (meta(M), 0.1) if dropout else (None, 0.0)
         seed = torch.empty(1, dtype=torch.int64, device="meta") if dropout else None
         if not backward_pass:
+            norm_args = (meta(N), meta(N)) if norm else (None, None)
             forward(x, weight, meta(N) if bias else None, meta(M, N) if residual else None, activation, save,
-                    row_scale, p, seed)
+                    row_scale, p, seed, *norm_args)
             return
         h = meta(M, N) if activation == "gelu" else meta(0)
         backward(meta(M, N), x, weight, bias, h, activation, row_scale, p, seed)
 
     epilogue = "".join(["_bias" * bias, f"_{activation}" * (activation != "none"), "_res" * residual,
-                        "_nosave" * (activation == "gelu" and not save and not backward_pass),
-                        "_dropout" * dropout])
+                        "_nosave" * ((activation == "gelu" or norm) and not save and not backward_pass),
+                        "_dropout" * dropout, "_norm" * norm])
     name = (f"{'bwd' if backward_pass else 'fwd'}_{str(dtype).split('.')[-1]}{'_tf32' if tf32 else ''}"
             f"_M{M}_K{K}_N{N}{epilogue}")
     return {"name": name, "launch": launch}
@@ -423,6 +456,10 @@ SM90_CHECKS = [
     _sm90_check(torch.bfloat16, 16384, 512, 256, residual=True, dropout=True),
     _sm90_check(torch.bfloat16, 16384, 256, 512, activation="gelu", backward_pass=True, dropout=True),
     _sm90_check(torch.bfloat16, 16384, 512, 256, backward_pass=True, dropout=True),
+    _sm90_check(torch.bfloat16, 16384, 256, 256, residual=True, norm=True),  # proj + residual + norm1, training
+    _sm90_check(torch.bfloat16, 16384, 256, 256, residual=True, norm=True, save=False),  # inference
+    _sm90_check(torch.bfloat16, 12544, 384, 384, residual=True, norm=True),  # D = 384: 32 x 512 tiles
+    _sm90_check(torch.float32, 16384, 256, 256, residual=True, norm=True),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu"),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", tf32=True),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True),

@@ -47,15 +47,16 @@ std::tuple<at::Tensor, at::Tensor> text_tokenize_backward_cpu(const at::Tensor& 
                                                               bool needs_input_grad);
 
 // x (M, K), weight (N, K), bias (N,), residual (M, N), row_scale (M,) (each optional), dropout_p in [0, 1] with a
-// (1,) int64 seed when > 0 -> (out (M, N), h (M, N) when gelu and save_pre_activation, else empty). See
-// cct_kernels/ops/linear.py.
-std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                      const c10::optional<at::Tensor>& bias,
-                                                      const c10::optional<at::Tensor>& residual, bool gelu,
-                                                      bool save_pre_activation,
-                                                      const c10::optional<at::Tensor>& row_scale,
-                                                      double dropout_p = 0.0,
-                                                      const c10::optional<at::Tensor>& seed = c10::nullopt);
+// (1,) int64 seed when > 0, a LayerNorm over each output row when norm_weight (N,) is given (norm_bias (N,)
+// optional, no GELU) -> (out (M, N); saved (M, N): with save_for_backward, GELU's input h or the sum the LayerNorm
+// normalised, else empty; stats (2, M) float32: the LayerNorm's mean and 1 / std per row, else empty).
+// See cct_kernels/ops/linear.py.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, bool gelu, bool save_for_backward,
+    const c10::optional<at::Tensor>& row_scale, double dropout_p = 0.0,
+    const c10::optional<at::Tensor>& seed = c10::nullopt, const c10::optional<at::Tensor>& norm_weight = c10::nullopt,
+    const c10::optional<at::Tensor>& norm_bias = c10::nullopt, double norm_eps = 1e-5);
 // The backward's gradient at h = x W^T + b in one pass: grad_out * row_scale, dropout's mask and scale, GELU'(h)
 // when pre_activation (h) is given; (M, N) in grad_out's dtype.
 at::Tensor linear_grad_pre_activation_cpu(const at::Tensor& grad_out, const c10::optional<at::Tensor>& pre_activation,

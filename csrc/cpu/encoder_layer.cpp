@@ -1,11 +1,11 @@
 // The whole CCT encoder block in inference, one call from Python: the official order (pre_norm, qkv, attention,
 // proj + residual, norm1 overwriting the residual stream, linear1 + GELU, linear2 + residual) on this backend's
 // linear and attention kernels. Why: at batch 1 the block's eight op calls through Python cost ~15-20 us each
-// (NOTES.md, cpu extension, fifth round); the kernels and their order are those of the op-by-op path, so the output
-// is the same to the bit. No dropout, stochastic depth or key padding (eval mode, no mask: the op layer runs every
-// other case op by op). The intermediates of the linears and attention live in the output cache (output_cache.h);
-// the LayerNorms' stay on ATen's allocator (moving them into the cache with a LayerNorm of our own measured within
-// noise at batch 1, and gave up the bitwise equality).
+// (NOTES.md, cpu extension, fifth round); the kernels and their order are those of the op-by-op path (norm1 in
+// proj's epilogue, as ops.linear's LayerNorm epilogue), so the output is the same to the bit. No dropout,
+// stochastic depth or key padding (eval mode, no mask: the op layer runs every other case op by op). The
+// intermediates of the linears and attention live in the output cache (output_cache.h); pre_norm's stays on ATen's
+// allocator.
 #include "cpu_ops.h"
 
 namespace cct {
@@ -25,9 +25,8 @@ at::Tensor encoder_layer_forward_cpu(const at::Tensor& src, const at::Tensor& pr
   const auto qkv = std::get<0>(linear_forward_cpu(normed, qkv_weight, none, none, false, false, none));
   const auto heads = std::get<0>(attention_forward_cpu(qkv.view({B, N, qkv.size(1)}), num_heads, scale, 0.0,
                                                        at::Tensor(), none));
-  const auto attended =
-      std::get<0>(linear_forward_cpu(heads.view({B * N, -1}), proj_weight, proj_bias, x, false, false, none));
-  const auto stream = at::layer_norm(attended, {D}, norm1_weight, norm1_bias, norm1_eps);
+  const auto stream = std::get<0>(linear_forward_cpu(heads.view({B * N, -1}), proj_weight, proj_bias, x, false, false,
+                                                     none, 0.0, none, norm1_weight, norm1_bias, norm1_eps));
   const auto hidden = std::get<0>(linear_forward_cpu(stream, linear1_weight, linear1_bias, none, true, false, none));
   return std::get<0>(linear_forward_cpu(hidden, linear2_weight, linear2_bias, stream, false, false, none))
       .view({B, N, D});

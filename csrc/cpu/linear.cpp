@@ -4,7 +4,8 @@
 // cast) row by row, each row in L1: where ATen runs addmm (a bias copy, then the GEMM) and a pass per elementwise
 // op, this is the GEMM and a single pass. Per-block GEMMs with the epilogue on L2-resident tiles were measured
 // slower here (each block's sgemm repacks W, and one thread per block runs MKL below its two-thread rate).
-// The backward's GELU input h = x W^T + b is written only when asked for (save_pre_activation). Dropout keeps
+// The backward's inputs are written only when asked for (save_for_backward): GELU's input h = x W^T + b, or the sum
+// that the optional LayerNorm normalises (with its per-row mean and 1 / std, always written). Dropout keeps
 // element (r, c) iff dropout_bits(dropout_key(seed, r), c) >= threshold (common.h; the definition, in torch ops, is
 // cct_kernels.reference.linear_dropout_mask): no mask is stored, the backward's pass redraws it.
 #include "common.h"
@@ -72,11 +73,40 @@ struct Dropout {
   }
 };
 
-// One output row: a = x W^T (float32, in L1), then bias, h, GELU, dropout, residual, the cast, each a vectorised
-// loop over the row (one loop with all the optional steps inside does not vectorise).
+// The LayerNorm over each output row that follows the residual add (the encoder block's proj + norm1).
+template <typename T>
+struct RowNorm {
+  const T* weight = nullptr;  // nullptr: no LayerNorm
+  const T* bias = nullptr;
+  float eps = 1e-5f;
+  float* stats = nullptr;  // (2, M): mean, then 1 / sqrt(var + eps), for the backward
+  T* sum = nullptr;        // (M, N): the normalised sum itself when the backward needs it, else nullptr
+
+  // Row r of out holds the sum (rounded to T, as the reference's tensor is); replace it by its LayerNorm.
+  void apply(T* o, int64_t row, int64_t M, int64_t N) const {
+    if (sum) std::copy(o, o + N, sum + row * N);
+    float mean = 0.f, var = 0.f;
+#pragma omp simd reduction(+ : mean)
+    for (int64_t c = 0; c < N; ++c) mean += to_f(o[c]);
+    mean /= (float)N;
+#pragma omp simd reduction(+ : var)
+    for (int64_t c = 0; c < N; ++c) var += (to_f(o[c]) - mean) * (to_f(o[c]) - mean);
+    const float rstd = 1.f / std::sqrt(var / (float)N + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) {
+      const float normed = (to_f(o[c]) - mean) * rstd * to_f(weight[c]);
+      o[c] = static_cast<T>(bias ? normed + to_f(bias[c]) : normed);
+    }
+    stats[row] = mean;
+    stats[M + row] = rstd;
+  }
+};
+
+// One output row: a = x W^T (float32, in L1), then bias, h, GELU, dropout, residual, the cast, the LayerNorm, each a
+// vectorised loop over the row (one loop with all the optional steps inside does not vectorise).
 template <typename T>
 void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, const T* row_scale, int64_t row,
-                  int64_t N, bool gelu_on, const Dropout& dropout) {
+                  int64_t M, int64_t N, bool gelu_on, const Dropout& dropout, const RowNorm<T>& norm) {
   if (bias) {
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) a[c] += to_f(bias[c]);
@@ -104,11 +134,12 @@ void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, co
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) o[c] = static_cast<T>(a[c]);
   }
+  if (norm.weight) norm.apply(o, row, M, N);
 }
 
 template <typename T>
 void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, const T* row_scale, T* out, T* pre,
-                   int64_t M, int64_t N, int64_t K, bool gelu_on, const Dropout& dropout) {
+                   int64_t M, int64_t N, int64_t K, bool gelu_on, const Dropout& dropout, const RowNorm<T>& norm) {
   constexpr bool f32 = std::is_same_v<T, float>;
   std::vector<float> x32, w32, tile;  // 16-bit operands widened once, the product kept in float32
   const float *xf = nullptr, *wf = nullptr;
@@ -131,7 +162,7 @@ void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, con
   }
   gemm_rm(false, true, (int)M, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r, N, gelu_on, dropout);
+    for (int64_t r = begin; r < end; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r, M, N, gelu_on, dropout, norm);
   });
 }
 
@@ -161,37 +192,53 @@ void grad_pre_activation_kernel(const T* g, const T* h, const T* row_scale, T* g
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                      const c10::optional<at::Tensor>& bias,
-                                                      const c10::optional<at::Tensor>& residual, bool gelu,
-                                                      bool save_pre_activation,
-                                                      const c10::optional<at::Tensor>& row_scale, double dropout_p,
-                                                      const c10::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, bool gelu, bool save_for_backward,
+    const c10::optional<at::Tensor>& row_scale, double dropout_p, const c10::optional<at::Tensor>& seed,
+    const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias, double norm_eps) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "linear_forward: x (M, K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "linear_forward: x and weight must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  for (const auto* t : {&bias, &residual, &row_scale}) {
+  for (const auto* t : {&bias, &residual, &row_scale, &norm_weight, &norm_bias}) {
     TORCH_CHECK(!t->has_value() || ((*t)->is_contiguous() && (*t)->scalar_type() == x.scalar_type()),
-                "linear_forward: bias, residual and row_scale must be contiguous and of x's dtype");
+                "linear_forward: bias, residual, row_scale and the norm's weight and bias must be contiguous and of "
+                "x's dtype");
   }
   TORCH_CHECK(!row_scale.has_value() || row_scale->numel() == M, "linear_forward: row_scale must hold M values");
-  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "linear_forward: bias must hold N = ", N, " values");
+  for (const auto* t : {&bias, &norm_weight, &norm_bias}) {
+    TORCH_CHECK(!t->has_value() || (*t)->numel() == N, "linear_forward: bias and the norm's weight and bias must "
+                "hold N = ", N, " values");
+  }
   TORCH_CHECK(!residual.has_value() || residual->sizes() == at::IntArrayRef({M, N}),
               "linear_forward: residual must be (M, N)");
+  const bool norm = norm_weight.has_value();
+  TORCH_CHECK(!(norm && gelu), "linear_forward: the LayerNorm epilogue follows no activation (gelu must be false)");
+  TORCH_CHECK(norm || !norm_bias.has_value(), "linear_forward: norm_bias without norm_weight");
+  TORCH_CHECK(!norm || norm_eps > 0, "linear_forward: norm_eps must be positive");
   const Dropout dropout(dropout_p, seed);
   auto out = cached_empty({M, N}, x.options());
-  const bool keep = gelu && save_pre_activation;
-  auto pre = keep ? cached_empty({M, N}, x.options()) : at::empty({0}, x.options());
-  if (M == 0) return {out, pre};
+  const bool keep = save_for_backward && (gelu || norm);  // GELU's input h, or the sum the LayerNorm normalises
+  auto saved = keep ? cached_empty({M, N}, x.options()) : at::empty({0}, x.options());
+  auto stats = norm ? at::empty({2, M}, x.options().dtype(at::kFloat)) : at::empty({0}, x.options().dtype(at::kFloat));
+  if (M == 0) return {out, saved, stats};
   CCT_DISPATCH(x.scalar_type(), "linear_forward_cpu", [&] {
+    RowNorm<scalar_t> row_norm;
+    if (norm) {
+      row_norm.weight = norm_weight->data_ptr<scalar_t>();
+      row_norm.bias = norm_bias.has_value() ? norm_bias->data_ptr<scalar_t>() : nullptr;
+      row_norm.eps = (float)norm_eps;
+      row_norm.stats = stats.data_ptr<float>();
+      row_norm.sum = keep ? saved.data_ptr<scalar_t>() : nullptr;
+    }
     linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                             bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                             residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
                             row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                            keep ? pre.data_ptr<scalar_t>() : nullptr, M, N, K, gelu, dropout);
+                            keep && gelu ? saved.data_ptr<scalar_t>() : nullptr, M, N, K, gelu, dropout, row_norm);
   });
-  return {out, pre};
+  return {out, saved, stats};
 }
 
 at::Tensor linear_grad_pre_activation_cpu(const at::Tensor& grad_out, const c10::optional<at::Tensor>& pre_activation,
