@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from cct_kernels import backends, ops, reference
 from cct_kernels.triton import linear as triton_linear
+from cct_kernels.triton import linear_tiles
 from tests.cases import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -55,7 +56,7 @@ def _reference(x, weight, bias, residual, grad_out, activation):
     return (out.detach(), h, *grads)
 
 
-@pytest.mark.parametrize("min_chunk", [16, triton_linear.MIN_CHUNK_ROWS], ids=["split_m", "one_chunk"])
+@pytest.mark.parametrize("min_chunk", [16, linear_tiles.MIN_CHUNK_ROWS], ids=["split_m", "one_chunk"])
 @pytest.mark.parametrize("activation,bias,residual", EPILOGUES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -108,9 +109,9 @@ def test_gelu_derivative_is_within_its_stated_error(device):
 def test_split_covers_m_in_whole_blocks():
     """grad_W's chunks: multiples of the row block, covering M, about filling the device, never above 2**31."""
     for M, block_m, tiles, NK in [(16384, 64, 8, 512 * 256), (111, 16, 1, 40 * 48), (10**6, 64, 1, 2**30)]:
-        split, chunk = triton_linear._split(M, block_m, tiles, NK, torch.device("meta"), 512)
+        split, chunk = linear_tiles.split_rows(M, block_m, tiles, NK, torch.device("meta"), 512)
         assert chunk % block_m == 0 and (split - 1) * chunk < M <= split * chunk
-        assert split * NK < 2**31 and split * tiles <= triton_linear.META_SM_COUNT + tiles
+        assert split * NK < 2**31 and split * tiles <= linear_tiles.META_SM_COUNT + tiles
 
 
 def test_empty_batch_and_refusals(device):

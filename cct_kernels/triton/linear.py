@@ -34,14 +34,12 @@ Phi: float32 outputs use libdevice's erf (the exact GELU of F.gelu to float32 ro
 backward's GELU' use one erfc polynomial (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7 on erf: at most 7.5e-8 |h|
 in the GELU, far below a 16-bit rounding, and 3.0e-7 in GELU', against 1.4e-7 for float32 libdevice erf), which
 costs half the instructions; see linear_epilogue._normal_tail.
-Configs: no autotuning (the interpreter cannot autotune); `_config` picks tiles from the dtype and the shapes,
+Configs: no autotuning (the interpreter cannot autotune); linear_tiles.config picks tiles from the dtype and the shapes,
 chosen from the sm_90 static figures (see _sm90_check and /tmp/notes -> benchmarks/NOTES.md).
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 after loading, since the
 interpreter computes bfloat16 arithmetic wrongly.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -50,13 +48,10 @@ import triton.language as tl
 from cct_kernels import reference
 from cct_kernels.triton._common import dot_precision, tf32_matmul, upcast_bfloat16
 from cct_kernels.triton.linear_epilogue import gelu_erf, gelu_erf_grad, kept, seed_key
+from cct_kernels.triton.linear_tiles import MIN_CHUNK_ROWS, config, split_rows
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_M = 8  # row blocks per group of the swizzled program order
-META_SM_COUNT = 132  # H100 SXM / H200: what the sm_90 static check (meta tensors) plans for
-# grad_W's split of M: at least this many rows per chunk, so the float32 partials (N*K*4 bytes per chunk) stay
-# small beside the chunk's reads (MIN_CHUNK_ROWS * (2N + K) * 2 bytes in 16-bit).
-MIN_CHUNK_ROWS = 512
 MAX_NORM_COLUMNS = 1024  # the LayerNorm epilogue holds whole rows in one tile
 
 
@@ -165,10 +160,11 @@ def _forward_kernel(
         acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the sum as the reference's tensor rounds it
         if SAVE_SUM:
             tl.store(h_ptr + offs, acc.to(h_ptr.dtype.element_ty), mask=mask)
-        mean = tl.sum(tl.where(col_ok[None, :], acc, 0.0), 1) / N
-        centred = tl.where(col_ok[None, :], acc - mean[:, None], 0.0)
-        rstd = tl.math.rsqrt(tl.sum(centred * centred, 1) / N + norm_eps)
-        acc = centred * rstd[:, None] * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc = tl.where(col_ok[None, :], acc, 0.0)  # in place: one tile of registers live (no spills at N = 384)
+        mean = tl.sum(acc, 1) / N
+        acc = tl.where(col_ok[None, :], acc - mean[:, None], 0.0)
+        rstd = tl.math.rsqrt(tl.sum(acc * acc, 1) / N + norm_eps)
+        acc = acc * rstd[:, None] * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if NORM_BIAS:
             acc += tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(stats_ptr + rows, mean, mask=rows < M)
@@ -252,68 +248,6 @@ def _grad_w_kernel(
         tl.store(gb_ptr + chunk * N + cols_n, db.to(gb_ptr.dtype.element_ty), mask=n_ok & (pid_k == 0))
 
 
-# ---------------------------------------------------------------------------------------------------- configs
-
-# kernel -> (output row block, output column block, reduction block, num_warps, num_stages) for 16-bit inputs and
-# for float32. forward: (M, N, K); grad_x: (M, K, N); grad_w computes grad_W^T: (K, N, M).
-# 16-bit forward: 128x128 tiles of 8 warps (two warpgroups of 64x128 wgmma), 64-deep steps, 3 cp.async stages.
-# The backward kernels make grad_h = GELU'(h) * grad_out in registers (about 23 instructions per element on
-# sm_90), once per output tile that reads it: their tiles span K = 256 (CCT-7's D) so that each element is made
-# once per kernel, and the GELU' work (~1500 issue cycles per 128x64 step of grad_x) stays near the tensor cores'
-# (~1000 for the 128x256x64 wgmma). float32 (FMA or TF32): 64x64x32 tiles of 4 warps. All from the sm_90 static
-# figures: no spills (registers 167-208 at D=256; see _sm90_check and benchmarks/NOTES.md).
-_CONFIGS = {
-    ("forward", False): (128, 128, 64, 8, 3),
-    ("grad_x", False): (128, 256, 64, 8, 2),
-    ("grad_w", False): (256, 64, 64, 8, 3),
-    ("forward", True): (64, 64, 32, 4, 2),
-    ("grad_x", True): (64, 64, 32, 4, 2),
-    ("grad_w", True): (64, 64, 32, 8, 2),  # 4 warps spill 1444 bytes (FMA)
-}
-
-
-def _fit(block: int, size: int) -> int:
-    """block cut to size rounded up to a power of two, at least 16 (tl.dot's smallest)."""
-    return min(block, max(16, triton.next_power_of_2(size)))
-
-
-def _config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tuple[int, int, int, int, int]:
-    """The table's entry with each block cut to its dimension. A 16-bit output-tiled kernel (forward, grad_x)
-    whose 128-row tiles would fill less than half of an H100 (small batches: M = 256 at batch 1) takes 64x128
-    tiles of one warpgroup, for more programs (64x256 would hold 241-254 registers). The LayerNorm epilogue's
-    forward ("forward_norm") spans whole rows: the column block is N rounded up to a power of two, and the row
-    block shrinks so that the accumulator stays at 16K values (64 rows at N <= 256, 16 at N = 1024)."""
-    if kind == "forward_norm":
-        block_c = max(16, triton.next_power_of_2(cols))
-        block_r = _fit(max(16, min(64, 16384 // block_c)), rows)
-        _, _, block_red, num_warps, num_stages = _CONFIGS["forward", dtype == torch.float32]
-        return block_r, block_c, _fit(block_red, red), 8, 2
-    block_r, block_c, block_red, num_warps, num_stages = _CONFIGS[kind, dtype == torch.float32]
-    block_r, block_c, block_red = _fit(block_r, rows), _fit(block_c, cols), _fit(block_red, red)
-    tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, block_c)
-    if kind != "grad_w" and block_r == 128 and tiles < META_SM_COUNT // 2:
-        block_r, block_c, num_warps = 64, min(block_c, 128), 4
-    return block_r, block_c, block_red, num_warps, num_stages
-
-
-@functools.cache
-def _programs_wanted(device: torch.device) -> int:
-    """Programs that fill the device once: its SMs on CUDA, an H100's for the meta tensors of the sm_90 check,
-    a few on the CPU interpreter (so small tests still split M)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return META_SM_COUNT if device.type == "meta" else 4
-
-
-def _split(M: int, block_m: int, tiles: int, NK: int, device: torch.device, min_chunk: int) -> tuple[int, int]:
-    """(SPLIT, CHUNK) of grad_W's M: SPLIT * tiles programs about fill the device, chunks of at least min_chunk
-    rows (rounded to block_m) and SPLIT * N * K < 2**31 (int32 workspace offsets)."""
-    blocks = triton.cdiv(M, block_m)
-    split = min(triton.cdiv(_programs_wanted(device), tiles), triton.cdiv(M, min_chunk), (2**31 - 1) // NK)
-    chunk = triton.cdiv(blocks, max(1, min(split, blocks))) * block_m
-    return triton.cdiv(M, chunk), chunk
-
-
 # ---------------------------------------------------------------------------------------------------- launchers
 
 
@@ -345,8 +279,7 @@ def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=
     stats = _empty(2, M, device=x.device, dtype=torch.float32) if norm else x.new_empty(0, dtype=torch.float32)
     if M == 0:
         return out, saved, stats
-    block_m, block_n, block_k, num_warps, num_stages = _config("forward_norm" if norm else "forward", x.dtype, M, N,
-                                                               K)
+    block_m, block_n, block_k, num_warps, num_stages = config("forward_norm" if norm else "forward", x.dtype, M, N, K)
     seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, out)
     _forward_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
         x, weight, x if bias is None else bias, out if residual is None else residual,
@@ -381,15 +314,15 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
     common = dict(GELU=gelu, HAS_SCALE=row_scale is not None, DROPOUT=dropout_p > 0, UPCAST=upcast_bfloat16(dtype),
                   PRECISION=dot_precision(dtype))
 
-    block_m, block_k, block_n, num_warps, num_stages = _config("grad_x", dtype, M, K, N)
+    block_m, block_k, block_n, num_warps, num_stages = config("grad_x", dtype, M, K, N)
     _grad_x_kernel[(triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)](
         grad_out, h, weight, grad_x, scale, seed_ptr, M, N, K, threshold, inv_keep, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=GROUP_M,
         EVEN_N=N % block_n == 0, num_warps=num_warps, num_stages=num_stages, **common,
     )
 
-    block_k, block_n, block_m, num_warps, num_stages = _config("grad_w", dtype, K, N, M)
+    block_k, block_n, block_m, num_warps, num_stages = config("grad_w", dtype, K, N, M)
     tiles = triton.cdiv(N, block_n) * triton.cdiv(K, block_k)
-    split, chunk = _split(M, block_m, tiles, N * K, device, min_chunk)
+    split, chunk = split_rows(M, block_m, tiles, N * K, device, min_chunk)
     partial = dtype if split == 1 else torch.float32  # one chunk stores the result itself
     grad_weight = _empty(split, N, K, device=device, dtype=partial)
     grad_bias = _empty(split, N, device=device, dtype=partial) if has_bias else x.new_empty(0)
