@@ -62,6 +62,20 @@ def _op_case(op, shape, mode):
         fn = {"eager": lambda x, w, b: reference.linear(x, w, b, activation="gelu"),
               "cpu": lambda x, w, b: ops.linear(x, w, b, activation="gelu", backend="cpu")}
         nbytes = (M * K + N * K + M * N) * 4
+    elif op == "linear_norm":  # proj of a block: bias + residual + norm1 (LayerNorm) in the epilogue
+        M, K, N = shape
+        inputs = (torch.randn(M, K), torch.randn(N, K) * K**-0.5, torch.randn(N), torch.randn(M, N),
+                  torch.rand(N) + 0.5, torch.randn(N))
+        fn = {backend: (lambda backend: lambda x, w, b, res, nw, nb: ops.linear(
+            x, w, b, residual=res, norm_weight=nw, norm_bias=nb, backend=backend))(backend)
+            for backend in ("eager", "cpu")}
+        nbytes = (M * K + N * K + 2 * M * N) * 4
+    elif op == "linear_dropout":  # linear1 of a block in training with CCT's dropout: GELU + dropout 0.1
+        M, K, N = shape
+        inputs = (torch.randn(M, K), torch.randn(N, K) * K**-0.5, torch.randn(N))
+        fn = {backend: (lambda backend: lambda x, w, b: ops.linear(
+            x, w, b, activation="gelu", dropout_p=0.1, backend=backend))(backend) for backend in ("eager", "cpu")}
+        nbytes = (M * K + N * K + M * N) * 4
     elif op == "encoder_layer":  # a whole block, eval mode: one C++ call on cpu when no gradient is recorded
         B, N, D, H = shape
         names = ("pre_norm_weight", "pre_norm_bias", "qkv_weight", "proj_weight", "proj_bias", "norm1_weight",
@@ -103,6 +117,7 @@ OP_CASES = [
     ("seqpool", (64, 256, 256)), ("seqpool", (64, 196, 384)), ("seqpool", (1, 196, 384)),
     ("attention", (64, 256, 4)), ("attention", (64, 196, 6)), ("attention", (1, 256, 4)),
     ("tokenize", (64,)), ("linear", (16384, 256, 512)), ("linear", (256, 256, 512)),
+    ("linear_norm", (3136, 384, 384)), ("linear_dropout", (16384, 256, 512)),
     ("encoder_layer", (1, 256, 256, 4)), ("encoder_layer", (64, 256, 256, 4)),
 ]
 MODEL_CASES = [
