@@ -16,6 +16,8 @@ from cct_kernels.nn import set_backend
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendUnavailable", "CheckpointError", "ops", "set_backend", "use_backend", *_model_names]
 
+from cct_kernels._compile_cache import tag_compile_caches as _tag_compile_caches  # noqa: E402
 from cct_kernels.backends import load_kernel_backends as _load_kernel_backends  # noqa: E402
 
 _load_kernel_backends()
+_tag_compile_caches()  # compiled graphs of another cct_kernels version are never replayed (see _compile_cache.py)
