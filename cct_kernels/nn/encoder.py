@@ -77,7 +77,8 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         else:
             heads = self.self_attn.attend(self.pre_norm(src), mask)
             # drawn after attention's dropout, in the official order of random draws
-            fused_norm = plain_layer_norm(norm1) and not _global_module_hooks()
+            # a TorchScript/ONNX trace records norm1 as its own LayerNorm node, as the official model exports
+            fused_norm = plain_layer_norm(norm1) and not _global_module_hooks() and not torch.jit.is_tracing()
             src = self.self_attn.project(heads, residual=src, row_scale=self._row_scale(src),
                                          norm=norm1 if fused_norm else None)
             if not fused_norm:
