@@ -88,10 +88,12 @@ ACTIVATIONS = ("none", "gelu")
 
 
 def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=None, dropout_p=0.0,
-           dropout_mask=None, norm_weight=None, norm_bias=None, norm_eps=1e-5):
+           dropout_mask=None, norm_weight=None, norm_bias=None, norm_eps=1e-5, input_norm_weight=None,
+           input_norm_bias=None, input_norm_eps=1e-5):
     """A linear layer with its epilogue: dropout(activation(x @ weight.T + bias)) * row_scale + residual, then a
     LayerNorm over the last dim when norm_weight (N,) is given (norm_bias (N,) or None, norm_eps): the encoder
-    block's proj, whose sum with the residual stream feeds norm1.
+    block's proj, whose sum with the residual stream feeds norm1. With input_norm_weight (K,) x is first replaced by
+    its LayerNorm (input_norm_bias (K,) or None, input_norm_eps): the block's pre_norm feeding qkv.
 
     x (..., K); weight (N, K); bias (N,) or None; residual (..., N) or None; activation "none" or "gelu" (the
     exact, erf-based GELU of F.gelu, as the official MLP uses); row_scale (...) or None, one factor per row (the
@@ -100,6 +102,8 @@ def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=
     (the official proj_drop, dropout1, dropout2): with `dropout_mask` (..., N) bool (True = kept) it is applied as
     given, kept values scaled by 1 / (1 - dropout_p); else drawn by F.dropout when dropout_p > 0.
     """
+    if input_norm_weight is not None:
+        x = F.layer_norm(x, input_norm_weight.shape, input_norm_weight, input_norm_bias, input_norm_eps)
     y = F.linear(x, weight, bias)
     if activation == "gelu":
         y = F.gelu(y)
@@ -112,7 +116,7 @@ def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=
     if residual is not None:
         y = y + residual
     if norm_weight is not None:
-        y = F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, norm_eps)
+        y = F.layer_norm(y, norm_weight.shape, norm_weight, norm_bias, norm_eps)
     return y
 
 

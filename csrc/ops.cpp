@@ -257,6 +257,7 @@ TORCH_LIBRARY(cct_kernels_C, m) {
         " Tensor? norm_weight=None, Tensor? norm_bias=None, float norm_eps=1e-5) -> (Tensor, Tensor, Tensor)");
   m.def("linear_grad_pre_activation(Tensor grad_out, Tensor? pre_activation, Tensor? row_scale, float dropout_p,"
         " Tensor? seed) -> Tensor");
+  m.def("normalise_rows(Tensor x, Tensor stats, Tensor weight, Tensor? bias) -> Tensor");
   // The encoder block in inference (eval mode, no mask) on the kernels above, in the official order.
   m.def("encoder_layer_forward(Tensor src, Tensor pre_norm_weight, Tensor pre_norm_bias, Tensor qkv_weight,"
         " Tensor proj_weight, Tensor proj_bias, Tensor norm1_weight, Tensor norm1_bias, Tensor linear1_weight,"
@@ -278,6 +279,7 @@ TORCH_LIBRARY_IMPL(cct_kernels_C, CPU, m) {
   m.impl("tokenize_backward", &cct::tokenize_backward_cpu);
   m.impl("linear_forward", &cct::linear_forward_cpu);
   m.impl("linear_grad_pre_activation", &cct::linear_grad_pre_activation_cpu);
+  m.impl("normalise_rows", &cct::normalise_rows_cpu);
   m.impl("encoder_layer_forward", &cct::encoder_layer_forward_cpu);
   m.impl("text_tokenize_forward", &cct::text_tokenize_forward_cpu);
   m.impl("text_tokenize_backward", &cct::text_tokenize_backward_cpu);

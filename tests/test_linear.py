@@ -51,17 +51,28 @@ def test_linear_layer_norm_epilogue_against_float64(backend, dtype, norm_bias):
                            norm=(True, norm_bias))
 
 
-def _check_against_float64(backend, dtype, activation, bias, residual, row_scale=None, norm=(False, False)):
+@pytest.mark.parametrize("backend", SERVING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_bias", [True, False])
+def test_linear_layer_norm_prologue_against_float64(backend, dtype, norm_bias):
+    """qkv after pre_norm: x's rows normalised before the GEMM (K = 48: the Triton tiles mask 16 of 64 columns), with
+    a GELU epilogue; every gradient, the LayerNorm's weight and bias included."""
+    _check_against_float64(backend, dtype, "gelu", True, False, input_norm=(True, norm_bias))
+
+
+def _check_against_float64(backend, dtype, activation, bias, residual, row_scale=None, norm=(False, False),
+                           input_norm=(False, False)):
     generator = torch.Generator().manual_seed(7)
     shape, n = (3, 37, 48), 40  # M = 111 rows, K = 48, N = 40: no dimension a multiple of a tile
     inputs = _inputs(dtype, shape, n, bias, residual, generator)
-    norm_inputs = [torch.randn(n, generator=generator, dtype=torch.float64).to(DEVICE).to(dtype).requires_grad_()
-                   if on else None for on in norm]
+    norm_inputs = [torch.randn(size, generator=generator, dtype=torch.float64).to(DEVICE).to(dtype).requires_grad_()
+                   if on else None for on, size in zip((*norm, *input_norm), (n, n, 48, 48))]
     x, weight, b, res = inputs
     scale = None if row_scale is None else row_scale[:, None].expand(shape[:-1]).to(DEVICE)
 
     def norm_kwargs(tensors):
-        return dict(norm_weight=tensors[0], norm_bias=tensors[1])
+        return dict(norm_weight=tensors[0], norm_bias=tensors[1], input_norm_weight=tensors[2],
+                    input_norm_bias=tensors[3])
 
     out = ops.linear(x, weight, b, activation=activation, residual=res,
                      row_scale=None if scale is None else scale.to(dtype), backend=backend, **norm_kwargs(norm_inputs))
@@ -79,8 +90,8 @@ def _check_against_float64(backend, dtype, activation, bias, residual, row_scale
     grads = torch.autograd.grad(out, live, grad.to(dtype))
     grads64 = torch.autograd.grad(ref64, [t for t in as64 if t is not None], grad)
     eager_grads = torch.autograd.grad(eager, live, grad.to(dtype))
-    names = [name for name, t in zip(("x", "weight", "bias", "residual", "norm_weight", "norm_bias"), inputs)
-             if t is not None]
+    names = [name for name, t in zip(("x", "weight", "bias", "residual", "norm_weight", "norm_bias",
+                                      "input_norm_weight", "input_norm_bias"), inputs) if t is not None]
     for name, g, g64, ge in zip(names, grads, grads64, eager_grads):
         assert_close_to_reference(g, g64, ge, f"grad {name}")
 
@@ -93,8 +104,10 @@ def test_linear_fakes_match_every_path(backend, activation, bias, residual, save
     differentiable = save or activation == "none"  # a GELU without its saved input has no backward (tested below)
     opcheck_inputs = [t if t is None or differentiable else t.detach() for t in (x, weight, b, res)]
     torch.library.opcheck(torch.ops.cct_kernels.linear_forward, (*opcheck_inputs, activation, save, backend))
-    out, pre_activation, stats = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation, save, backend)
-    assert pre_activation.shape == ((9, 20) if activation == "gelu" and save else (0,)) and stats.shape == (0,)
+    out, pre_activation, stats, input_stats = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation,
+                                                                                   save, backend)
+    assert pre_activation.shape == ((9, 20) if activation == "gelu" and save else (0,))
+    assert stats.shape == input_stats.shape == (0,)
     if activation == "gelu" and not save:
         with pytest.raises(RuntimeError, match="save_for_backward=False"):
             out.sum().backward()
@@ -288,7 +301,7 @@ def test_linear_dropout_fakes(backend, activation):
     scale, seed = torch.rand(9, device=DEVICE), torch.tensor([5], device=DEVICE)
     torch.library.opcheck(torch.ops.cct_kernels.linear_forward,
                           (x, weight, b, res, activation, True, backend, scale, 0.2, seed))
-    out, h, _ = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation, True, backend, scale, 0.2, seed)
+    out, h, *_ = torch.ops.cct_kernels.linear_forward(x, weight, b, res, activation, True, backend, scale, 0.2, seed)
     torch.library.opcheck(torch.ops.cct_kernels.linear_backward,
                           (torch.randn_like(out), x.detach(), weight.detach(), True, h.detach(), activation, backend,
                            scale, 0.2, seed))
@@ -313,7 +326,7 @@ def test_linear_layer_norm_fakes(backend, save, norm_bias):
     if not save:
         args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
     torch.library.opcheck(torch.ops.cct_kernels.linear_forward, args)
-    out, summed, stats = torch.ops.cct_kernels.linear_forward(*args)
+    out, summed, stats, _ = torch.ops.cct_kernels.linear_forward(*args)
     assert summed.shape == ((9, 20) if save else (0,)) and stats.shape == (2, 9) and stats.dtype == torch.float32
     if save:  # the saved sum and the row statistics are those of the reference's un-normalised output
         expected = reference.linear(x, weight, b, residual=res)
@@ -352,3 +365,31 @@ def test_triton_layer_norm_epilogue_declines_rows_wider_than_its_tile():
     x, weight = torch.empty(4, 8, device="meta"), torch.empty(2048, 8, device="meta")
     assert "N must be <= 1024" in triton_linear.unsupported(x, weight, None, None, "none", torch.empty(2048))
     assert triton_linear.unsupported(x, weight, None, None, "none") is None
+
+
+@pytest.mark.parametrize("backend", KERNEL_SERVING)
+@pytest.mark.parametrize("save", [True, False])
+def test_linear_layer_norm_prologue_fakes(backend, save):
+    x, weight, b, _ = _inputs(torch.float32, (9, 24), 20, True, False, torch.Generator().manual_seed(9))
+    in_norm = (torch.randn(24, device=DEVICE, requires_grad=True), torch.randn(24, device=DEVICE, requires_grad=True))
+    args = (x, weight, b, None, "none", save, backend, None, 0.0, None, None, None, 1e-5, *in_norm, 1e-5)
+    if not save:
+        args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(torch.ops.cct_kernels.linear_forward, args)
+    *_, input_stats = torch.ops.cct_kernels.linear_forward(*args)
+    xd = x.detach()
+    torch.testing.assert_close(input_stats, torch.stack([xd.mean(1), (xd.var(1, unbiased=False) + 1e-5).rsqrt()]))
+    grad = torch.randn(9, 20, device=DEVICE)
+    torch.library.opcheck(torch.ops.cct_kernels.linear_backward,
+                          (grad, xd, weight.detach(), True, x.new_empty(0), "none", backend, None, 0.0, None,
+                           in_norm[0].detach(), in_norm[1].detach(), input_stats.detach()))
+
+
+def test_linear_layer_norm_prologue_errors():
+    x, w = torch.randn(2, 5, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match=r"input_norm_weight must have shape \(8,\), got \(6,\)"):
+        ops.linear(x, w, input_norm_weight=torch.ones(6))
+    with pytest.raises(ValueError, match="input_norm_bias needs input_norm_weight"):
+        ops.linear(x, w, input_norm_bias=torch.ones(8))
+    with pytest.raises(ValueError, match="input_norm_eps must be positive"):
+        ops.linear(x, w, input_norm_weight=torch.ones(8), input_norm_eps=-1.0)

@@ -63,7 +63,7 @@ def _reference(x, weight, bias, residual, grad_out, activation):
 def test_forward_backward_match_float64(dtype, shape, activation, bias, residual, min_chunk, device):
     M, K, N = shape
     x, weight, b, res, grad_out = _inputs(M, K, N, dtype, device, bias, residual)
-    out, h, _ = triton_linear.forward(x, weight, b, res, activation, True)
+    out, h, *_ = triton_linear.forward(x, weight, b, res, activation, True)
     grads = triton_linear.backward(grad_out, x, weight, bias, h, activation, min_chunk=min_chunk)
 
     exact = _reference(*(None if t is None else t.double() for t in (x, weight, b, res, grad_out)), activation)
@@ -116,7 +116,7 @@ def test_split_covers_m_in_whole_blocks():
 
 def test_empty_batch_and_refusals(device):
     x, weight, b, _, _ = _inputs(0, 8, 6, torch.float32, device, True, False)
-    out, h, _ = triton_linear.forward(x, weight, b, None, "gelu", True)
+    out, h, *_ = triton_linear.forward(x, weight, b, None, "gelu", True)
     grad_x, grad_w, grad_b = triton_linear.backward(out, x, weight, True, h, "gelu")
     assert out.shape == h.shape == (0, 6) and grad_x.shape == (0, 8)
     assert (grad_w == 0).all() and (grad_b == 0).all()

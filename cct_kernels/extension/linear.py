@@ -8,6 +8,8 @@
     epilogue is the tanh approximation, not the exact GELU of the official model. Dropout's mask is
     reference.linear_dropout_mask, drawn in each pass that needs it. The fused GPU kernel is the triton backend's.
 Training (save_for_backward) also writes h = x @ W.T + b, the GELU's input, or the sum the LayerNorm normalises.
+The input LayerNorm (input_norm_*, both devices) is ATen's native_layer_norm before the GEMM; the backward recomputes
+its output for grad_W from x rather than keeping it.
 Backward, both devices: grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (cpu: one C++ pass; cuda: ATen's
 gelu_backward and products), grad_x = grad_h @ W, grad_W = grad_h.T @ x (vendor GEMMs), grad_b = the column sums of
 grad_h (float32 accumulation).
@@ -25,18 +27,23 @@ def unsupported(x, weight, bias, residual, activation, norm_weight=None, *, back
 
 
 def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=None, dropout_p=0.0, seed=None,
-            norm_weight=None, norm_bias=None, norm_eps=1e-5):
+            norm_weight=None, norm_bias=None, norm_eps=1e-5, input_norm_weight=None, input_norm_bias=None,
+            input_norm_eps=1e-5):
     """-> (out (M, N); saved (M, N) with save_for_backward: GELU's input or the LayerNorm's, else empty (0,);
-    stats (2, M) float32 with the LayerNorm: mean and 1 / std per row, else empty (0,))."""
+    stats, input_stats (2, M) float32 with the output / input LayerNorm: mean and 1 / std per row, else empty)."""
+    input_stats = x.new_empty(0, dtype=torch.float32)
+    if input_norm_weight is not None:
+        x, input_stats = _input_norm(x, input_norm_weight, input_norm_bias, input_norm_eps)
     args = (x, weight, bias, residual, activation == "gelu", save_for_backward, row_scale, dropout_p, seed,
             norm_weight, norm_bias, norm_eps)
     if x.device.type == "cpu":
-        return tuple(extension.ops().linear_forward(*args))
-    return aten_forward(*args)
+        return (*extension.ops().linear_forward(*args), input_stats)
+    return (*aten_forward(*args), input_stats)
 
 
-def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None):
-    """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias)."""
+def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None,
+             input_norm_weight=None, input_norm_bias=None, input_stats=None):
+    """-> (grad at the GEMM's input (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias)."""
     gelu = activation == "gelu"
     if x.device.type != "cpu":
         grad_h = aten_grad_pre_activation(grad_out, pre_activation if gelu else None, row_scale, dropout_p, seed)
@@ -45,10 +52,29 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
                                                             dropout_p, seed)
     else:
         grad_h = grad_out
+    if input_norm_weight is not None:  # the GEMM's input, recomputed from x and the forward's statistics
+        x = _normalise_rows(x, input_stats, input_norm_weight, input_norm_bias)
     grad_x = grad_h @ weight
     grad_weight = grad_h.t() @ x
     grad_bias = grad_h.sum(0, dtype=torch.float32).to(x.dtype) if has_bias else x.new_empty(0)
     return grad_x, grad_weight, grad_bias
+
+
+def _input_norm(x, weight, bias, eps):
+    """(LayerNorm of x's rows in x's dtype, (2, M) float32 mean and 1 / std). ATen's CPU kernel keeps 16-bit
+    statistics in 16 bits, too coarse for the backward's recomputation: those rows are normalised in float32."""
+    widen = x.device.type == "cpu" and x.dtype != torch.float32
+    args = (x, weight, bias) if not widen else (x.float(), weight.float(), None if bias is None else bias.float())
+    normed, mean, rstd = torch.native_layer_norm(args[0], [x.shape[1]], args[1], args[2], eps)
+    return normed.to(x.dtype), torch.stack([mean.view(-1), rstd.view(-1)]).float()
+
+
+def _normalise_rows(x, stats, weight, bias):
+    """(x - mean) * rstd * weight + bias from stats (2, M) float32: one C++ pass on CPU, ATen ops on CUDA."""
+    if x.device.type == "cpu":
+        return extension.ops().normalise_rows(x, stats, weight, bias)
+    normed = (x.float() - stats[0, :, None]) * stats[1, :, None] * weight.float()
+    return (normed if bias is None else normed + bias.float()).to(x.dtype)
 
 
 def _dropout_scale(x, dropout_p, seed):

@@ -46,9 +46,9 @@ class DropPath(nn.Module):
 class TransformerEncoderLayer(UsesBackend, nn.Module):
     """(B, N, d_model) -> (B, N, d_model). Sizes are ints >= 1 (d_model a multiple of nhead), rates in [0, 1].
 
-    The official function, with the four linears run by ops.linear: linear1's GELU, the dropouts, the two residual
-    adds, stochastic depth (as a per-sample row scale) and norm1 (after proj's residual add) are fused into their
-    linear's epilogue. On the eager
+    The official function, with the four linears run by ops.linear: pre_norm is in qkv's prologue; linear1's GELU,
+    the dropouts, the two residual adds, stochastic depth (as a per-sample row scale) and norm1 (after proj's
+    residual add) are in their linear's epilogue. On the eager
     backend, with both dropout and stochastic depth active, the residual linears keep the official modules' order
     of random draws (dropout's mask, then drop_path's), so the oracle draws what the official model draws.
     """
@@ -71,17 +71,20 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         fused = None if self.training else self._fused_block_arguments()
         if fused is not None:
             return ops.encoder_layer(src, **fused, mask=mask, backend=self.backend)
-        norm1 = self._modules["norm1"]
+        pre_norm, norm1 = self._modules["pre_norm"], self._modules["norm1"]
         if self._official_draw_order(self.self_attn.proj_drop):
-            src = norm1(src + self.drop_path(self.self_attn(self.pre_norm(src), mask)))
+            src = norm1(src + self.drop_path(self.self_attn(pre_norm(src), mask)))
         else:
-            heads = self.self_attn.attend(self.pre_norm(src), mask)
+            # the norms in qkv's prologue and proj's epilogue unless they must run as modules: hooks, or a
+            # TorchScript/ONNX trace (which records them as LayerNorm nodes, as the official model exports)
+            fusable = not _global_module_hooks() and not torch.jit.is_tracing()
+            fuse_pre_norm, fuse_norm1 = (fusable and plain_layer_norm(norm) for norm in (pre_norm, norm1))
+            heads = self.self_attn.attend(src if fuse_pre_norm else pre_norm(src), mask,
+                                          norm=pre_norm if fuse_pre_norm else None)
             # drawn after attention's dropout, in the official order of random draws
-            # a TorchScript/ONNX trace records norm1 as its own LayerNorm node, as the official model exports
-            fused_norm = plain_layer_norm(norm1) and not _global_module_hooks() and not torch.jit.is_tracing()
             src = self.self_attn.project(heads, residual=src, row_scale=self._row_scale(src),
-                                         norm=norm1 if fused_norm else None)
-            if not fused_norm:
+                                         norm=norm1 if fuse_norm1 else None)
+            if not fuse_norm1:
                 src = norm1(src)
         hidden = ops.linear(src, self.linear1.weight, self.linear1.bias, activation="gelu",
                             dropout_p=active_rate(self.dropout1), backend=self.backend)

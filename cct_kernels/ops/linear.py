@@ -1,17 +1,21 @@
-"""A linear layer with its epilogue fused: the encoder block's four linears and what follows each of them.
+"""A linear layer with its prologue and epilogue fused: the encoder block's four linears and the LayerNorms, GELU,
+dropouts and residual adds around them.
 
-    linear(x, weight, bias, activation, residual, row_scale, dropout_p)
-        = dropout(activation(x @ weight.T + bias), dropout_p) * row_scale + residual
+    linear(x, weight, bias, activation, residual, row_scale, dropout_p, norm, input_norm)
+        = norm(dropout(activation(input_norm(x) @ weight.T + bias), dropout_p) * row_scale + residual)
 
-The block uses it as qkv (no bias), proj (+ proj_drop, + residual stream), linear1 (+ GELU, + dropout1) and linear2
-(+ dropout2, + residual stream), so the GELU, the dropouts and the residual adds never make a pass of their own over
-memory. In training, stochastic depth is the row_scale (one factor per row: 0 or 1 / keep_prob per sample).
+norm and input_norm are LayerNorms over the last dim, each on when its weight is given (norm_weight (N,) and
+input_norm_weight (K,), biases optional, eps > 0). The block uses it as qkv (input_norm: pre_norm, no bias), proj
+(proj_drop, + residual stream, norm: norm1), linear1 (GELU, dropout1) and linear2 (dropout2, + residual stream), so
+none of these makes a pass of its own over memory where a kernel fuses it. In training, stochastic depth is the
+row_scale (one factor per row: 0 or 1 / keep_prob per sample).
 
 Shapes: x (..., K), weight (N, K), bias (N,) or None, residual (..., N) or None, row_scale (...) or None (not
-differentiated: a constant such as a drop mask) -> (..., N). Dtypes: float32, float16, bfloat16, all tensors the
-same. activation: "none" or "gelu" (exact erf GELU, F.gelu's default). dropout_p in [0, 1]: pass it only in
-training (kept values are scaled by 1 / (1 - p); p = 1 gives zeros, as F.dropout). Any M = prod(x.shape[:-1]) >= 0,
-K >= 1, N >= 1.
+differentiated: a constant such as a drop mask), norm_weight / norm_bias (N,), input_norm_weight / input_norm_bias
+(K,) -> (..., N). Dtypes: float32, float16, bfloat16, all tensors the same. activation: "none" or "gelu" (exact erf
+GELU, F.gelu's default; not with norm). dropout_p in [0, 1]: pass it only in training (kept values are scaled by
+1 / (1 - p); p = 1 gives zeros, as F.dropout). Any M = prod(x.shape[:-1]) >= 0, K >= 1, N >= 1; the triton
+backend's norm holds whole rows in a tile: N <= 1024 (it declines wider rows).
 Dropout's mask: on the eager backend F.dropout's (torch's generator, as the official nn.Dropout). Every kernel
 backend draws reference.linear_dropout_mask(seed, M, N, p) (a counter-based hash of the row and column) from a
 seed the op takes from torch's generator, so torch.manual_seed reproduces a run and the backward redraws the mask
@@ -19,22 +23,30 @@ instead of keeping it; the drop rate is p rounded to a multiple of 2**-24.
 
 Kernel backends implement two registered ops (the kernel-module interface of cct_kernels.backends); x and
 residual arrive flattened to 2-D, every tensor contiguous:
-    forward(x (M, K), weight, bias, residual (M, N) | None, activation, save_pre_activation, row_scale (M,) | None,
-            dropout_p, seed)
-        -> (out (M, N), pre_activation: x @ weight.T + bias (M, N) when activation is "gelu" and
-            save_pre_activation, else an empty (0,) tensor; the backward's GELU derivative reads it)
-    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation, row_scale, dropout_p, seed)
-        -> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or an empty (0,) tensor without bias), through
-           grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out
-    unsupported(x, weight, bias, residual, activation, *, backend) -> why a kernel cannot serve the call, or None
+    forward(x (M, K), weight, bias, residual (M, N) | None, activation, save_for_backward, row_scale (M,) | None,
+            dropout_p, seed, norm_weight, norm_bias, norm_eps, input_norm_weight, input_norm_bias, input_norm_eps)
+        -> (out (M, N);
+            saved (M, N) with save_for_backward: the GELU's input h, or the sum the norm normalised; else (0,);
+            stats (2, M) float32 with norm: its mean and 1 / std per row; else (0,);
+            input_stats (2, M) float32 with input_norm: the same for x's rows; else (0,))
+    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation, row_scale, dropout_p, seed,
+             input_norm_weight, input_norm_bias, input_stats)
+        -> (grad of the GEMM's input (M, K) (input_norm(x) with input_norm), grad_weight (N, K), grad_bias (N,) or
+           an empty (0,) tensor without bias), through grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out;
+           grad_out is the gradient at the sum, before norm
+    unsupported(x, weight, bias, residual, activation, norm_weight, *, backend) -> why a kernel cannot serve the
+        call, or None
 seed: a (1,) int64 tensor on x's device when dropout_p > 0, else None. The residual's gradient is grad_out itself,
-passed through by autograd with no kernel.
+passed through by autograd with no kernel; both LayerNorms' backwards run on ATen's LayerNorm backward, from the
+kernels' row statistics.
 
 Errors (from linear's own checks, before any kernel runs):
-    TypeError   x, weight, bias or residual not a floating-point torch.Tensor, or dtypes that differ.
-    ValueError  x of rank 0; weight not 2-D or K = 0; x's last dim not weight's K; bias not (N,); residual not
-                x.shape[:-1] + (N,); row_scale not x.shape[:-1]; tensors on different devices; activation not
-                "none"/"gelu"; dropout_p not a number in [0, 1]; an unknown backend name.
+    TypeError   a tensor argument not a floating-point torch.Tensor, or dtypes that differ.
+    ValueError  x of rank 0; weight not 2-D or K = 0; x's last dim not weight's K; bias, norm_weight or norm_bias
+                not (N,); input_norm_weight or input_norm_bias not (K,); a norm bias without its weight; norm with
+                activation "gelu"; residual not x.shape[:-1] + (N,); row_scale not x.shape[:-1]; tensors on
+                different devices; activation not "none"/"gelu"; dropout_p not a number in [0, 1]; an eps not a
+                positive number; an unknown backend name.
     BackendUnavailable  an explicitly named backend cannot serve the call (the message says why).
     RuntimeError  double backward through a kernel backend (use backend="eager" for that).
 """
@@ -58,10 +70,12 @@ def _run_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
     activation: str, save_for_backward: bool, backend: str, row_scale: torch.Tensor | None = None,
     dropout_p: float = 0.0, seed: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-    norm_bias: torch.Tensor | None = None, norm_eps: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    norm_bias: torch.Tensor | None = None, norm_eps: float = 1e-5, input_norm_weight: torch.Tensor | None = None,
+    input_norm_bias: torch.Tensor | None = None, input_norm_eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "forward", x.device, x, weight, bias, residual, activation, save_for_backward,
-                      row_scale, dropout_p, seed, norm_weight, norm_bias, norm_eps)
+                      row_scale, dropout_p, seed, norm_weight, norm_bias, norm_eps, input_norm_weight,
+                      input_norm_bias, input_norm_eps)
 
 
 _forward = torch.library.custom_op("cct_kernels::linear_forward", _run_forward, mutates_args=())
@@ -69,37 +83,45 @@ _forward = torch.library.custom_op("cct_kernels::linear_forward", _run_forward, 
 
 @_forward.register_fake
 def _(x, weight, bias, residual, activation, save_for_backward, backend, row_scale=None, dropout_p=0.0, seed=None,
-      norm_weight=None, norm_bias=None, norm_eps=1e-5):
+      norm_weight=None, norm_bias=None, norm_eps=1e-5, input_norm_weight=None, input_norm_bias=None,
+      input_norm_eps=1e-5):
     norm = norm_weight is not None
     saved = x.new_empty(_saved_shape(x, weight, activation, save_for_backward, norm))
-    stats = x.new_empty((2, x.shape[0]) if norm else (0,), dtype=torch.float32)
-    return x.new_empty(x.shape[0], weight.shape[0]), saved, stats
+
+    def stats(on):
+        return x.new_empty((2, x.shape[0]) if on else (0,), dtype=torch.float32)
+
+    return x.new_empty(x.shape[0], weight.shape[0]), saved, stats(norm), stats(input_norm_weight is not None)
 
 
 @torch.library.custom_op("cct_kernels::linear_backward", mutates_args=())
 def _backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, pre_activation: torch.Tensor,
     activation: str, backend: str, row_scale: torch.Tensor | None = None, dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None, input_norm_weight: torch.Tensor | None = None,
+    input_norm_bias: torch.Tensor | None = None, input_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, has_bias, pre_activation, activation,
-                      row_scale, dropout_p, seed)
+                      row_scale, dropout_p, seed, input_norm_weight, input_norm_bias, input_stats)
 
 
 @_backward.register_fake
-def _(grad_out, x, weight, has_bias, pre_activation, activation, backend, row_scale=None, dropout_p=0.0, seed=None):
+def _(grad_out, x, weight, has_bias, pre_activation, activation, backend, row_scale=None, dropout_p=0.0, seed=None,
+      input_norm_weight=None, input_norm_bias=None, input_stats=None):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0] if has_bias else 0)
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, residual, activation, save_for_backward, backend, row_scale, dropout_p, seed, norm_weight,
-     norm_bias, norm_eps) = inputs
-    ctx.save_for_backward(x, weight, output[1], output[2], row_scale, seed, norm_weight, norm_bias)
+     norm_bias, norm_eps, input_norm_weight, input_norm_bias, input_norm_eps) = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2], output[3], row_scale, seed, norm_weight, norm_bias,
+                          input_norm_weight, input_norm_bias)
     ctx.args = (bias is not None, residual is not None, activation, backend, dropout_p)
 
 
-def _autograd_backward(ctx, grad_out, _grad_saved, _grad_stats):
-    x, weight, saved, stats, row_scale, seed, norm_weight, norm_bias = ctx.saved_tensors
+def _autograd_backward(ctx, grad_out, _grad_saved, _grad_stats, _grad_input_stats):
+    (x, weight, saved, stats, input_stats, row_scale, seed, norm_weight, norm_bias, input_norm_weight,
+     input_norm_bias) = ctx.saved_tensors
     has_bias, has_residual, activation, backend, dropout_p = ctx.args
     grad_out = grad_out.contiguous()
     needs_saved = activation == "gelu" or norm_weight is not None
@@ -112,19 +134,25 @@ def _autograd_backward(ctx, grad_out, _grad_saved, _grad_stats):
                                                                           norm_bias)
     pre_activation = saved if activation == "gelu" else saved.new_empty(0)
     grad_x, grad_weight, grad_bias = _backward(grad_out, x, weight, has_bias, pre_activation, activation, backend,
-                                               row_scale, dropout_p, seed)
+                                               row_scale, dropout_p, seed, input_norm_weight, input_norm_bias,
+                                               input_stats)
+    grad_input_norm_weight = grad_input_norm_bias = None
+    if input_norm_weight is not None:  # grad_x is the gradient at input_norm(x)
+        grad_x, grad_input_norm_weight, grad_input_norm_bias = _layer_norm_backward(
+            grad_x, x, input_stats, input_norm_weight, input_norm_bias)
     return (grad_x, grad_weight, grad_bias if has_bias else None, grad_out if has_residual else None,
-            None, None, None, None, None, None, grad_norm_weight, grad_norm_bias, None)
+            None, None, None, None, None, None, grad_norm_weight, grad_norm_bias, None, grad_input_norm_weight,
+            grad_input_norm_bias, None)
 
 
-def _layer_norm_backward(grad, summed, stats, weight, bias):
-    """The LayerNorm epilogue's backward on ATen's kernel: (grad of the sum it normalised, grad weight, grad bias).
-    ATen's CPU kernel takes the row statistics in the input's dtype, its CUDA kernel in float32."""
-    stat_dtype = summed.dtype if summed.device.type == "cpu" else torch.float32
+def _layer_norm_backward(grad, normalised, stats, weight, bias):
+    """A LayerNorm's backward on ATen's kernel, from the kernels' row statistics: (grad of the rows it normalised,
+    grad weight, grad bias). ATen's CPU kernel takes the statistics in the input's dtype, its CUDA kernel in
+    float32."""
+    stat_dtype = normalised.dtype if normalised.device.type == "cpu" else torch.float32
     mean, rstd = (t.to(stat_dtype).view(-1, 1) for t in stats)
-    grad_sum, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
-        grad, summed, [summed.shape[-1]], mean, rstd, weight, bias, [True, True, bias is not None])
-    return grad_sum, grad_weight, grad_bias
+    return torch.ops.aten.native_layer_norm_backward(grad, normalised, [normalised.shape[-1]], mean, rstd, weight,
+                                                     bias, [True, True, bias is not None])
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -135,15 +163,17 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none",
     residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, dropout_p: float = 0.0,
     norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, norm_eps: float = 1e-5,
-    backend: str | None = None,
+    input_norm_weight: torch.Tensor | None = None, input_norm_bias: torch.Tensor | None = None,
+    input_norm_eps: float = 1e-5, backend: str | None = None,
 ) -> torch.Tensor:
-    """layer_norm(dropout(activation(x @ weight.T + bias), dropout_p) * row_scale + residual) (the LayerNorm only
-    with norm_weight); see the module docstring for shapes, dtypes, limits and errors."""
+    """norm(dropout(activation(input_norm(x) @ weight.T + bias), dropout_p) * row_scale + residual) (each norm only
+    with its weight); see the module docstring for shapes, dtypes, limits and errors."""
     check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., K), got a 0-dimensional tensor")
-    x, weight, bias, residual, row_scale, norm_weight, norm_bias = autocast_inputs(
-        x, weight, bias, residual, row_scale, norm_weight, norm_bias)
+    x, weight, bias, residual, row_scale, norm_weight, norm_bias, input_norm_weight, input_norm_bias = \
+        autocast_inputs(x, weight, bias, residual, row_scale, norm_weight, norm_bias, input_norm_weight,
+                        input_norm_bias)
     check_tensor("weight", weight, ndim=2, like=x)
     out_features, in_features = weight.shape
     if in_features == 0 or out_features == 0:
@@ -152,10 +182,13 @@ def linear(
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's in_features K = {in_features} "
                          f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
     out_shape = (*x.shape[:-1], out_features)
-    for name, tensor in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+    for name, tensor, size in (("bias", bias, out_features), ("norm_weight", norm_weight, out_features),
+                               ("norm_bias", norm_bias, out_features),
+                               ("input_norm_weight", input_norm_weight, in_features),
+                               ("input_norm_bias", input_norm_bias, in_features)):
         if tensor is not None:
             check_tensor(name, tensor, ndim=1, like=x)
-            check_shape(name, tensor, (out_features,))
+            check_shape(name, tensor, (size,))
     if residual is not None:
         check_tensor("residual", residual, like=x)
         check_shape("residual", residual, out_shape)
@@ -165,26 +198,36 @@ def linear(
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     dropout_p = check_real("dropout_p", dropout_p, "in [0, 1]", lambda p: 0.0 <= p <= 1.0)
-    if norm_weight is None and norm_bias is not None:
-        raise ValueError("norm_bias needs norm_weight (the LayerNorm epilogue is on when norm_weight is given)")
+    for prefix, weight_, bias_ in (("norm", norm_weight, norm_bias), ("input_norm", input_norm_weight,
+                                                                      input_norm_bias)):
+        if weight_ is None and bias_ is not None:
+            raise ValueError(f"{prefix}_bias needs {prefix}_weight (the LayerNorm is on when {prefix}_weight is "
+                             "given)")
     if norm_weight is not None and activation != "none":
         raise ValueError(f"the LayerNorm epilogue follows no activation: activation must be 'none' with "
                          f"norm_weight, got {activation!r}")
     norm_eps = check_real("norm_eps", norm_eps, "positive", is_positive_finite)
+    input_norm_eps = check_real("input_norm_eps", input_norm_eps, "positive", is_positive_finite)
     x2 = x.reshape(-1, in_features).contiguous()
     weight = weight.contiguous()
-    bias, norm_weight, norm_bias = (None if t is None else t.contiguous() for t in (bias, norm_weight, norm_bias))
+    bias, norm_weight, norm_bias, input_norm_weight, input_norm_bias = (
+        None if t is None else t.contiguous() for t in (bias, norm_weight, norm_bias, input_norm_weight,
+                                                         input_norm_bias))
+    norms = (norm_weight, norm_bias, norm_eps, input_norm_weight, input_norm_bias, input_norm_eps)
     residual2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
     scale2 = None if row_scale is None else row_scale.detach().reshape(-1).contiguous()
     name = backends.select(OP, backend, x.device, x2, weight, bias, residual2, activation, norm_weight)
     if name == "eager":
         return reference.linear(x, weight, bias, activation=activation, residual=residual,
                                 row_scale=None if row_scale is None else row_scale.detach(), dropout_p=dropout_p,
-                                norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps)
+                                norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
+                                input_norm_weight=input_norm_weight, input_norm_bias=input_norm_bias,
+                                input_norm_eps=input_norm_eps)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual, norm_weight, norm_bias))
-    forward = _run_forward if runs_directly(x2, weight, bias, residual2, norm_weight, norm_bias) else _forward
+        t is not None and t.requires_grad
+        for t in (x, weight, bias, residual, norm_weight, norm_bias, input_norm_weight, input_norm_bias))
+    tensors = (x2, weight, bias, residual2, norm_weight, norm_bias, input_norm_weight, input_norm_bias)
+    forward = _run_forward if runs_directly(*tensors) else _forward
     seed = new_seed(x.device) if dropout_p > 0 else None
-    out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2, dropout_p, seed, norm_weight,
-                  norm_bias, norm_eps)[0]
+    out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2, dropout_p, seed, *norms)[0]
     return out.view(out_shape)

@@ -33,7 +33,7 @@ tensor cores (like torch.matmul under the same flag), False (torch's default) ->
 Phi: float32 outputs use libdevice's erf (the exact GELU of F.gelu to float32 rounding); 16-bit outputs and the
 backward's GELU' use one erfc polynomial (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7 on erf: at most 7.5e-8 |h|
 in the GELU, far below a 16-bit rounding, and 3.0e-7 in GELU', against 1.4e-7 for float32 libdevice erf), which
-costs half the instructions; see linear_epilogue._normal_tail.
+costs half the instructions; see linear_math._normal_tail.
 Configs: no autotuning (the interpreter cannot autotune); linear_tiles.config picks tiles from the dtype and the shapes,
 chosen from the sm_90 static figures (see _sm90_check and /tmp/notes -> benchmarks/NOTES.md).
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 after loading, since the
@@ -47,7 +47,9 @@ import triton.language as tl
 
 from cct_kernels import reference
 from cct_kernels.triton._common import dot_precision, tf32_matmul, upcast_bfloat16
-from cct_kernels.triton.linear_epilogue import gelu_erf, gelu_erf_grad, kept, seed_key
+from cct_kernels.triton.linear_math import (
+    gelu_erf, gelu_erf_grad, kept, load_tile, normalise, row_stats, seed_key,
+)
 from cct_kernels.triton.linear_tiles import MIN_CHUNK_ROWS, config, split_rows
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,23 +85,11 @@ def _grouped(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, mask, EVEN: tl.constexpr, UPCAST: tl.constexpr):
-    """A tile; masked (0 outside) unless EVEN (the launcher knows the tile is whole); float32 when UPCAST."""
-    if EVEN:
-        t = tl.load(ptrs)
-    else:
-        t = tl.load(ptrs, mask=mask, other=0.0)
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
-
-
-@triton.jit
 def _grad_h(g_ptr, h_ptr, scale_ptr, offs, rows, cols, mask, key0, threshold, inv_keep, EVEN: tl.constexpr,
             GELU: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     """The tile of grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out at offs (element (rows[i], cols[j]);
     rows already inside [0, M)), rounded to the input dtype (float32 when UPCAST)."""
-    g = _load(g_ptr + offs, mask, EVEN, UPCAST)
+    g = load_tile(g_ptr + offs, mask, EVEN, UPCAST)
     if GELU or HAS_SCALE or DROPOUT:
         g32 = g.to(tl.float32)
         if HAS_SCALE:
@@ -107,24 +97,26 @@ def _grad_h(g_ptr, h_ptr, scale_ptr, offs, rows, cols, mask, key0, threshold, in
         if DROPOUT:
             g32 = tl.where(kept(key0, rows, cols, threshold), g32 * inv_keep, 0.0)
         if GELU:
-            g32 *= gelu_erf_grad(_load(h_ptr + offs, mask, EVEN, UPCAST).to(tl.float32))
+            g32 *= gelu_erf_grad(load_tile(h_ptr + offs, mask, EVEN, UPCAST).to(tl.float32))
         g = g32.to(g.dtype)
     return g
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, seed_ptr, nw_ptr, nb_ptr, stats_ptr, M, N, K,
-    threshold, inv_keep, norm_eps,
+    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, seed_ptr, nw_ptr, nb_ptr, stats_ptr, inw_ptr, inb_ptr,
+    in_stats_ptr, M, N, K, threshold, inv_keep, norm_eps, input_norm_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
     GELU: tl.constexpr, DROPOUT: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr,
+    IN_NORM: tl.constexpr, IN_NORM_BIAS: tl.constexpr,
     SAVE_H: tl.constexpr, SAVE_SUM: tl.constexpr, EXACT_ERF: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One program: the (BLOCK_M, BLOCK_N) tile of out (and of h when SAVE_H). With NORM the tile holds whole rows
     (BLOCK_N >= N): the sum is normalised in registers, written to h_ptr when SAVE_SUM, its row mean and 1 / std to
-    stats_ptr (2, M)."""
+    stats_ptr (2, M). With IN_NORM the x rows are normalised as they are loaded (LayerNorm prologue: their mean and
+    1 / std from two passes over K first, stored to in_stats_ptr (2, M) by the column-0 programs)."""
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,11 +124,18 @@ def _forward_kernel(
     # Tail rows/columns load row 0.. again (wrapped) instead of masking; their results are never stored.
     x_ptrs = x_ptr + (rows % M)[:, None] * K + offs_k[None, :]
     w_ptrs = w_ptr + (cols % N)[:, None] * K + offs_k[None, :]
+    if IN_NORM:
+        mean, rstd = row_stats(x_ptrs, K, input_norm_eps, BLOCK_M, BLOCK_K, EVEN_K, UPCAST)
+        if pid_n == 0:
+            tl.store(in_stats_ptr + rows, mean, mask=rows < M)
+            tl.store(in_stats_ptr + M + rows, rstd, mask=rows < M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k[None, :] < K - k0
-        a = _load(x_ptrs, k_ok, EVEN_K, UPCAST)
-        w = _load(w_ptrs, k_ok, EVEN_K, UPCAST)
+        a = load_tile(x_ptrs, k_ok, EVEN_K, UPCAST)
+        if IN_NORM:
+            a = normalise(a, mean, rstd, inw_ptr, inb_ptr, k0 + offs_k, K, IN_NORM_BIAS)
+        w = load_tile(w_ptrs, k_ok, EVEN_K, UPCAST)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -192,7 +191,7 @@ def _grad_x_kernel(
         n_ok = offs_n < N - n0
         grad_h = _grad_h(g_ptr, h_ptr, scale_ptr, g_offs, rows % M, n0 + offs_n, n_ok[None, :], key0, threshold,
                          inv_keep, EVEN_N, GELU, HAS_SCALE, DROPOUT, UPCAST)
-        w = _load(w_ptrs, n_ok[:, None], EVEN_N, UPCAST)
+        w = load_tile(w_ptrs, n_ok[:, None], EVEN_N, UPCAST)
         acc = tl.dot(grad_h, w, acc, input_precision=PRECISION)
         g_offs += BLOCK_N
         w_ptrs += BLOCK_N * K
@@ -202,10 +201,12 @@ def _grad_x_kernel(
 
 @triton.jit
 def _grad_w_kernel(
-    g_ptr, h_ptr, x_ptr, gw_ptr, gb_ptr, scale_ptr, seed_ptr, M, N, K, CHUNK, threshold, inv_keep,
+    g_ptr, h_ptr, x_ptr, gw_ptr, gb_ptr, scale_ptr, seed_ptr, inw_ptr, inb_ptr, in_stats_ptr, M, N, K, CHUNK,
+    threshold, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_M: tl.constexpr, GELU: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IN_NORM: tl.constexpr, IN_NORM_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One program (chunk, N tile, K tile): the chunk's partial of grad_W = grad_h^T @ x over rows
     [chunk*CHUNK, +CHUNK) into gw_ptr[chunk] (N, K), and with HAS_BIAS, on the K-tile-0 programs, the chunk's
@@ -234,7 +235,11 @@ def _grad_w_kernel(
         m_ok = (offs_m < m_end - m0)[:, None]
         grad_h = _grad_h(g_ptr, h_ptr, scale_ptr, g_offs, (m0 + offs_m) % M, cols_n % N, m_ok, key0, threshold,
                          inv_keep, EVEN_M, GELU, HAS_SCALE, DROPOUT, UPCAST)
-        a = _load(x_ptrs, m_ok, EVEN_M, UPCAST)
+        a = load_tile(x_ptrs, m_ok, EVEN_M, UPCAST)
+        if IN_NORM:  # the forward's normalised x, remade from its row statistics (rows past M: grad_h is 0 there)
+            r = (m0 + offs_m) % M
+            a = normalise(a, tl.load(in_stats_ptr + r), tl.load(in_stats_ptr + M + r), inw_ptr, inb_ptr, cols_k,
+                           K, IN_NORM_BIAS)
         if HAS_BIAS:
             db += grad_h.to(tl.float32)
         acc = tl.dot(tl.trans(a), grad_h, acc, input_precision=PRECISION)
@@ -266,41 +271,48 @@ def _dropout_args(dropout_p: float, seed, placeholder) -> tuple:
 
 
 def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=None, dropout_p=0.0, seed=None,
-            norm_weight=None, norm_bias=None, norm_eps=1e-5):
+            norm_weight=None, norm_bias=None, norm_eps=1e-5, input_norm_weight=None, input_norm_bias=None,
+            input_norm_eps=1e-5):
     """-> (out (M, N); saved (M, N) with save_for_backward: GELU's input h or the sum the LayerNorm normalised, else
-    empty (0,); stats (2, M) float32 with the LayerNorm: mean and 1 / std per row, else empty (0,)). out and saved in
-    x.dtype."""
+    empty (0,); stats, input_stats (2, M) float32 with the output / input LayerNorm: mean and 1 / std per row, else
+    empty (0,)). out and saved in x.dtype."""
     M, K = x.shape
     N = weight.shape[0]
     gelu, norm = activation == "gelu", norm_weight is not None
     save = save_for_backward and (gelu or norm)
     out = _empty(M, N, device=x.device, dtype=x.dtype)
     saved = _empty(M, N, device=x.device, dtype=x.dtype) if save else x.new_empty(0)
-    stats = _empty(2, M, device=x.device, dtype=torch.float32) if norm else x.new_empty(0, dtype=torch.float32)
+    in_norm = input_norm_weight is not None
+    stats, input_stats = (_empty(2, M, device=x.device, dtype=torch.float32) if on
+                          else x.new_empty(0, dtype=torch.float32) for on in (norm, in_norm))
     if M == 0:
-        return out, saved, stats
+        return out, saved, stats, input_stats
     block_m, block_n, block_k, num_warps, num_stages = config("forward_norm" if norm else "forward", x.dtype, M, N, K)
     seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, out)
     _forward_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
         x, weight, x if bias is None else bias, out if residual is None else residual,
         out if row_scale is None else row_scale, out, saved if save else out, seed_ptr,
         out if norm_weight is None else norm_weight, out if norm_bias is None else norm_bias,
-        stats if norm else out, M, N, K, threshold, inv_keep, norm_eps,
+        stats if norm else out, out if not in_norm else input_norm_weight,
+        out if input_norm_bias is None else input_norm_bias, input_stats if in_norm else out, M, N, K, threshold,
+        inv_keep, norm_eps, input_norm_eps,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_SCALE=row_scale is not None,
-        GELU=gelu, DROPOUT=dropout_p > 0, NORM=norm, NORM_BIAS=norm_bias is not None, SAVE_H=save and gelu,
+        GELU=gelu, DROPOUT=dropout_p > 0, NORM=norm, NORM_BIAS=norm_bias is not None, IN_NORM=in_norm,
+        IN_NORM_BIAS=input_norm_bias is not None, SAVE_H=save and gelu,
         SAVE_SUM=save and norm, EXACT_ERF=x.dtype == torch.float32, UPCAST=upcast_bfloat16(x.dtype),
         PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    return out, saved, stats
+    return out, saved, stats, input_stats
 
 
-def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None, *,
-             min_chunk: int = MIN_CHUNK_ROWS):
-    """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias), all in x.dtype.
-    pre_activation: forward's saved h (M, N) when activation == "gelu" (unused otherwise); row_scale, dropout_p and
-    seed: the forward's. min_chunk: the fewest rows of M per grad_W program (tests lower it to reach the split path
-    on small shapes)."""
+def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None,
+             input_norm_weight=None, input_norm_bias=None, input_stats=None, *, min_chunk: int = MIN_CHUNK_ROWS):
+    """-> (grad at the GEMM's input (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias), all in
+    x.dtype. pre_activation: forward's saved h (M, N) when activation == "gelu" (unused otherwise); row_scale,
+    dropout_p, seed, the input LayerNorm's weight and bias and input_stats: the forward's (grad_W's prologue
+    normalises x's tiles again). min_chunk: the fewest rows of M per grad_W program (tests lower it to reach the
+    split path on small shapes)."""
     M, K = x.shape
     N = weight.shape[0]
     dtype, device = x.dtype, x.device
@@ -327,8 +339,10 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
     grad_weight = _empty(split, N, K, device=device, dtype=partial)
     grad_bias = _empty(split, N, device=device, dtype=partial) if has_bias else x.new_empty(0)
     _grad_w_kernel[(split * tiles,)](
-        grad_out, h, x, grad_weight, grad_bias if has_bias else grad_weight, scale, seed_ptr, M, N, K, chunk,
-        threshold, inv_keep,
+        grad_out, h, x, grad_weight, grad_bias if has_bias else grad_weight, scale, seed_ptr,
+        x if input_norm_weight is None else input_norm_weight, x if input_norm_bias is None else input_norm_bias,
+        grad_out if input_stats is None else input_stats, M, N, K, chunk, threshold, inv_keep,
+        IN_NORM=input_norm_weight is not None, IN_NORM_BIAS=input_norm_bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, EVEN_M=M % block_m == 0, HAS_BIAS=has_bias,
         num_warps=num_warps, num_stages=num_stages, **common,
     )
@@ -343,7 +357,7 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
 
 def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True, activation: str = "none",
                 residual: bool = False, save: bool = True, backward_pass: bool = False, tf32: bool = False,
-                dropout: bool = False, norm: bool = False) -> dict:
+                dropout: bool = False, norm: bool = False, input_norm: bool = False) -> dict:
     """forward() (or backward()) on meta tensors: sm90.py (or tests) compile the kernels they launch."""
 
     def launch():
@@ -358,17 +372,19 @@ def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True
         # dropout comes with stochastic depth's row scale, as in the encoder block's training
         row_scale, p = (meta(M), 0.1) if dropout else (None, 0.0)
         seed = torch.empty(1, dtype=torch.int64, device="meta") if dropout else None
+        in_norm = (meta(K), meta(K)) if input_norm else (None, None)
         if not backward_pass:
             norm_args = (meta(N), meta(N)) if norm else (None, None)
             forward(x, weight, meta(N) if bias else None, meta(M, N) if residual else None, activation, save,
-                    row_scale, p, seed, *norm_args)
+                    row_scale, p, seed, *norm_args, 1e-5, *in_norm)
             return
         h = meta(M, N) if activation == "gelu" else meta(0)
-        backward(meta(M, N), x, weight, bias, h, activation, row_scale, p, seed)
+        in_stats = torch.empty(2, M, dtype=torch.float32, device="meta") if input_norm else None
+        backward(meta(M, N), x, weight, bias, h, activation, row_scale, p, seed, *in_norm, in_stats)
 
     epilogue = "".join(["_bias" * bias, f"_{activation}" * (activation != "none"), "_res" * residual,
                         "_nosave" * ((activation == "gelu" or norm) and not save and not backward_pass),
-                        "_dropout" * dropout, "_norm" * norm])
+                        "_dropout" * dropout, "_norm" * norm, "_innorm" * input_norm])
     name = (f"{'bwd' if backward_pass else 'fwd'}_{str(dtype).split('.')[-1]}{'_tf32' if tf32 else ''}"
             f"_M{M}_K{K}_N{N}{epilogue}")
     return {"name": name, "launch": launch}
@@ -393,6 +409,8 @@ SM90_CHECKS = [
     _sm90_check(torch.bfloat16, 16384, 256, 256, residual=True, norm=True, save=False),  # inference
     _sm90_check(torch.bfloat16, 12544, 384, 384, residual=True, norm=True),  # D = 384: 32 x 512 tiles
     _sm90_check(torch.float32, 16384, 256, 256, residual=True, norm=True),
+    _sm90_check(torch.bfloat16, 16384, 256, 768, bias=False, input_norm=True),  # pre_norm + qkv
+    _sm90_check(torch.bfloat16, 16384, 256, 768, bias=False, input_norm=True, backward_pass=True),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu"),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", tf32=True),
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True),

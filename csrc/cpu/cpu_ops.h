@@ -57,6 +57,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cpu(
     const c10::optional<at::Tensor>& row_scale, double dropout_p = 0.0,
     const c10::optional<at::Tensor>& seed = c10::nullopt, const c10::optional<at::Tensor>& norm_weight = c10::nullopt,
     const c10::optional<at::Tensor>& norm_bias = c10::nullopt, double norm_eps = 1e-5);
+// x (M, K) normalised with a LayerNorm's row statistics stats (2, M) float32 (mean, 1 / std), weight and bias (K,).
+at::Tensor normalise_rows_cpu(const at::Tensor& x, const at::Tensor& stats, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias);
 // The backward's gradient at h = x W^T + b in one pass: grad_out * row_scale, dropout's mask and scale, GELU'(h)
 // when pre_activation (h) is given; (M, N) in grad_out's dtype.
 at::Tensor linear_grad_pre_activation_cpu(const at::Tensor& grad_out, const c10::optional<at::Tensor>& pre_activation,

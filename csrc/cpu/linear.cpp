@@ -193,7 +193,45 @@ void grad_pre_activation_kernel(const T* g, const T* h, const T* row_scale, T* g
   });
 }
 
+// Rows of x normalised with given statistics: (x - mean) * rstd * weight + bias, one pass (the backward's copy of a
+// LayerNorm prologue's output, from the forward's statistics).
+template <typename T>
+void normalise_rows_kernel(const T* x, const float* stats, const T* weight, const T* bias, T* out, int64_t M,
+                           int64_t K) {
+  at::parallel_for(0, M, grain_for(K), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float mean = stats[r], rstd = stats[M + r];
+      const T* xr = x + r * K;
+      T* o = out + r * K;
+#pragma omp simd
+      for (int64_t c = 0; c < K; ++c) {
+        const float normed = (to_f(xr[c]) - mean) * rstd * to_f(weight[c]);
+        o[c] = static_cast<T>(bias ? normed + to_f(bias[c]) : normed);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+at::Tensor normalise_rows_cpu(const at::Tensor& x, const at::Tensor& stats, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "normalise_rows: x must be a contiguous (M, K) tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 2 * M,
+              "normalise_rows: stats must be a contiguous (2, M) float32 tensor");
+  TORCH_CHECK(weight.numel() == K && weight.is_contiguous() && weight.scalar_type() == x.scalar_type() &&
+              (!bias.has_value() || (bias->numel() == K && bias->is_contiguous() &&
+                                     bias->scalar_type() == x.scalar_type())),
+              "normalise_rows: weight and bias must be K contiguous values of x's dtype");
+  auto out = at::empty_like(x);
+  CCT_DISPATCH(x.scalar_type(), "normalise_rows_cpu", [&] {
+    normalise_rows_kernel<scalar_t>(x.data_ptr<scalar_t>(), stats.data_ptr<float>(), weight.data_ptr<scalar_t>(),
+                                    bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                                    out.data_ptr<scalar_t>(), M, K);
+  });
+  return out;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
