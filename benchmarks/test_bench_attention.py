@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.speed_paths import kernel_backends
-from cct_kernels import ops, reference
+from benchmarks.speed_paths import kernel_backends, row_function
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -65,17 +64,10 @@ def _sdpa_runs(which) -> bool:
 
 BACKENDS = ["eager", "compile"] + [name for name in SDPA if _sdpa_runs(name)] + kernel_backends(
     "attention", [(_qkv(1, H, N), H, HEAD_DIM**-0.5, 0.0) for _, H, N in SHAPES.values()], DEVICE)
-_compiled = torch.compile(reference.attention)
 
 
 def _fn(backend):
-    if backend == "eager":
-        return reference.attention
-    if backend == "compile":
-        return _compiled
-    if backend in SDPA:
-        return _sdpa(backend)
-    return lambda qkv, num_heads: ops.attention(qkv, num_heads, backend=backend)
+    return _sdpa(backend) if backend in SDPA else row_function("attention", backend)
 
 
 def flops(B, H, N, backward):

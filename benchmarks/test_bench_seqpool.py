@@ -10,8 +10,7 @@ known peaks, floor_us, the time the bytes take at its peak bandwidth (benchmarks
 import pytest
 import torch
 
-from benchmarks.speed_paths import kernel_backends
-from cct_kernels import ops, reference
+from benchmarks.speed_paths import kernel_backends, row_function
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -28,15 +27,6 @@ def _inputs(B, N, D):
 
 BACKENDS = ["eager", "compile"] + kernel_backends("seqpool", [_inputs(1, n, d) for _, n, d in SHAPES.values()],
                                                   DEVICE)
-_compiled = torch.compile(reference.seqpool)
-
-
-def _fn(backend):
-    if backend == "eager":
-        return reference.seqpool
-    if backend == "compile":
-        return _compiled
-    return lambda x, w, b: ops.seqpool(x, w, b, backend=backend)
 
 
 def _bytes(B, N, D, backward):
@@ -52,7 +42,7 @@ def _bytes(B, N, D, backward):
 def test_seqpool(measure, mode, shape, backend):
     B, N, D = SHAPES[shape]
     x, weight, bias = _inputs(B, N, D)
-    fn = _fn(backend)
+    fn = row_function("seqpool", backend)
     backward = mode == "forward_backward"
     if backward:
         for t in (x, weight, bias):

@@ -11,8 +11,8 @@ holds TFLOP/s and GB/s against flops/bytes_moved below (and the floors on a GPU 
 import pytest
 import torch
 
-from benchmarks.speed_paths import kernel_backends
-from cct_kernels import ops, reference
+from benchmarks.speed_paths import kernel_backends, row_function
+from cct_kernels import reference
 from cct_kernels.ops.text_tokenize import output_length
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,15 +45,6 @@ def _kernel_inputs(name):
 
 
 BACKENDS = ["eager", "compile"] + kernel_backends("text_tokenize", [_kernel_inputs(n) for n in TOKENIZERS], DEVICE)
-_compiled = torch.compile(reference.text_tokenize)
-
-
-def _fn(backend):
-    if backend == "eager":
-        return reference.text_tokenize
-    if backend == "compile":
-        return _compiled
-    return lambda x, w, **kw: ops.text_tokenize(x, w, **kw, backend=backend)
 
 
 def flops_and_bytes(B, name, backward):
@@ -80,7 +71,7 @@ def test_text_tokenize(measure, mode, case, backend):
     B, name = CASES[case]
     x, weight = _inputs(B, name)
     kw = _kwargs(name)
-    fn = _fn(backend)
+    fn = row_function("text_tokenize", backend)
     backward = mode == "forward_backward"
     if backward:
         x.requires_grad_()
