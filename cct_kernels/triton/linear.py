@@ -1,26 +1,25 @@
-"""Linear + fused epilogue in Triton: out = dropout(activation(x @ weight.T + bias)) * row_scale + residual, forward
-and backward.
+"""Linear with its prologue and epilogue fused, in Triton:
+    out = norm(dropout(activation(input_norm(x) @ weight.T + bias)) * row_scale + residual), forward and backward.
 
-Kernel-module interface of cct_kernels.backends for the op cct_kernels.ops.linear (see ops/linear.py):
-    unsupported(x, weight, bias, residual, activation, *, backend) -> str | None
-    forward(x (M, K), weight (N, K), bias (N,) | None, residual (M, N) | None, activation, save_pre_activation,
-            row_scale (M,) | None, dropout_p, seed (1,) int64 | None)
-        -> (out (M, N), pre_activation h = x @ weight.T + bias (M, N) if activation == "gelu" and
-            save_pre_activation, else an empty (0,) tensor)
-    backward(grad_out (M, N), x, weight, has_bias, pre_activation, activation, row_scale, dropout_p, seed)
-        -> (grad_x (M, K), grad_weight (N, K), grad_bias (N,) or an empty (0,) tensor without bias)
+Kernel-module interface of cct_kernels.backends for the op cct_kernels.ops.linear (see ops/linear.py for the
+arguments and outputs of forward and backward): unsupported(x, weight, bias, residual, activation, norm_weight, *,
+backend) -> str | None; forward(...) -> (out, saved, stats, input_stats); backward(...) -> (grad at the GEMM's input,
+grad_weight, grad_bias).
 Every tensor contiguous and of one dtype (float32, float16, bfloat16); outputs in that dtype. Any M >= 0,
 N, K >= 1 (every tile is masked at the tails); M*K, M*N and N*K below 2**31 (int32 offsets), else unsupported()
 says so.
 
 Forward: one tiled GEMM (tl.dot, float32 accumulation; wgmma on sm_90 for 16-bit inputs), 1-D grid in grouped
 order (GROUP_M row blocks walk the column blocks together, so their x rows and W stay in L2), epilogue on the
-float32 accumulator: + bias, the value h stored when the backward needs it (GELU with save_pre_activation), the
-erf GELU h * Phi(h), dropout (the mask hashed per tile: linear_dropout.py), * row_scale, + residual, one rounding to
-the output dtype.
+float32 accumulator: + bias, the value h stored when the backward needs it (GELU with save_for_backward), the
+erf GELU h * Phi(h), dropout (the mask hashed per tile: linear_math.py), * row_scale, + residual, one rounding to
+the output dtype; with norm (norm1) a tile spans whole rows and is normalised in registers. With input_norm
+(pre_norm) each program first takes its x rows' mean and 1 / std (two passes over K), then normalises every x tile
+as it loads it.
 Backward: grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (h the saved pre-activation, in the input dtype,
 as the reference's gelu_backward sees it; the mask rehashed) is computed in the prologue of both GEMMs from the
-grad_out and h tiles they load, so no grad_h tensor is written; it is rounded to the input dtype before each
+grad_out and h tiles they load, so no grad_h tensor is written (with input_norm, grad_W's prologue normalises x's
+tiles again from the forward's statistics); it is rounded to the input dtype before each
 tensor-core product, as the reference's grad_h tensor is. Two kernels, no atomics (deterministic):
     grad_x (M, K) = grad_h @ W: programs over (M, K) tiles, reducing over N.
     grad_W (N, K) = grad_h^T @ x, computed as (K, N) tiles of x^T @ grad_h: N*K holds few tiles (12 at N=768,
@@ -34,8 +33,8 @@ Phi: float32 outputs use libdevice's erf (the exact GELU of F.gelu to float32 ro
 backward's GELU' use one erfc polynomial (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7 on erf: at most 7.5e-8 |h|
 in the GELU, far below a 16-bit rounding, and 3.0e-7 in GELU', against 1.4e-7 for float32 libdevice erf), which
 costs half the instructions; see linear_math._normal_tail.
-Configs: no autotuning (the interpreter cannot autotune); linear_tiles.config picks tiles from the dtype and the shapes,
-chosen from the sm_90 static figures (see _sm90_check and /tmp/notes -> benchmarks/NOTES.md).
+Configs: no autotuning (the interpreter cannot autotune); linear_tiles.config picks tiles from the dtype and the
+shapes, chosen from the sm_90 static figures (see _sm90_check and benchmarks/NOTES.md).
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 after loading, since the
 interpreter computes bfloat16 arithmetic wrongly.
 """
