@@ -76,6 +76,16 @@ struct Dropout {
   }
 };
 
+// out = (in - mean) * rstd * weight + bias over one row of N (in may be out).
+template <typename T>
+inline void normalise_row(const T* in, T* out, float mean, float rstd, const T* weight, const T* bias, int64_t N) {
+#pragma omp simd
+  for (int64_t c = 0; c < N; ++c) {
+    const float normed = (to_f(in[c]) - mean) * rstd * to_f(weight[c]);
+    out[c] = static_cast<T>(bias ? normed + to_f(bias[c]) : normed);
+  }
+}
+
 // The LayerNorm over each output row that follows the residual add (the encoder block's proj + norm1).
 template <typename T>
 struct RowNorm {
@@ -95,11 +105,7 @@ struct RowNorm {
 #pragma omp simd reduction(+ : var)
     for (int64_t c = 0; c < N; ++c) var += (to_f(o[c]) - mean) * (to_f(o[c]) - mean);
     const float rstd = 1.f / std::sqrt(var / (float)N + eps);
-#pragma omp simd
-    for (int64_t c = 0; c < N; ++c) {
-      const float normed = (to_f(o[c]) - mean) * rstd * to_f(weight[c]);
-      o[c] = static_cast<T>(bias ? normed + to_f(bias[c]) : normed);
-    }
+    normalise_row(o, o, mean, rstd, weight, bias, N);
     stats[row] = mean;
     stats[M + row] = rstd;
   }
@@ -199,16 +205,8 @@ template <typename T>
 void normalise_rows_kernel(const T* x, const float* stats, const T* weight, const T* bias, T* out, int64_t M,
                            int64_t K) {
   at::parallel_for(0, M, grain_for(K), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float mean = stats[r], rstd = stats[M + r];
-      const T* xr = x + r * K;
-      T* o = out + r * K;
-#pragma omp simd
-      for (int64_t c = 0; c < K; ++c) {
-        const float normed = (to_f(xr[c]) - mean) * rstd * to_f(weight[c]);
-        o[c] = static_cast<T>(bias ? normed + to_f(bias[c]) : normed);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      normalise_row(x + r * K, out + r * K, stats[r], stats[M + r], weight, bias, K);
   });
 }
 
