@@ -2,10 +2,10 @@
 
 "cpu" (csrc/cpu/linear.cpp): one MKL sgemm over all rows, then a single parallel pass for the whole epilogue (bias,
     exact GELU, dropout, stochastic depth's row scale, residual, the cast, the LayerNorm) where ATen would run addmm
-    (a bias copy and the GEMM) and a pass per elementwise op. float32/float16/bfloat16 (16-bit operands widened to float32), any
-    M >= 0. Dropout's mask is hashed in the pass (reference.linear_dropout_mask), never stored.
-"cuda": cuBLAS (F.linear) with the epilogue as ATen passes (aten_forward / aten_backward): cuBLASLt's fused GELU
-    epilogue is the tanh approximation, not the exact GELU of the official model. Dropout's mask is
+    (a bias copy and the GEMM) and a pass per elementwise op. float32/float16/bfloat16 (16-bit operands widened to
+    float32), any M >= 0. Dropout's mask is hashed in the pass (reference.linear_dropout_mask), never stored.
+"cuda": cuBLAS (F.linear) with the epilogue as ATen passes (aten_forward, aten_grad_pre_activation): cuBLASLt's
+    fused GELU epilogue is the tanh approximation, not the exact GELU of the official model. Dropout's mask is
     reference.linear_dropout_mask, drawn in each pass that needs it. The fused GPU kernel is the triton backend's.
 Training (save_for_backward) also writes h = x @ W.T + b, the GELU's input, or the sum the LayerNorm normalises.
 The input LayerNorm (input_norm_*, both devices) is ATen's native_layer_norm before the GEMM; the backward recomputes
@@ -33,7 +33,7 @@ def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=
     stats, input_stats (2, M) float32 with the output / input LayerNorm: mean and 1 / std per row, else empty)."""
     input_stats = x.new_empty(0, dtype=torch.float32)
     if input_norm_weight is not None:
-        x, input_stats = _input_norm(x, input_norm_weight, input_norm_bias, input_norm_eps)
+        x, input_stats = _layer_norm_rows(x, input_norm_weight, input_norm_bias, input_norm_eps)
     args = (x, weight, bias, residual, activation == "gelu", save_for_backward, row_scale, dropout_p, seed,
             norm_weight, norm_bias, norm_eps)
     if x.device.type == "cpu":
@@ -60,9 +60,9 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
     return grad_x, grad_weight, grad_bias
 
 
-def _input_norm(x, weight, bias, eps):
+def _layer_norm_rows(x, weight, bias, eps):
     """(LayerNorm of x's rows in x's dtype, (2, M) float32 mean and 1 / std). ATen's CPU kernel keeps 16-bit
-    statistics in 16 bits, too coarse for the backward's recomputation: those rows are normalised in float32."""
+    statistics in 16 bits, too coarse for the backward: those rows are normalised in float32."""
     widen = x.device.type == "cpu" and x.dtype != torch.float32
     args = (x, weight, bias) if not widen else (x.float(), weight.float(), None if bias is None else bias.float())
     normed, mean, rstd = torch.native_layer_norm(args[0], [x.shape[1]], args[1], args[2], eps)
@@ -97,8 +97,7 @@ def aten_forward(x, weight, bias, residual, gelu, save_for_backward, row_scale, 
     empty = x.new_empty(0)
     if norm_weight is None:
         return out, (pre_activation if gelu and save_for_backward else empty), empty.float()
-    normed, mean, rstd = torch.native_layer_norm(out, [out.shape[1]], norm_weight, norm_bias, norm_eps)
-    stats = torch.stack([mean.view(-1), rstd.view(-1)]).float()
+    normed, stats = _layer_norm_rows(out, norm_weight, norm_bias, norm_eps)
     return normed, (out if save_for_backward else empty), stats
 
 

@@ -33,7 +33,7 @@ class Attention(UsesBackend, nn.Module):
     def attend(self, x, mask=None, norm: nn.LayerNorm | None = None):
         """The heads' outputs (B, N, dim) before the output projection: qkv (of norm(x) when a LayerNorm over the
         last dim is given, in the linear's prologue), then attention."""
-        dropout_p = self.attn_drop.p if self.training else 0.0
+        dropout_p = active_rate(self.attn_drop)
         norm_args = {} if norm is None else dict(input_norm_weight=norm.weight, input_norm_bias=norm.bias,
                                                  input_norm_eps=norm.eps)
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=self.backend, **norm_args)

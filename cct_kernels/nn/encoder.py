@@ -48,9 +48,9 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
 
     The official function, with the four linears run by ops.linear: pre_norm is in qkv's prologue; linear1's GELU,
     the dropouts, the two residual adds, stochastic depth (as a per-sample row scale) and norm1 (after proj's
-    residual add) are in their linear's epilogue. On the eager
-    backend, with both dropout and stochastic depth active, the residual linears keep the official modules' order
-    of random draws (dropout's mask, then drop_path's), so the oracle draws what the official model draws.
+    residual add) are in their linear's epilogue. On the eager backend, with both dropout and stochastic depth
+    active, the residual linears keep the official modules' order of random draws (dropout's mask, then
+    drop_path's), so the oracle draws what the official model draws.
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, attention_dropout=0.1, drop_path_rate=0.1):

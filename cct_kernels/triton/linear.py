@@ -327,7 +327,8 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
 
     block_m, block_k, block_n, num_warps, num_stages = config("grad_x", dtype, M, K, N)
     _grad_x_kernel[(triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)](
-        grad_out, h, weight, grad_x, scale, seed_ptr, M, N, K, threshold, inv_keep, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=GROUP_M,
+        grad_out, h, weight, grad_x, scale, seed_ptr, M, N, K, threshold, inv_keep, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_N=block_n, GROUP_M=GROUP_M,
         EVEN_N=N % block_n == 0, num_warps=num_warps, num_stages=num_stages, **common,
     )
 

@@ -1,8 +1,9 @@
 // Linear with its epilogue on CPU: out = dropout(act(x W^T + b)) * row_scale + residual, x (M, K), W (N, K),
-// float32, float16 or bfloat16 (computed in float32). One GEMM over all rows on torch's BLAS (MKL sgemm on x86-64, all threads: MKL
-// packs W once), then one parallel pass applies the whole epilogue (bias, exact GELU, row scale, residual, the
-// cast) row by row, each row in L1: where ATen runs addmm (a bias copy, then the GEMM) and a pass per elementwise
-// op, this is the GEMM and a single pass. Per-block GEMMs with the epilogue on L2-resident tiles were measured
+// float32, float16 or bfloat16 (computed in float32), then a LayerNorm of each output row when asked. One GEMM over
+// all rows on torch's BLAS (MKL sgemm on x86-64, all threads: MKL packs W once), then one parallel pass applies the
+// whole epilogue (bias, exact GELU, dropout, row scale, residual, the cast, the LayerNorm) row by row, each row in
+// L1: where ATen runs addmm (a bias copy, then the GEMM) and a pass per elementwise op, this is the GEMM and a single
+// pass. Per-block GEMMs with the epilogue on L2-resident tiles were measured
 // slower here (each block's sgemm repacks W, and one thread per block runs MKL below its two-thread rate).
 // The backward's inputs are written only when asked for (save_for_backward): GELU's input h = x W^T + b, or the sum
 // that the optional LayerNorm normalises (with its per-row mean and 1 / std, always written). Dropout keeps
@@ -171,7 +172,8 @@ void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, con
   }
   gemm_rm(false, true, (int)M, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r, M, N, gelu_on, dropout, norm);
+    for (int64_t r = begin; r < end; ++r)
+      epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r, M, N, gelu_on, dropout, norm);
   });
 }
 
