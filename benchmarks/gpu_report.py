@@ -140,7 +140,8 @@ def build_plan(facts: dict, args, wheels: list[str], site: str) -> list[Stage]:
     steps = [("bench ops", op_files, "not compile_row")]
     if not args.skip_sanitize:
         steps += [(f"sanitize {tool}", tool, None) for tool in ("memcheck", "racecheck")]
-    steps += [("bench models", model_files, "not compile_row"), ("bench compile", bench_files, "compile_row")]
+    # compile rows of the models first: the model-level comparison with torch.compile is the one that decides
+    steps += [("bench models", model_files, "not compile_row"), ("bench compile", model_files + op_files, "compile_row")]
     for name, what, marker in steps:
         if name.startswith("sanitize"):
             cmd = [facts["compute_sanitizer"] or "compute-sanitizer", "--tool", what, "--target-processes", "all",
