@@ -29,6 +29,17 @@ def junit_summary(path: Path) -> dict:
     return summary
 
 
+def streamed_test_summary(path: Path) -> dict:
+    """Counts and the failed tests from the JSON lines tests/conftest.py streams (CCT_TEST_RESULTS), for a run cut
+    off before pytest wrote its junit file."""
+    records = [json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    count = {outcome: sum(r["outcome"] == outcome for r in records) for outcome in ("passed", "failed", "skipped")}
+    failed = [f"{r['nodeid']} ({r['when']}): {r['message']}" for r in records if r["outcome"] == "failed"]
+    return {"tests": len(records), "passed": count["passed"], "failures": count["failed"], "errors": 0,
+            "skipped": count["skipped"], "time_s": None, "failed": failed,
+            "note": "cut off before pytest's summary: the outcomes of the tests that finished, as they ended"}
+
+
 def pytest_last_line(log: Path) -> str | None:
     """pytest's closing line ("3 passed, 1 failed in 12.3s"), for a run that wrote no junit file."""
     try:
@@ -163,9 +174,11 @@ def markdown(report: dict) -> str:
     out += ["", "## Tests", ""]
     tests = report.get("tests") or {}
     if "tests" in tests:
+        took = "" if tests.get("time_s") is None else f" ({tests['time_s']:.0f} s)"
         out.append(f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
-                   f"{tests['skipped']} skipped of {tests['tests']} ({tests['time_s']:.0f} s).")
-        out += [f"- {line}" for line in tests["failed"][:50]]
+                   f"{tests['skipped']} skipped of {tests['tests']}{took}." + (f" {tests['note']}." if
+                                                                              tests.get("note") else ""))
+        out += [f"- {line}" for line in tests["failed"][:80]]
     else:
         out.append(tests.get("note", "no test results"))
     out += ["", "## compute-sanitizer", ""]

@@ -244,3 +244,34 @@ def test_device_timing_loops_and_records_why_a_graph_failed(monkeypatch):
     monkeypatch.setattr(bench_conftest, "cuda_graph_ms", lambda fn: 0.25)
     assert bench_conftest._device_times(fn, 0.001, graph=True)["device_ms"] == 0.25
     assert set(bench_conftest._device_times(fn, 0.001, graph=False)) == {"loop_ms", "device_ms"}
+
+
+def test_tests_stage_runs_every_test_file_gpu_kernels_first_and_streams_outcomes():
+    report = _gpu_report()
+    plan = {s.name: s for s in report.build_plan(report.LENT_MACHINE, report._parse_args(["--dry-run"]), [], "/s")}
+    files = [arg for arg in plan["tests"].cmd if arg.startswith("tests/")]
+    expected = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")} - set(report.STATIC_CHECKS)
+    assert sorted(files) == sorted(expected) and len(files) == len(set(files))
+    assert files[:len(report.GPU_TEST_FILES)] == report.GPU_TEST_FILES
+    assert plan["tests"].env == {"CCT_TEST_RESULTS": "<out>/tests.jsonl"}
+
+
+def test_test_outcomes_stream_to_jsonl_and_summarise(tmp_path):
+    """tests/conftest.py appends each outcome as the test ends, so a run killed before its summary keeps them."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_demo.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='no')\n"
+        "def test_skipped(): pass\n")
+    results = tmp_path / "tests.jsonl"
+    env = {**__import__("os").environ, "CCT_TEST_RESULTS": str(results)}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
+                   env=env, capture_output=True, timeout=120)
+    summary = report_render.streamed_test_summary(results)
+    assert (summary["tests"], summary["passed"], summary["failures"], summary["skipped"]) == (3, 1, 1, 1)
+    assert summary["failed"] == ["test_demo.py::test_bad (call): AssertionError: one is not two"]
+    text = report_render.markdown({"tests": summary, "stages": [], "benchmarks": [], "command": "x", "seconds": 1.0,
+                                   "environment": {"date": "2026-11-30"}})
+    assert "1 passed, 1 failed, 0 errors, 1 skipped of 3. cut off before pytest's summary" in text
