@@ -1,10 +1,12 @@
 """The op layer: input checks with clear messages, torch.library registration (opcheck) of every kernel backend
 that runs here, and torch.compile(fullgraph=True) over whole models."""
+import importlib
+
 import pytest
 import torch
 
 import cct_kernels
-from cct_kernels import ops
+from cct_kernels import backends, ops
 
 from tests.cases import DEVICE as HERE, OPS, RUNNABLE, backends_serving_model, sample
 
@@ -87,3 +89,25 @@ def test_tokenize_skips_the_input_gradient_only_when_unneeded(backend):
     torch.testing.assert_close(w.grad, grad_w)
     expected = torch.autograd.grad(ops.tokenize(x, w, stride=1, padding=1, backend="eager").sum(), x)[0]
     torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-4)
+
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton", "cuda") if backends.availability(HERE)[b] is None])
+def test_eager_calls_skip_the_dispatcher_and_match_the_registered_op(backend):
+    """A plain eager training call runs the op's autograd.Function (KernelOp: no custom-op dispatch); its outputs and
+    gradients equal those of the registered op, which torch.compile and traces use; double backward still raises."""
+    kernels = importlib.import_module("cct_kernels.ops.linear")._KERNELS
+    generator = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=generator).to(HERE).requires_grad_() for s in ((5, 16), (8, 16), (8,)))
+    out = ops.linear(x, w, b, activation="gelu", backend=backend)
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "linear_kernelsBackward"  # under ops.linear's view
+    grads = torch.autograd.grad(out.square().sum(), (x, w, b))
+    registered = kernels.forward(x, w, b, None, "gelu", True, backend, None, 0.0, None, None, None, 1e-5, None,
+                                 None, 1e-5)[0]
+    assert type(registered.grad_fn).__name__ != "linear_kernelsBackward"
+    torch.testing.assert_close(out, registered, rtol=0, atol=0)
+    for mine, theirs in zip(grads, torch.autograd.grad(registered.square().sum(), (x, w, b))):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    (grad_x,) = torch.autograd.grad(ops.linear(x, w, b, backend=backend).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_x.sum().backward()

@@ -40,15 +40,62 @@ def run_kernel(backend: str, op: str, function: str, device: torch.device, *args
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def runs_directly(*tensors) -> bool:
-    """Whether an op may call its forward implementation directly instead of through the registered custom op:
-    no torch.compile trace, no gradient to record, and plain tensors only (fake, meta and subclass tensors need
-    the op's fake implementation or dispatch). The custom op's dispatch costs about 20 µs a call, 1.3 ms of a
-    CCT-7/3x1 forward at batch 1 on the cpu backend; the kernel and its outputs are the same either way."""
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad)) for t in tensors)
+class KernelOp:
+    """One op's forward and backward kernels, each as a plain function (run_*) and as its registered custom op,
+    with one autograd formula (setup_context, formula) for both.
+
+    The registered ops are what torch.compile, TorchScript/ONNX traces, torch.func transforms and fake or subclass
+    tensors see. A plain eager call skips the dispatcher: without a gradient to record it runs the forward function
+    directly, and with one it runs a torch.autograd.Function built from the same formula. The registered op's
+    dispatch and autograd wrapper cost about 90 µs per forward and as much per backward on this project's 2-core
+    CPU VM, more than a GPU kernel of a CCT training step takes (H200, 2026-11-30: the step was host-bound, 29 ms
+    for 10.5 ms of kernels). Same kernels and outputs either way. A backward recorded for a double backward calls
+    the registered backward op, whose derivative raises the error that says to use backend="eager"."""
+
+    def __init__(self, op: str, run_forward, forward, run_backward, backward, setup_context, formula):
+        self.run_forward, self.forward, self.run_backward, self.backward = run_forward, forward, run_backward, backward
+        forward.register_autograd(formula, setup_context=setup_context)
+        _forbid_double_backward(backward, op)
+
+        # forward(ctx, ...) rather than a separate setup_context: with one, every apply() binds its arguments
+        # through inspect.signature (~25 µs)
+        def function_forward(ctx, *inputs):
+            output = run_forward(*inputs)
+            ctx.set_materialize_grads(False)  # no zero tensors made for the outputs nothing differentiates
+            ctx.mark_non_differentiable(*(o for o in output[1:] if o.is_floating_point()))
+            ctx.input_count = len(inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        def function_backward(ctx, grad_out, *other_grads):
+            if grad_out is None:  # the output took no part in what was differentiated
+                return (None,) * ctx.input_count
+            return formula(ctx, grad_out, *other_grads)
+
+        # named at creation: autograd names the graph node after the class ("linear_kernelsBackward")
+        self._function = type(f"{op}_kernels", (torch.autograd.Function,), {
+            "forward": staticmethod(function_forward), "backward": staticmethod(function_backward)})
+
+    def forward_for(self, *tensors):
+        """The forward to call with these tensor arguments (all of them, None allowed): every call passes all of the
+        op's arguments positionally, so each of the three sees the same inputs."""
+        if _traced(tensors):
+            return self.forward
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return self._function.apply
+        return self.run_forward
+
+    def backward_for(self, *tensors):
+        """The backward to call inside the autograd formula, given its tensors: the plain function in an eager
+        backward, the registered op when the backward is itself recorded (create_graph) or traced."""
+        return self.backward if torch.is_grad_enabled() or _traced(tensors) else self.run_backward
+
+
+def _traced(tensors) -> bool:
+    """Whether a call must go through the registered op: a torch.compile, TorchScript or make_fx trace (fake,
+    functional or other subclass tensors), or a torch.func transform."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or not all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
 
 
 def new_seed(device: torch.device) -> torch.Tensor:
@@ -56,7 +103,7 @@ def new_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-def forbid_double_backward(backward_op, op: str) -> None:
+def _forbid_double_backward(backward_op, op: str) -> None:
     """Give the registered backward op `backward_op` a derivative that explains why there is none."""
 
     def no_double_backward(ctx, *grads):

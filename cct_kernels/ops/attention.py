@@ -37,7 +37,7 @@ from cct_kernels import backends, reference
 from cct_kernels.ops._checks import (
     NOT_A_PREFIX, autocast_inputs, check_int, check_real, check_tensor, is_positive_finite, key_padding,
 )
-from cct_kernels.ops._launch import forbid_double_backward, new_seed, run_kernel, runs_directly
+from cct_kernels.ops._launch import KernelOp, new_seed, run_kernel
 
 OP = "attention"
 
@@ -58,14 +58,16 @@ def _(qkv, num_heads, scale, dropout_p, seed, backend, lengths=None):
     return qkv.new_empty(B, N, three_d // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
 
 
-@torch.library.custom_op("cct_kernels::attention_backward", mutates_args=())
-def _backward(
+def _run_backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     num_heads: int, scale: float, dropout_p: float, seed: torch.Tensor, backend: str,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return run_kernel(backend, OP, "backward", qkv.device, grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed,
                       lengths)
+
+
+_backward = torch.library.custom_op("cct_kernels::attention_backward", _run_backward, mutates_args=())
 
 
 @_backward.register_fake
@@ -82,12 +84,12 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, _grad_lse):
     qkv, seed, lengths, out, lse = ctx.saved_tensors
     num_heads, scale, dropout_p, backend = ctx.args
-    grad_qkv = _backward(grad_out.contiguous(), qkv, out, lse, num_heads, scale, dropout_p, seed, backend, lengths)
+    backward = _KERNELS.backward_for(grad_out, qkv)
+    grad_qkv = backward(grad_out.contiguous(), qkv, out, lse, num_heads, scale, dropout_p, seed, backend, lengths)
     return grad_qkv, None, None, None, None, None, None
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
-forbid_double_backward(_backward, OP)
+_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def attention(
@@ -117,5 +119,5 @@ def attention(
         return reference.attention(qkv, num_heads, scale=scale, dropout_p=dropout_p,
                                    mask=None if padding is None else padding.mask)
     seed = new_seed(qkv.device) if dropout_p > 0 else qkv.new_empty(0, dtype=torch.int64)
-    forward = _run_forward if runs_directly(qkv) else _forward
+    forward = _KERNELS.forward_for(qkv)
     return forward(qkv, num_heads, scale, dropout_p, seed, name, lengths)[0]

@@ -56,7 +56,7 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import autocast_inputs, check_real, check_shape, check_tensor, is_positive_finite
-from cct_kernels.ops._launch import forbid_double_backward, new_seed, run_kernel, runs_directly
+from cct_kernels.ops._launch import KernelOp, new_seed, run_kernel
 
 OP = "linear"
 ACTIVATIONS = reference.ACTIVATIONS
@@ -94,8 +94,7 @@ def _(x, weight, bias, residual, activation, save_for_backward, backend, row_sca
     return x.new_empty(x.shape[0], weight.shape[0]), saved, stats(norm), stats(input_norm_weight is not None)
 
 
-@torch.library.custom_op("cct_kernels::linear_backward", mutates_args=())
-def _backward(
+def _run_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, pre_activation: torch.Tensor,
     activation: str, backend: str, row_scale: torch.Tensor | None = None, dropout_p: float = 0.0,
     seed: torch.Tensor | None = None, input_norm_weight: torch.Tensor | None = None,
@@ -103,6 +102,9 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, has_bias, pre_activation, activation,
                       row_scale, dropout_p, seed, input_norm_weight, input_norm_bias, input_stats)
+
+
+_backward = torch.library.custom_op("cct_kernels::linear_backward", _run_backward, mutates_args=())
 
 
 @_backward.register_fake
@@ -133,9 +135,10 @@ def _autograd_backward(ctx, grad_out, _grad_saved, _grad_stats, _grad_input_stat
         grad_out, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_out, saved, stats, norm_weight,
                                                                           norm_bias)
     pre_activation = saved if activation == "gelu" else saved.new_empty(0)
-    grad_x, grad_weight, grad_bias = _backward(grad_out, x, weight, has_bias, pre_activation, activation, backend,
-                                               row_scale, dropout_p, seed, input_norm_weight, input_norm_bias,
-                                               input_stats)
+    backward = _KERNELS.backward_for(grad_out, x)
+    grad_x, grad_weight, grad_bias = backward(grad_out, x, weight, has_bias, pre_activation, activation, backend,
+                                              row_scale, dropout_p, seed, input_norm_weight, input_norm_bias,
+                                              input_stats)
     grad_input_norm_weight = grad_input_norm_bias = None
     if input_norm_weight is not None:  # grad_x is the gradient at input_norm(x)
         grad_x, grad_input_norm_weight, grad_input_norm_bias = _layer_norm_backward(
@@ -155,8 +158,7 @@ def _layer_norm_backward(grad, normalised, stats, weight, bias):
                                                      bias, [True, True, bias is not None])
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
-forbid_double_backward(_backward, OP)
+_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def linear(
@@ -227,7 +229,7 @@ def linear(
         t is not None and t.requires_grad
         for t in (x, weight, bias, residual, norm_weight, norm_bias, input_norm_weight, input_norm_bias))
     tensors = (x2, weight, bias, residual2, norm_weight, norm_bias, input_norm_weight, input_norm_bias)
-    forward = _run_forward if runs_directly(*tensors) else _forward
+    forward = _KERNELS.forward_for(*tensors)
     seed = new_seed(x.device) if dropout_p > 0 else None
     out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2, dropout_p, seed, *norms)[0]
     return out.view(out_shape)

@@ -33,7 +33,7 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import NOT_A_PREFIX, autocast_inputs, check_shape, check_tensor, key_padding
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
+from cct_kernels.ops._launch import KernelOp, run_kernel
 
 OP = "seqpool"
 
@@ -52,12 +52,14 @@ def _(x, weight, bias, backend, lengths=None):
     return x.new_empty(x.shape[0], x.shape[2], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("cct_kernels::seqpool_backward", mutates_args=())
-def _backward(
+def _run_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, backend: str, lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, bias, out, lse, lengths)
+
+
+_backward = torch.library.custom_op("cct_kernels::seqpool_backward", _run_backward, mutates_args=())
 
 
 @_backward.register_fake
@@ -75,12 +77,12 @@ def _autograd_backward(ctx, grad_out, _grad_lse):
     x, weight, bias, lengths, out, lse = ctx.saved_tensors
     # grad_out arrives float32 through seqpool()'s cast; it was x.dtype before it, so casting back is exact
     grad_out = grad_out.to(x.dtype).contiguous()
-    grad_x, grad_weight, grad_bias = _backward(grad_out, x, weight, bias, out, lse, ctx.backend, lengths)
+    backward = _KERNELS.backward_for(grad_out, x)
+    grad_x, grad_weight, grad_bias = backward(grad_out, x, weight, bias, out, lse, ctx.backend, lengths)
     return grad_x, grad_weight, grad_bias, None, None
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
-forbid_double_backward(_backward, OP)
+_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def seqpool(
@@ -103,5 +105,5 @@ def seqpool(
     name = backends.select(OP, backend, x.device, x, weight, bias, lengths, eager_only=eager_only)
     if name == "eager":
         return reference.seqpool(x, weight, bias, mask=None if padding is None else padding.mask)
-    forward = _run_forward if runs_directly(x, weight, bias) else _forward
+    forward = _KERNELS.forward_for(x, weight, bias)
     return forward(x, weight, bias, name, lengths)[0].to(x.dtype)

@@ -46,7 +46,7 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import autocast_inputs, check_bool, check_int, check_tensor
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
+from cct_kernels.ops._launch import KernelOp, run_kernel
 from cct_kernels.ops.tokenize import _pool_params, output_size
 
 OP = "text_tokenize"
@@ -77,14 +77,16 @@ def _(x, weight, stride, padding, relu, pool_kernel, pool_stride, pool_padding, 
     return x.new_empty(shape), x.new_empty(shape if pool_kernel else (0,), dtype=torch.int8)
 
 
-@torch.library.custom_op("cct_kernels::text_tokenize_backward", mutates_args=())
-def _backward(
+def _run_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, pool_index: torch.Tensor,
     stride: int, padding: int, relu: bool, pool_kernel: int, pool_stride: int, pool_padding: int,
     needs_input_grad: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return run_kernel(backend, OP, "backward", x.device, grad_out, x, weight, out, pool_index, stride, padding, relu,
                       pool_kernel, pool_stride, pool_padding, needs_input_grad)
+
+
+_backward = torch.library.custom_op("cct_kernels::text_tokenize_backward", _run_backward, mutates_args=())
 
 
 @_backward.register_fake
@@ -102,13 +104,13 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, _grad_index):
     x, weight, out, pool_index = ctx.saved_tensors
     needs_input_grad = ctx.needs_input_grad[0]
-    grad_x, grad_weight = _backward(grad_out.contiguous(), x, weight, out, pool_index, *ctx.params,
-                                    needs_input_grad, ctx.backend)
+    backward = _KERNELS.backward_for(grad_out, x)
+    grad_x, grad_weight = backward(grad_out.contiguous(), x, weight, out, pool_index, *ctx.params,
+                                   needs_input_grad, ctx.backend)
     return (grad_x if needs_input_grad else None, grad_weight) + (None,) * (len(ctx.params) + 1)
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
-forbid_double_backward(_backward, OP)
+_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def _check_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -145,5 +147,5 @@ def text_tokenize(
     name = backends.select(OP, backend, x.device, x, weight3, *params)
     if name == "eager":
         return reference.text_tokenize(x, weight, stride=stride, padding=padding, relu=relu, pool=pool)
-    forward = _run_forward if runs_directly(x, weight3) else _forward
+    forward = _KERNELS.forward_for(x, weight3)
     return forward(x, weight3, *params, name)[0]

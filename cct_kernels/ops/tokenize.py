@@ -37,7 +37,7 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import autocast_inputs, check_bool, check_int, check_shape, check_tensor
-from cct_kernels.ops._launch import forbid_double_backward, run_kernel, runs_directly
+from cct_kernels.ops._launch import KernelOp, run_kernel
 
 OP = "tokenize"
 
@@ -103,8 +103,7 @@ def _(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_pad
             torch.empty(index_shape, dtype=torch.int8, device=x.device, memory_format=index_format))
 
 
-@torch.library.custom_op("cct_kernels::tokenize_backward", mutates_args=())
-def _backward(
+def _run_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
     pool_index: torch.Tensor, stride: int, padding: int, relu: bool, pool_kernel: int, pool_stride: int,
     pool_padding: int, to_tokens: bool, needs_input_grad: bool, backend: str,
@@ -114,6 +113,9 @@ def _backward(
         backend, OP, "backward", x.device, grad_out, x, weight, bias, out, pool_index, stride, padding, relu,
         pool_kernel, pool_stride, pool_padding, to_tokens, needs_input_grad, memory_formats=formats,
     )
+
+
+_backward = torch.library.custom_op("cct_kernels::tokenize_backward", _run_backward, mutates_args=())
 
 
 @_backward.register_fake
@@ -135,15 +137,15 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, _grad_index):
     x, weight, bias, out, pool_index = ctx.saved_tensors
     needs_input_grad = ctx.needs_input_grad[0]
-    grad_x, grad_weight, grad_bias = _backward(
+    backward = _KERNELS.backward_for(grad_out, x)
+    grad_x, grad_weight, grad_bias = backward(
         grad_out, x, weight, bias, out, pool_index, *ctx.params, needs_input_grad, ctx.backend
     )
     return (grad_x if needs_input_grad else None, grad_weight, grad_bias if bias is not None else None) + (
         None,) * (len(ctx.params) + 1)
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
-forbid_double_backward(_backward, OP)
+_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def _pool_params(pool) -> tuple[int, int, int]:
@@ -208,5 +210,5 @@ def tokenize(
         x = x.contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    forward = _run_forward if runs_directly(x, weight, bias) else _forward
+    forward = _KERNELS.forward_for(x, weight, bias)
     return forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, name)[0]

@@ -43,11 +43,9 @@ since the interpreter computes bfloat16 arithmetic wrongly.
 """
 from __future__ import annotations
 
-
 import torch
-import triton
 
-from cct_kernels.triton._common import dot_precision, tf32_matmul, upcast_bfloat16
+from cct_kernels.triton._common import cdiv, dot_precision, next_power_of_2, tf32_matmul, upcast_bfloat16
 from cct_kernels.triton.attention_backward import _attn_bwd_dkdv, _attn_bwd_dq
 from cct_kernels.triton.attention_dropout import (  # noqa: F401 (dropout_mask, dropout_threshold: interface)
     SPAN, _dropout_bits, _no_bits, dropout_mask, dropout_threshold,
@@ -106,7 +104,7 @@ MIN_BLOCK_M = 64  # one warpgroup's wgmma tile
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _config(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool, N: int,
@@ -118,7 +116,7 @@ def _config(kind: str, dtype: torch.dtype, head_dim: int, dropout: bool, N: int,
     if not aligned and not key[2]:
         key, table = key[:2], _UNALIGNED_CONFIGS
     block_m, block_n, num_warps, num_stages = table.get(key + (dropout,)) or table[key + (None,)]
-    fit = triton.next_power_of_2(N)
+    fit = next_power_of_2(N)
     cut_m, cut_n = min(block_m, max(MIN_BLOCK_M, fit)), min(block_n, max(32, fit))
     if (cut_m, cut_n) != (block_m, block_n) and dtype != torch.float32 and head_dim <= 64:
         num_warps = 4  # a cut 16-bit tile (at most 64 x 64): one warpgroup; 8 warps would idle on overhead
@@ -146,7 +144,7 @@ def unsupported(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: floa
         return "triton attention needs a non-empty qkv"
     if qkv.stride(2) != 1:
         return "triton attention needs qkv's last dim contiguous"
-    programs = qkv.shape[0] * num_heads * triton.cdiv(qkv.shape[1], 32)
+    programs = qkv.shape[0] * num_heads * cdiv(qkv.shape[1], 32)
     if programs > 2**31 - 1:
         return f"triton attention needs batch * num_heads * ceil(N / 32) < 2**31 (its grid), got {programs}"
     return None
@@ -182,7 +180,7 @@ def forward(qkv, num_heads, scale, dropout_p, seed, lengths=None, *, out=None, l
     bits, _ = _dropout_bits(seed, B, H, N, dropout_p, qkv.device)
     aligned = _aligned(qkv, out, head_dim=D)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("fwd", qkv.dtype, D, dropout_p > 0, N, aligned)
-    _attn_fwd[(B * H * triton.cdiv(N, BLOCK_M),)](
+    _attn_fwd[(B * H * cdiv(N, BLOCK_M),)](
         qkv, out, lse, bits, _lengths_arg(lengths, qkv.device),
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         N, H, scale * LOG2E, 1.0 / (1.0 - dropout_p),
@@ -213,7 +211,7 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
     keep_scale = 1.0 / (1.0 - dropout_p)
 
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dq", qkv.dtype, D, dropout_p > 0, N, aligned)
-    _attn_bwd_dq[(B * H * triton.cdiv(N, BLOCK_M),)](
+    _attn_bwd_dq[(B * H * cdiv(N, BLOCK_M),)](
         qkv, out, grad_out, lse, delta, grad_qkv, bits, lengths_arg,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         grad_qkv.stride(0), grad_qkv.stride(1),
@@ -221,7 +219,7 @@ def backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, lengths
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, **common,
     )
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", qkv.dtype, D, dropout_p > 0, N, aligned)
-    _attn_bwd_dkdv[(B * H * triton.cdiv(N, BLOCK_N),)](
+    _attn_bwd_dkdv[(B * H * cdiv(N, BLOCK_N),)](
         qkv, grad_out, lse, delta, grad_qkv, bits_t, lengths_arg,
         qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1),
         N, H, scale, keep_scale,

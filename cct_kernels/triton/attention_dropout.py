@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cct_kernels.triton._common import cdiv
+
 _PHILOX_ROUNDS = tl.constexpr(7)  # Philox4x32-7 passes BigCrush (Salmon et al., 2011); 10 rounds would cost 40% more ALU.
 _KEYS_PER_DRAW = tl.constexpr(16)  # 128 random bits per Philox call, one byte per key
 SPAN = 128  # columns packed into one group of 4 words (and the row padding)
@@ -138,7 +140,7 @@ def _dropout_bits(seed: torch.Tensor, B: int, H: int, N: int, dropout_p: float, 
         return _no_bits(torch.device(device)), _no_bits(torch.device(device))
     if seed.numel() != 1 or seed.dtype != torch.int64:
         raise ValueError(f"dropout needs an int64 seed tensor of one element, got {seed.dtype} {tuple(seed.shape)}")
-    blocks = triton.cdiv(N, SPAN)
+    blocks = cdiv(N, SPAN)
     bits = torch.empty(1 + key_major, B * H, blocks * SPAN, 4 * blocks, dtype=torch.int32, device=device)
     _dropout_bits_kernel[(blocks * B * H,)](bits[0], bits[-1], seed.to(device=device), N, dropout_threshold(dropout_p),
                                           KEY_MAJOR=key_major, num_warps=8)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from cct_kernels import reference
-from cct_kernels.triton._common import dot_precision, tf32_matmul, upcast_bfloat16
+from cct_kernels.triton._common import cdiv, dot_precision, tf32_matmul, upcast_bfloat16
 from cct_kernels.triton.linear_math import (
     gelu_erf, gelu_erf_grad, kept, load_tile, normalise, row_stats, seed_key,
 )
@@ -288,7 +288,7 @@ def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=
         return out, saved, stats, input_stats
     block_m, block_n, block_k, num_warps, num_stages = config("forward_norm" if norm else "forward", x.dtype, M, N, K)
     seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, out)
-    _forward_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
+    _forward_kernel[(cdiv(M, block_m) * cdiv(N, block_n),)](
         x, weight, x if bias is None else bias, out if residual is None else residual,
         out if row_scale is None else row_scale, out, saved if save else out, seed_ptr,
         out if norm_weight is None else norm_weight, out if norm_bias is None else norm_bias,
@@ -326,14 +326,14 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
                   PRECISION=dot_precision(dtype))
 
     block_m, block_k, block_n, num_warps, num_stages = config("grad_x", dtype, M, K, N)
-    _grad_x_kernel[(triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)](
+    _grad_x_kernel[(cdiv(M, block_m) * cdiv(K, block_k),)](
         grad_out, h, weight, grad_x, scale, seed_ptr, M, N, K, threshold, inv_keep, BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_N=block_n, GROUP_M=GROUP_M,
         EVEN_N=N % block_n == 0, num_warps=num_warps, num_stages=num_stages, **common,
     )
 
     block_k, block_n, block_m, num_warps, num_stages = config("grad_w", dtype, K, N, M)
-    tiles = triton.cdiv(N, block_n) * triton.cdiv(K, block_k)
+    tiles = cdiv(N, block_n) * cdiv(K, block_k)
     split, chunk = split_rows(M, block_m, tiles, N * K, device, min_chunk)
     partial = dtype if split == 1 else torch.float32  # one chunk stores the result itself
     grad_weight = _empty(split, N, K, device=device, dtype=partial)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
+
+from cct_kernels.triton._common import cdiv, next_power_of_2
 
 META_SM_COUNT = 132  # H100 SXM / H200: what the sm_90 static check (meta tensors) plans for
 # grad_W's split of M: at least this many rows per chunk, so the float32 partials (N*K*4 bytes per chunk) stay
@@ -31,9 +32,10 @@ _CONFIGS = {
 
 def _fit(block: int, size: int) -> int:
     """block cut to size rounded up to a power of two, at least 16 (tl.dot's smallest)."""
-    return min(block, max(16, triton.next_power_of_2(size)))
+    return min(block, max(16, next_power_of_2(size)))
 
 
+@functools.cache  # called per launch; a few distinct shapes per model
 def config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tuple[int, int, int, int, int]:
     """The table's entry with each block cut to its dimension. A 16-bit output-tiled kernel (forward, grad_x)
     whose 128-row tiles would fill less than half of an H100 (small batches: M = 256 at batch 1) takes 64x128
@@ -42,13 +44,13 @@ def config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tup
     smallest wgmma tile of a warpgroup) up to N = 256 and 32 rows beyond (mma.sync: 64 x 512 tiles spilled at 8
     warps, 255 registers, and at 16 warps, capped at 128; 32 x 512 holds 162 registers, no spills)."""
     if kind == "forward_norm":
-        block_c = max(16, triton.next_power_of_2(cols))
+        block_c = max(16, next_power_of_2(cols))
         block_r = _fit(64 if block_c <= 256 else 32, rows)
         block_red = _CONFIGS["forward", dtype == torch.float32][2]
         return block_r, block_c, _fit(block_red, red), 8, 2
     block_r, block_c, block_red, num_warps, num_stages = _CONFIGS[kind, dtype == torch.float32]
     block_r, block_c, block_red = _fit(block_r, rows), _fit(block_c, cols), _fit(block_red, red)
-    tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, block_c)
+    tiles = cdiv(rows, 128) * cdiv(cols, block_c)
     if kind != "grad_w" and block_r == 128 and tiles < META_SM_COUNT // 2:
         block_r, block_c, num_warps = 64, min(block_c, 128), 4
     return block_r, block_c, block_red, num_warps, num_stages
@@ -66,7 +68,7 @@ def _programs_wanted(device: torch.device) -> int:
 def split_rows(M: int, block_m: int, tiles: int, NK: int, device: torch.device, min_chunk: int) -> tuple[int, int]:
     """(SPLIT, CHUNK) of grad_W's M: SPLIT * tiles programs about fill the device, chunks of at least min_chunk
     rows (rounded to block_m) and SPLIT * N * K < 2**31 (int32 workspace offsets)."""
-    blocks = triton.cdiv(M, block_m)
-    split = min(triton.cdiv(_programs_wanted(device), tiles), triton.cdiv(M, min_chunk), (2**31 - 1) // NK)
-    chunk = triton.cdiv(blocks, max(1, min(split, blocks))) * block_m
-    return triton.cdiv(M, chunk), chunk
+    blocks = cdiv(M, block_m)
+    split = min(cdiv(_programs_wanted(device), tiles), cdiv(M, min_chunk), (2**31 - 1) // NK)
+    chunk = cdiv(blocks, max(1, min(split, blocks))) * block_m
+    return cdiv(M, chunk), chunk

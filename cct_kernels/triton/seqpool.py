@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cct_kernels.triton._common import cdiv, next_power_of_2
 from cct_kernels.triton.key_padding import real_tokens
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -281,7 +282,7 @@ def _programs_wanted(device: torch.device) -> int:
 
 def _blocks(D: int, max_block_d: int, tile: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps) for rows of D elements."""
-    block_d = min(triton.next_power_of_2(D), max_block_d)
+    block_d = min(next_power_of_2(D), max_block_d)
     block_n = max(1, min(64, tile // block_d))
     num_warps = 8 if block_d * block_n >= 2048 else 4
     return block_n, block_d, num_warps
@@ -289,10 +290,10 @@ def _blocks(D: int, max_block_d: int, tile: int) -> tuple[int, int, int]:
 
 def _split(B: int, N: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """(CHUNK, SPLIT): tokens per program (a multiple of block_n) and programs per row, so B*SPLIT fills the GPU."""
-    blocks = triton.cdiv(N, block_n)
-    wanted = max(1, triton.cdiv(_programs_wanted(device), max(B, 1)))
-    chunk = triton.cdiv(blocks, min(wanted, blocks)) * block_n
-    return chunk, triton.cdiv(N, chunk)
+    blocks = cdiv(N, block_n)
+    wanted = max(1, cdiv(_programs_wanted(device), max(B, 1)))
+    chunk = cdiv(blocks, min(wanted, blocks)) * block_n
+    return chunk, cdiv(N, chunk)
 
 
 def _lengths_arg(lengths, x):
@@ -320,9 +321,9 @@ def forward(x, weight, bias, lengths=None, *, max_block_d: int = MAX_BLOCK_D):
         BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_BLOCK=one_d_block, HAS_LENGTHS=lengths is not None,
         num_warps=num_warps,
     )
-    block_s = triton.next_power_of_2(split)
-    combine_d = max(16, min(triton.next_power_of_2(D), 4096 // block_s))
-    _forward_combine_kernel[(B, triton.cdiv(D, combine_d))](
+    block_s = next_power_of_2(split)
+    combine_d = max(16, min(next_power_of_2(D), 4096 // block_s))
+    _forward_combine_kernel[(B, cdiv(D, combine_d))](
         m_ws, l_ws, acc_ws, out, lse, D, split, BLOCK_S=block_s, BLOCK_D=combine_d, HAS_LENGTHS=lengths is not None,
         num_warps=4,
     )

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cct_kernels.triton._common import cdiv, next_power_of_2
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_POOL_KERNEL = 127  # offsets inside the window up to 126 fit the int8 pool_index
 META_SM_COUNT = 132  # H100 SXM / H200: grad_weight's split fills about two waves of programs
@@ -248,8 +250,8 @@ def forward(x, weight, stride, padding, relu, pool_kernel, pool_stride, pool_pad
         return out, index
     cfg = config(x.dtype)
     wt = weight.reshape(E, K * C).t().contiguous()  # (k*C, E): E contiguous for the B operand
-    block_e = max(16, min(cfg["BLOCK"], triton.next_power_of_2(E)))
-    grid = (triton.cdiv(M, cfg["BLOCK"]), triton.cdiv(E, block_e))
+    block_e = max(16, min(cfg["BLOCK"], next_power_of_2(E)))
+    grid = (cdiv(M, cfg["BLOCK"]), cdiv(E, block_e))
     _forward_kernel[grid](
         x, wt, out, index if pool_kernel else out, M, L, C, E, Lc, N,
         STRIDE=stride, PAD=padding, K=K, POOL_K=pk, POOL_S=ps, POOL_P=pp, RELU=relu, HAS_POOL=pool_kernel > 0,
@@ -261,7 +263,7 @@ def forward(x, weight, stride, padding, relu, pool_kernel, pool_stride, pool_pad
 
 def _split(M: int, tiles: int, block_m: int) -> int:
     """Parts of the grad_weight reduction over M conv rows: about two waves of programs, each part >= 4 blocks."""
-    return max(1, min(triton.cdiv(M, 4 * block_m), triton.cdiv(2 * META_SM_COUNT, tiles)))
+    return max(1, min(cdiv(M, 4 * block_m), cdiv(2 * META_SM_COUNT, tiles)))
 
 
 def backward(grad_out, x, weight, out, pool_index, stride, padding, relu, pool_kernel, pool_stride, pool_padding,
@@ -272,22 +274,22 @@ def backward(grad_out, x, weight, out, pool_index, stride, padding, relu, pool_k
     Lc, N, (pk, ps, pp) = _sizes(x, weight, stride, padding, pool_kernel, pool_stride, pool_padding)
     cfg = config(x.dtype)
     block = cfg["BLOCK"]
-    block_e = max(16, min(block, triton.next_power_of_2(E)))
+    block_e = max(16, min(block, next_power_of_2(E)))
     M = B * Lc
     dy = _empty(B, Lc, E, device=x.device, dtype=x.dtype)
     if M:
-        _grad_rows_kernel[(triton.cdiv(M, block), triton.cdiv(E, block_e))](
+        _grad_rows_kernel[(cdiv(M, block), cdiv(E, block_e))](
             grad_out, out, pool_index if pool_kernel else out, dy, M, E, Lc, N,
             POOL_K=pk, POOL_S=ps, POOL_P=pp, RELU=relu, HAS_POOL=pool_kernel > 0, BLOCK_M=block, BLOCK_E=block_e,
             num_warps=4,
         )
     KC = K * C
-    block_kc = max(16, min(block, triton.next_power_of_2(KC)))
-    tiles = triton.cdiv(E, block_e) * triton.cdiv(KC, block_kc)
+    block_kc = max(16, min(block, next_power_of_2(KC)))
+    tiles = cdiv(E, block_e) * cdiv(KC, block_kc)
     split = _split(M, tiles, cfg["BLOCK_K"]) if M else 1
-    chunk = triton.cdiv(max(M, 1), split)
+    chunk = cdiv(max(M, 1), split)
     ws = _empty(split, E, KC, device=x.device, dtype=torch.float32)
-    _grad_weight_kernel[(triton.cdiv(E, block_e), triton.cdiv(KC, block_kc), split)](
+    _grad_weight_kernel[(cdiv(E, block_e), cdiv(KC, block_kc), split)](
         dy, x, ws, M, L, C, E, Lc, KC, chunk, STRIDE=stride, PAD=padding, BLOCK_E=block_e, BLOCK_KC=block_kc,
         BLOCK_M=cfg["BLOCK_K"], PRECISION=cfg["PRECISION"], UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"],
     )
@@ -296,10 +298,10 @@ def backward(grad_out, x, weight, out, pool_index, stride, padding, relu, pool_k
         return x.new_empty(0), grad_weight
     grad_x = _empty(B, L, C, device=x.device, dtype=x.dtype)
     if B * L:
-        block_c = max(16, min(block, triton.next_power_of_2(C)))
-        _grad_x_kernel[(triton.cdiv(B * L, block), triton.cdiv(C, block_c))](
+        block_c = max(16, min(block, next_power_of_2(C)))
+        _grad_x_kernel[(cdiv(B * L, block), cdiv(C, block_c))](
             dy, weight, grad_x, B * L, L, C, E, Lc, STRIDE=stride, PAD=padding, K=K, BLOCK_M=block, BLOCK_C=block_c,
-            BLOCK_E=max(16, min(cfg["BLOCK_K"] * 2, triton.next_power_of_2(E))), PRECISION=cfg["PRECISION"],
+            BLOCK_E=max(16, min(cfg["BLOCK_K"] * 2, next_power_of_2(E))), PRECISION=cfg["PRECISION"],
             UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"],
         )
     return grad_x, grad_weight

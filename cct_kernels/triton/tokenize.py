@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cct_kernels.triton._common import cdiv, next_power_of_2
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_POOL_KERNEL = 11  # the largest window whose row-major offsets (up to k*k - 1) fit in int8
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -297,8 +299,8 @@ def forward_config(C_in: int, C_out: int, KH: int, KW: int, dtype: torch.dtype) 
     # sm_90 (255 registers, 648 bytes); 128 positions x 16-deep steps compile to 194 registers, no spills.
     return {
         "BLOCK_P": 128 if fp32 else 64,
-        "BLOCK_C": max(16, min(64, triton.next_power_of_2(C_out))),
-        "BLOCK_K": 16 if fp32 else (32 if flat else max(16, min(32, triton.next_power_of_2(C_in)))),
+        "BLOCK_C": max(16, min(64, next_power_of_2(C_out))),
+        "BLOCK_K": 16 if fp32 else (32 if flat else max(16, min(32, next_power_of_2(C_in)))),
         "FLAT_K": flat,
         "PRECISION": "ieee" if fp32 else "tf32",  # 'tf32' only names the default for 16-bit
         "num_warps": 8,
@@ -344,7 +346,7 @@ def forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, po
         x = x.contiguous(memory_format=torch.channels_last)
     w_taps = _weight_taps(weight)
     pk, ps, pp = _pool(pool_kernel, pool_stride, pool_padding)
-    grid = (triton.cdiv(M, cfg["BLOCK_P"]), triton.cdiv(C_out, cfg["BLOCK_C"]))
+    grid = (cdiv(M, cfg["BLOCK_P"]), cdiv(C_out, cfg["BLOCK_C"]))
     _forward_kernel[grid](
         x, w_taps, bias if bias is not None else weight, out, index if pool_kernel else out,
         M, C_in, H, W, C_out, Ho, Wo, Hp, Wp,
@@ -371,8 +373,8 @@ def backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, 
         if pool_kernel and pool_index.stride() != out.stride():  # the gather reads both at the same offsets
             pool_index = torch.empty_like(out, dtype=torch.int8).copy_(pool_index)
         pk, ps, pp = _pool(pool_kernel, pool_stride, pool_padding)
-        block_c = max(16, min(64, triton.next_power_of_2(C_out)))
-        grid = (triton.cdiv(M, GRAD_BLOCK_M), triton.cdiv(C_out, block_c))
+        block_c = max(16, min(64, next_power_of_2(C_out)))
+        grid = (cdiv(M, GRAD_BLOCK_M), cdiv(C_out, block_c))
         g_strides, o_strides = _out_strides(grad_out, to_tokens), _out_strides(out, to_tokens)
         _grad_conv_kernel[grid](
             grad_out, out, pool_index if pool_kernel else out, grad_conv,
