@@ -5,8 +5,8 @@ seq_len 64 with sentence lengths uniform in [8, 64], profiling.make_inputs). Thr
 32x32, 64 at 224x224 (8 at 224x224 in quick mode, the default without a GPU: see peaks.quick_mode).
 Backends: profiling.speed_backends: eager, compile (torch.compile of the eager model), each kernel backend that can
 run on this device (never the Triton interpreter on CPU), auto (only when some kernel backend can run: otherwise it
-is eager), compile:auto (torch.compile over our ops), on CUDA graphs:auto and on CPU onnxruntime where installed
-(inference only). All
+is eager), compile:auto (torch.compile over our ops), on CUDA graphs:auto (inference forward or whole training step
+replayed from a CUDA graph) and on CPU onnxruntime where installed (inference only). All
 share weights (same seed) and images. A training step is forward, cross-entropy, backward and an AdamW update
 (cct_kernels.profiling.make_step).
 
@@ -68,7 +68,8 @@ def test_model(measure, benchmark, model, case, batch, mode, backend):
     slow = QUICK and case == "throughput"
     # The first call compiles (torch.compile, Triton autotuning); quick mode keeps slow CPU cases to one more.
     warmup = 1 if slow else (2 if DEVICE.type == "cpu" else 5)
-    # CUDA-graph replay (graph_ms) only for inference latency: a training step's AdamW is not capturable.
+    # CUDA-graph replay of the step (graph_ms) only for inference latency; graphs:* rows replay their own graph,
+    # training steps included (profiling.make_step).
     info = measure(step, flops=_flops(model, batch, mode), items=batch, dtype=DTYPE, warmup=warmup,
                    rounds=1 if slow else None, backend=backend, graph=case == "latency" and mode == "inference")
     info.update(model=model, case=case, batch=batch, mode=mode, dtype=profiling.dtype_name(DTYPE))

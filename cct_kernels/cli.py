@@ -266,8 +266,9 @@ def _common_arguments(parser: argparse.ArgumentParser, default_mode: str | None)
                         help="inference forward, training step (forward, backward, AdamW), or both")
     parser.add_argument("--backends", type=backend_list, metavar="LIST",
                         help=f"comma-separated, from {', '.join(SPEED_BACKENDS)} (compile: torch.compile of "
-                             "eager; compile:B: torch.compile over our ops with backend B; graphs:B: inference replayed "
-                             "from a CUDA graph; onnxruntime: the eager model exported to ONNX Runtime (CPU, where installed); "
+                             "eager; compile:B: torch.compile over our ops with backend B; graphs:B: inference or the "
+                             "whole training step replayed from a CUDA graph; onnxruntime: the eager model exported "
+                             "to ONNX Runtime (CPU, where installed); "
                              "default: eager, compile, each kernel backend that can run on the device, auto, "
                              "compile:auto, on CUDA graphs:auto, on CPU onnxruntime where installed)")
     parser.add_argument("--dropout", type=float_in(0, 1), metavar="P",

@@ -3,7 +3,8 @@
 A "speed backend" is what a benchmark compares: "eager" (the reference), "compile" (torch.compile of the eager
 model, the bar a kernel library has to beat), each kernel backend ("triton", "cuda", "cpu"), "auto", and
 "compile:<backend>" (torch.compile over a model that runs our ops with that backend, e.g. "compile:auto"), and on
-CUDA "graphs:<backend>" (inference captured once in a CUDA graph and replayed: no launch overhead at all), and on CPU
+CUDA "graphs:<backend>" (the inference forward, or the whole training step with a capturable AdamW, captured once in
+a CUDA graph and replayed: no host work per kernel at all), and on CPU
 "onnxruntime" (the eager model exported to ONNX and run by ONNX Runtime, where onnxruntime is installed).
 Every model is built from the same seed, so all backends run the same weights on the same images.
 
@@ -35,14 +36,13 @@ from cct_kernels.models import create_model
 DEFAULT_MODEL = "cct_7_3x1_32"
 COMPILE = "compile"
 COMPILE_OURS = "compile:"  # prefix: "compile:auto" is torch.compile over the model with backend "auto"
-GRAPHS = "graphs:"  # prefix: "graphs:auto" replays the model's inference forward from a CUDA graph
+GRAPHS = "graphs:"  # prefix: "graphs:auto" replays the model's inference forward or training step from a CUDA graph
 ONNXRUNTIME = "onnxruntime"
-INFERENCE_ONLY = (GRAPHS, ONNXRUNTIME)  # speed backends (prefixes) without a training step
 
 
 def runs_mode(name: str, mode: str) -> bool:
-    """Whether speed backend `name` has a `mode` step (CUDA graphs and ONNX Runtime rows are inference only)."""
-    return mode != "train" or not name.startswith(INFERENCE_ONLY)
+    """Whether speed backend `name` has a `mode` step (the ONNX Runtime row is inference only)."""
+    return mode != "train" or name != ONNXRUNTIME
 MODES = ("inference", "train")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -153,7 +153,8 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
 class GraphedInference(nn.Module):
     """`model`'s inference forward captured in a CUDA graph at the first call and replayed after: each call copies its
     inputs into the captured buffers and replays (same shapes and dtypes every call). Eval mode only: training
-    raises ValueError. Returns the captured output buffer (overwritten by the next call)."""
+    raises ValueError (make_step captures a graphs:* model's whole training step instead). Returns the captured
+    output buffer (overwritten by the next call)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -162,7 +163,7 @@ class GraphedInference(nn.Module):
 
     def forward(self, *inputs):
         if self.training:
-            raise ValueError("graphs:* runs inference only (a CUDA graph of the eval-mode forward)")
+            raise ValueError("a GraphedInference model runs inference only (make_step captures its training step)")
         if self._graph is None:
             self._inputs = [x.clone() for x in inputs]
             stream = torch.cuda.Stream()
@@ -244,6 +245,8 @@ def make_step(model: nn.Module, mode: str, inputs: tuple, labels: torch.Tensor) 
         return step
     if mode != "train":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(model, GraphedInference):
+        return _graphed_train_step(model.model, inputs, labels)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -252,6 +255,41 @@ def make_step(model: nn.Module, mode: str, inputs: tuple, labels: torch.Tensor) 
         loss = F.cross_entropy(model(*inputs).float(), labels)
         loss.backward()
         optimizer.step()
+        return loss
+
+    return step
+
+
+def _graphed_train_step(model: nn.Module, inputs: tuple, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """make_step's training step (forward, loss, backward, AdamW) captured in one CUDA graph and replayed: PyTorch's
+    whole-network capture. Three warm-up steps on a side stream first (Triton compiles, cuBLAS handles, the
+    allocator's pools), then the capture, whose backward makes the gradients in the graph's pool (zero_grad with
+    set_to_none before it, so each replay writes rather than accumulates them). AdamW with capturable=True keeps its
+    step count on the GPU. Dropout and stochastic depth draw from torch's CUDA generator, which advances on every
+    replay. Every replay runs on the same inputs and returns the same loss tensor, overwritten."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
+
+    def body():
+        loss = F.cross_entropy(model(*inputs).float(), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = body()
+
+    def step():
+        graph.replay()
         return loss
 
     return step

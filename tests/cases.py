@@ -1,5 +1,7 @@
 """Shared test helpers: which (op, kernel backend) pairs run on this machine, which backends can serve a whole
-model, the tolerance rule, and the channels-last checks of the tokenizer backends that write it."""
+model, the tolerance rule, the channels-last checks of the tokenizer backends that write it, and the environment of
+a pytest run in a subprocess."""
+import os
 from unittest import mock
 
 import torch
@@ -126,3 +128,11 @@ def check_backward_takes_any_layout(out, index, grads):
         for e, got in zip(expected, grads(g, o, i)):
             torch.testing.assert_close(got, e, rtol=0, atol=0)
     return expected
+
+
+def subprocess_env(**extra: str) -> dict:
+    """os.environ for a pytest run in a subprocess, without the PYTEST_XDIST_* variables of a pytest-xdist worker
+    (they made pytest-benchmark disable itself there, and tests/conftest.py's outcome stream skip writing), plus
+    `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return {**env, **extra}

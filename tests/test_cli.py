@@ -3,7 +3,6 @@ results."""
 import dataclasses
 import importlib.util
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch
 import cct_kernels
 from cct_kernels import cli, cli_bench, profiling
 from cct_kernels.train import TrainConfig
+from tests.cases import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "cct_2_3x2_32", "--batch", "2", "--device", "cpu"]
@@ -342,7 +342,7 @@ def test_model_benchmark_streams_its_result_for_the_gpu_report(tmp_path):
     """One real case of benchmarks/test_bench_models.py: extra_info, the JSON-lines stream, the speedup summary."""
     jsonl = tmp_path / "bench.jsonl"
     node = "benchmarks/test_bench_models.py::test_model[cct_2_3x2_32-latency_b1-inference-eager]"
-    env = {**os.environ, "CCT_BENCH_JSONL": str(jsonl), "CCT_BENCH_QUICK": "1"}
+    env = subprocess_env(CCT_BENCH_JSONL=str(jsonl), CCT_BENCH_QUICK="1")
     run = subprocess.run([sys.executable, "-m", "pytest", node, "--benchmark-only", "-q", "-p", "no:cacheprovider",
                           f"--benchmark-json={tmp_path / 'bench.json'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -1,7 +1,9 @@
 """CUDA-graph friendliness (issue 15): every model family in eval mode, on every backend that serves it on the GPU,
 can be captured in a CUDA graph (profiling.GraphedInference, the `graphs:*` rows of `cct-kernels bench`) and its
-replays give the model's own outputs for new inputs. No host sync may happen inside the forward (the ops' checks
-use asynchronous asserts while a capture is under way). CUDA only: a capture needs a GPU."""
+replays give the model's own outputs for new inputs; the whole training step (profiling.make_step of a graphs:*
+model: forward, loss, backward, capturable AdamW) replays the plain step's losses. No host sync may happen inside
+the forward or backward (the ops' checks use asynchronous asserts while a capture is under way). CUDA only: a
+capture needs a GPU."""
 import pytest
 import torch
 
@@ -35,3 +37,33 @@ def test_eval_model_replays_from_a_cuda_graph(family, backend, dtype):
             expected = model(*inputs)
             out = graphed(*inputs).clone()
         torch.testing.assert_close(out, expected)
+
+
+def _train_cases():
+    if not torch.cuda.is_available():
+        return
+    for family in ("cct_7_3x1_32", "text_cct_2"):
+        model = getattr(cct_kernels, family)().cuda()
+        inputs, _ = profiling.make_inputs(model, 2, torch.device("cuda"), torch.float32)
+        for backend in backends_serving_model(model, inputs, train=True):
+            yield pytest.param(family, backend, id=f"{family}-{backend}")
+
+
+@pytest.mark.parametrize("family,backend", list(_train_cases()))
+def test_training_step_replays_from_a_cuda_graph(family, backend):
+    """Without dropout or stochastic depth (their draws differ between a capture and plain calls) the graphed step's
+    replays continue the plain step's loss sequence: it warms up with three steps, so its first replay is step 4."""
+    device = torch.device("cuda")
+
+    def build():
+        torch.manual_seed(0)
+        return getattr(cct_kernels, family)(backend=backend, dropout=0.0, attention_dropout=0.0,
+                                            stochastic_depth=0.0).to(device)
+
+    plain, graphed = build(), profiling.GraphedInference(build())
+    inputs, labels = profiling.make_inputs(plain, 4, device, torch.float32)
+    plain_step = profiling.make_step(plain, "train", inputs, labels)
+    graphed_step = profiling.make_step(graphed, "train", inputs, labels)
+    losses = [plain_step().item() for _ in range(5)][3:]
+    replayed = [graphed_step().item() for _ in range(2)]
+    torch.testing.assert_close(replayed, losses, rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ import pytest
 from benchmarks import conftest as bench_conftest
 from benchmarks import report_render, sanitize_kernels
 from benchmarks.conftest import rates
+from tests.cases import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_ORDER = ["wheels", "build", "probe", "tests", "bench ops", "sanitize memcheck", "sanitize racecheck",
@@ -27,7 +28,8 @@ def _gpu_report():
 
 
 def _run(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env())
 
 
 def test_dry_run_prints_the_gpu_plan_within_nine_minutes():
@@ -266,7 +268,7 @@ def test_test_outcomes_stream_to_jsonl_and_summarise(tmp_path):
         "@pytest.mark.skip(reason='no')\n"
         "def test_skipped(): pass\n")
     results = tmp_path / "tests.jsonl"
-    env = {**__import__("os").environ, "CCT_TEST_RESULTS": str(results)}
+    env = subprocess_env(CCT_TEST_RESULTS=str(results))
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
                    env=env, capture_output=True, timeout=120)
     summary = report_render.streamed_test_summary(results)
