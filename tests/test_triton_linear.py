@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from cct_kernels import backends, ops, reference
 from cct_kernels.triton import linear as triton_linear
+from cct_kernels.triton import linear_norm_backward as norm_backward
 from cct_kernels.triton import linear_tiles
 from tests.cases import assert_close_to_reference
 
@@ -104,6 +105,40 @@ def test_gelu_derivative_is_within_its_stated_error(device):
     ones = torch.ones(64, 16, device=device)
     grad_x, _, _ = triton_linear.backward(ones, ones, eye, False, h.float().view(64, 16).to(device), "gelu")
     assert (grad_x.double().flatten().cpu() - exact).abs().max().item() <= 3.5e-7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,bias", [(111, 48, True), (300, 136, False), (1, 7, True)])
+def test_layer_norm_backward_matches_float64(dtype, M, N, bias, device, monkeypatch):
+    """The LayerNorms' backward (linear_norm_backward.py): grad_input, grad_weight and grad_bias from the forward's
+    float32 statistics, against float64 autograd through F.layer_norm; M spans several programs' row chunks."""
+    monkeypatch.setattr(norm_backward, "programs_wanted", lambda device: 2)  # up to 8 programs: chunks and a tail
+    g = torch.Generator().manual_seed(M + N)
+    x64, grad64 = (torch.randn(M, N, generator=g, dtype=torch.float64) * 2 + 0.5 for _ in range(2))
+    w64, b64 = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+
+    def autograd(x, grad, w, b):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        F.layer_norm(leaves[0], (N,), leaves[1], leaves[2] if bias else None, 1e-5).backward(grad)
+        return [leaf.grad for leaf in leaves]
+
+    x, grad, w, b = x64.to(dtype), grad64.to(dtype), w64.to(dtype), b64.to(dtype)
+    stats = torch.stack([x.double().mean(1), (x.double().var(1, unbiased=False) + 1e-5).rsqrt()]).float()
+    got = norm_backward.layer_norm_backward(grad.to(device), x.to(device), stats.to(device), w.to(device), bias)
+    expected, eager = autograd(x.double(), grad.double(), w64, b64), autograd(x, grad, w, b)
+    for name, out, ref, same in zip(("grad_input", "grad_weight", "grad_bias"), got, expected, eager):
+        if name == "grad_bias" and not bias:
+            assert out.shape == (0,)
+            continue
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert_close_to_reference(out.cpu(), ref, same, name)
+
+
+def test_layer_norm_backward_of_no_rows(device):
+    grad = torch.empty(0, 16, device=device)
+    grad_input, grad_weight, grad_bias = norm_backward.layer_norm_backward(
+        grad, grad, torch.empty(2, 0, device=device), torch.ones(16, device=device), True)
+    assert grad_input.shape == (0, 16) and (grad_weight == 0).all() and (grad_bias == 0).all()
 
 
 def test_split_covers_m_in_whole_blocks():

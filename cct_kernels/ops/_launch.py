@@ -79,7 +79,7 @@ class KernelOp:
     def forward_for(self, *tensors):
         """The forward to call with these tensor arguments (all of them, None allowed): every call passes all of the
         op's arguments positionally, so each of the three sees the same inputs."""
-        if _traced(tensors):
+        if traced(tensors):
             return self.forward
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return self._function.apply
@@ -88,10 +88,10 @@ class KernelOp:
     def backward_for(self, *tensors):
         """The backward to call inside the autograd formula, given its tensors: the plain function in an eager
         backward, the registered op when the backward is itself recorded (create_graph) or traced."""
-        return self.backward if torch.is_grad_enabled() or _traced(tensors) else self.run_backward
+        return self.backward if torch.is_grad_enabled() or traced(tensors) else self.run_backward
 
 
-def _traced(tensors) -> bool:
+def traced(tensors) -> bool:
     """Whether a call must go through the registered op: a torch.compile, TorchScript or make_fx trace (fake,
     functional or other subclass tensors), or a torch.func transform."""
     return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()

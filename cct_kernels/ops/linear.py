@@ -56,7 +56,7 @@ import torch
 
 from cct_kernels import backends, reference
 from cct_kernels.ops._checks import autocast_inputs, check_real, check_shape, check_tensor, is_positive_finite
-from cct_kernels.ops._launch import KernelOp, new_seed, run_kernel
+from cct_kernels.ops._launch import KernelOp, new_seed, run_kernel, traced
 
 OP = "linear"
 ACTIVATIONS = reference.ACTIVATIONS
@@ -133,7 +133,7 @@ def _autograd_backward(ctx, grad_out, _grad_saved, _grad_stats, _grad_input_stat
     grad_norm_weight = grad_norm_bias = None
     if norm_weight is not None:
         grad_out, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_out, saved, stats, norm_weight,
-                                                                          norm_bias)
+                                                                          norm_bias, backend)
     pre_activation = saved if activation == "gelu" else saved.new_empty(0)
     backward = _KERNELS.backward_for(grad_out, x)
     grad_x, grad_weight, grad_bias = backward(grad_out, x, weight, has_bias, pre_activation, activation, backend,
@@ -142,16 +142,23 @@ def _autograd_backward(ctx, grad_out, _grad_saved, _grad_stats, _grad_input_stat
     grad_input_norm_weight = grad_input_norm_bias = None
     if input_norm_weight is not None:  # grad_x is the gradient at input_norm(x)
         grad_x, grad_input_norm_weight, grad_input_norm_bias = _layer_norm_backward(
-            grad_x, x, input_stats, input_norm_weight, input_norm_bias)
+            grad_x, x, input_stats, input_norm_weight, input_norm_bias, backend)
     return (grad_x, grad_weight, grad_bias if has_bias else None, grad_out if has_residual else None,
             None, None, None, None, None, None, grad_norm_weight, grad_norm_bias, None, grad_input_norm_weight,
             grad_input_norm_bias, None)
 
 
-def _layer_norm_backward(grad, normalised, stats, weight, bias):
-    """A LayerNorm's backward on ATen's kernel, from the kernels' row statistics: (grad of the rows it normalised,
-    grad weight, grad bias). ATen's CPU kernel takes the statistics in the input's dtype, its CUDA kernel in
-    float32."""
+def _layer_norm_backward(grad, normalised, stats, weight, bias, backend):
+    """A LayerNorm's backward from the kernels' row statistics: (grad of the rows it normalised, grad weight, grad
+    bias). On the backend's own kernel where its kernel module has one (layer_norm_backward: triton) in a plain
+    eager backward, else on ATen's (whose CPU kernel takes the statistics in the input's dtype, its CUDA kernel in
+    float32; torch.compile fuses what it traces, and a recorded backward (create_graph) stays differentiable)."""
+    module = backends.kernel_module(backend, OP)
+    if (hasattr(module, "layer_norm_backward") and not torch.is_grad_enabled() and not traced((grad, normalised))
+            and module.layer_norm_backward_reason(*grad.shape) is None):
+        grad_input, grad_weight, grad_bias = run_kernel(backend, OP, "layer_norm_backward", grad.device, grad,
+                                                        normalised, stats, weight, bias is not None)
+        return grad_input, grad_weight, grad_bias if bias is not None else None
     stat_dtype = normalised.dtype if normalised.device.type == "cpu" else torch.float32
     mean, rstd = (t.to(stat_dtype).view(-1, 1) for t in stats)
     return torch.ops.aten.native_layer_norm_backward(grad, normalised, [normalised.shape[-1]], mean, rstd, weight,

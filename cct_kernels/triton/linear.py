@@ -50,6 +50,9 @@ from cct_kernels.triton.linear_math import (
     gelu_erf, gelu_erf_grad, kept, load_tile, normalise, row_stats, seed_key,
 )
 from cct_kernels.triton.linear_tiles import MIN_CHUNK_ROWS, config, split_rows
+from cct_kernels.triton.linear_norm_backward import (  # noqa: F401 (interface: the LayerNorms' backward)
+    layer_norm_backward, layer_norm_backward_reason,
+)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_M = 8  # row blocks per group of the swizzled program order
@@ -390,6 +393,17 @@ def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True
     return {"name": name, "launch": launch}
 
 
+def _sm90_norm_backward_check(dtype: torch.dtype, M: int, N: int) -> dict:
+    """layer_norm_backward() (the LayerNorms' backward) on meta tensors."""
+
+    def launch():
+        rows = torch.empty(M, N, dtype=dtype, device="meta")
+        stats = torch.empty(2, M, dtype=torch.float32, device="meta")
+        layer_norm_backward(rows, rows, stats, torch.empty(N, dtype=dtype, device="meta"), True)
+
+    return {"name": f"norm_bwd_{str(dtype).split('.')[-1]}_M{M}_N{N}", "launch": launch}
+
+
 # The D=256 encoder block at M = 64 * 256 tokens (bf16): linear1 with GELU (training and inference), proj/linear2
 # with the residual, qkv; their backwards; D=384's mlp (1152); batch 1; float32 (FMA and TF32); an odd shape.
 SM90_CHECKS = [
@@ -417,4 +431,6 @@ SM90_CHECKS = [
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True, tf32=True),
     _sm90_check(torch.float16, 111, 48, 40, activation="gelu", residual=True),
     _sm90_check(torch.float16, 111, 48, 40, activation="gelu", backward_pass=True),
+    _sm90_norm_backward_check(torch.bfloat16, 16384, 256),  # pre_norm's and norm1's backward at D = 256
+    _sm90_norm_backward_check(torch.bfloat16, 12544, 384),
 ]

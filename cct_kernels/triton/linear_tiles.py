@@ -57,7 +57,7 @@ def config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tup
 
 
 @functools.cache
-def _programs_wanted(device: torch.device) -> int:
+def programs_wanted(device: torch.device) -> int:
     """Programs that fill the device once: its SMs on CUDA, an H100's for the meta tensors of the sm_90 check,
     a few on the CPU interpreter (so small tests still split M)."""
     if device.type == "cuda":
@@ -69,6 +69,6 @@ def split_rows(M: int, block_m: int, tiles: int, NK: int, device: torch.device, 
     """(SPLIT, CHUNK) of grad_W's M: SPLIT * tiles programs about fill the device, chunks of at least min_chunk
     rows (rounded to block_m) and SPLIT * N * K < 2**31 (int32 workspace offsets)."""
     blocks = cdiv(M, block_m)
-    split = min(cdiv(_programs_wanted(device), tiles), cdiv(M, min_chunk), (2**31 - 1) // NK)
+    split = min(cdiv(programs_wanted(device), tiles), cdiv(M, min_chunk), (2**31 - 1) // NK)
     chunk = cdiv(blocks, max(1, min(split, blocks))) * block_m
     return cdiv(M, chunk), chunk
