@@ -1,6 +1,6 @@
 """One command for a GPU machine: build the extension, run the tests, benchmarks and compute-sanitizer, write a report.
 
-    python3 benchmarks/gpu_report.py             # every stage, 520 s of budgets (under 9 minutes, build included)
+    python3 benchmarks/gpu_report.py             # every stage, 515 s of budgets (under 9 minutes, build included)
     python3 benchmarks/gpu_report.py --dry-run   # print the plan (for the lent GPU machine when none is here)
     python3 benchmarks/gpu_report.py --skip-build --tests tests/test_ops.py --benchmarks benchmarks/test_bench_models.py
 
@@ -15,6 +15,9 @@ that fails or runs out of time is recorded and the next one still runs):
   build             pip install --no-build-isolation --no-deps -e .  with MAX_JOBS = all cores and
                     TORCH_CUDA_ARCH_LIST = the visible GPU's compute capability (nvidia-smi).
   probe             device, driver and versions (nvidia-smi, nvcc, torch/triton/cct_kernels in a subprocess).
+  train step        issue 15's decisive comparison: `python -m cct_kernels bench` of the cct_7_3x1_32 training step
+                    (bf16, batch 128) with compile, auto, compile:auto and graphs:auto interleaved in rounds; its
+                    table goes into the report (GPU only).
   tests             pytest tests, in parallel (pytest-xdist -n, sized from the cores) when xdist is importable, with a
                     per-test timeout when pytest-timeout is; the CPU-only static checks (tests/test_triton_sm90.py,
                     tests/test_cuda_sources.py: sm_90 compiles and nvcc, which CI runs on CPU) are left out.
@@ -51,8 +54,8 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_render import (benchmark_rows, benchmark_table, junit_summary, load_benchmarks,  # noqa: E402,F401
-                           markdown, pytest_last_line, sanitizer_verdict,
-                           streamed_test_summary)
+                           bench_table_lines, markdown, pytest_last_line,
+                           sanitizer_verdict, streamed_test_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,7 +63,7 @@ WHEEL_DIRS = (".whl", ".wheels")  # git-ignored folders of carried wheels
 STATIC_CHECKS = ("tests/test_triton_sm90.py", "tests/test_cuda_sources.py")  # CPU-only, run by CI
 STATIC_FIGURES = RESULTS / "sm90_static.json"  # committed static sm_90 figures: registers, spills, shared memory
 TOTAL_BUDGET_S = 540  # the device allows 10 minutes per command; the rest is the machine's start and transfers
-# Planned seconds per stage (sum 520). From the H200 run of 2026-11-30: the build took 27 s; the whole test suite
+# Planned seconds per stage (sum 515). From the H200 run of 2026-11-30: the build took 27 s; the whole test suite
 # needs more than 400 s with 12 workers (62% done at 260 s), so the tests get the most, GPU kernels' files first.
 LINEAR_BENCH = "test_bench_linear.py"
 # Test files that run the Triton and CUDA kernels on the GPU, the most kernel cases first (see default_test_files).
@@ -69,8 +72,10 @@ GPU_TEST_FILES = ["tests/test_triton_linear.py", "tests/test_triton_attention.py
                   "tests/test_masked_ops.py", "tests/test_text_tokenize.py", "tests/test_cuda_graphs.py",
                   "tests/test_ops.py", "tests/test_encoder_layer.py", "tests/test_compile.py", "tests/test_nan.py",
                   "tests/test_dropin.py", "tests/test_reliability.py", "tests/test_backends.py", "tests/test_train.py"]
-BUDGETS = {"wheels": 10, "build": 60, "probe": 15, "tests": 200, "bench ops": 70, "sanitize memcheck": 40,
-           "sanitize racecheck": 35, "bench models": 55, "bench compile": 35}
+BUDGETS = {"wheels": 10, "build": 45, "probe": 15, "train step": 60, "tests": 170, "bench ops": 60,
+           "sanitize memcheck": 35, "sanitize racecheck": 30, "bench models": 55, "bench compile": 35}
+# The train step stage's comparison (its run took 53 s on the H200, two compiles included).
+TRAIN_STEP_BACKENDS = "compile,auto,compile:auto,graphs:auto"
 # The lent GPU machine (device tool, nvidia-h200), assumed by --dry-run where no GPU is visible.
 LENT_MACHINE = {"gpu": "NVIDIA H200", "cuda_arch": "9.0", "cpu_count": 16, "xdist": True, "pytest_timeout": True,
                 "compute_sanitizer": "compute-sanitizer", "assumed": True}
@@ -136,6 +141,11 @@ def build_plan(facts: dict, args, wheels: list[str], site: str) -> list[Stage]:
                             BUDGETS["build"], "the image's CUDA torch, nvcc, setuptools, ninja", env))
     stages.append(Stage("probe", [python, "-c", "<environment probe>"], BUDGETS["probe"], "nothing (reports what is"
                         " missing)"))
+    if not args.skip_bench:
+        cmd = [python, "-m", "cct_kernels", "bench", "--model", "cct_7_3x1_32", "--mode", "train", "--backends",
+               TRAIN_STEP_BACKENDS, "--rounds", "6", "--warmup", "2", "--out", "<out>/train_step", "--no-progress"]
+        stages.append(Stage("train step", cmd, BUDGETS["train step"], "a GPU", skip=None if facts["gpu"] else
+                            "no GPU visible"))
     if not args.skip_tests:
         cmd = [python, "-m", "pytest", *(args.tests or default_test_files()), "-q", "-p", "no:cacheprovider", "--junitxml=<out>/junit.xml",
                *(f"--ignore={path}" for path in STATIC_CHECKS)]
@@ -342,6 +352,8 @@ def _read_outputs(stage: Stage, record: dict, out: Path) -> tuple[dict | None, l
             except (OSError, ValueError, KeyError):
                 tests = {"note": f"no junit file ({record['status']}); last line: "
                                  f"{pytest_last_line(out / 'tests.log')}"}
+    if stage.name == "train step" and record["log"]:
+        record["table"] = bench_table_lines((out / record["log"]).read_text(errors="replace"))
     if stage.name.startswith("sanitize") and record["log"]:
         record["sanitizer"] = sanitizer_verdict((out / record["log"]).read_text(errors="replace"))
     if stage.name.startswith("bench"):

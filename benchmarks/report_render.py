@@ -50,6 +50,14 @@ def pytest_last_line(log: Path) -> str | None:
     return found[-1] if found else None
 
 
+def bench_table_lines(log_text: str) -> list[str]:
+    """The result table `python -m cct_kernels bench` prints (from its title line "<model>, batch ...") and the
+    lines after it, for the report; empty when the log has none (the run failed or was cut off first)."""
+    lines = log_text.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^\S+, batch \d+, ", line)]
+    return lines[starts[-1]:] if starts else []
+
+
 # ------------------------------------------------------------------------------------------------ sanitizer
 def sanitizer_verdict(log_text: str) -> dict:
     """compute-sanitizer's verdict from its log: errors (memcheck's "ERROR SUMMARY: N errors"), hazards
@@ -181,6 +189,9 @@ def markdown(report: dict) -> str:
         out += [f"- {line}" for line in tests["failed"][:80]]
     else:
         out.append(tests.get("note", "no test results"))
+    for stage in report["stages"]:
+        if stage.get("table"):
+            out += ["", f"## {stage['name']} (`python -m cct_kernels bench`)", "", "```", *stage["table"], "```"]
     out += ["", "## compute-sanitizer", ""]
     for stage in report["stages"]:
         verdict = stage.get("sanitizer")

@@ -16,7 +16,7 @@ from benchmarks.conftest import rates
 from tests.cases import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_ORDER = ["wheels", "build", "probe", "tests", "bench ops", "sanitize memcheck", "sanitize racecheck",
+STAGE_ORDER = ["wheels", "build", "probe", "train step", "tests", "bench ops", "sanitize memcheck", "sanitize racecheck",
                "bench models", "bench compile"]
 
 
@@ -277,3 +277,23 @@ def test_test_outcomes_stream_to_jsonl_and_summarise(tmp_path):
     text = report_render.markdown({"tests": summary, "stages": [], "benchmarks": [], "command": "x", "seconds": 1.0,
                                    "environment": {"date": "2026-11-30"}})
     assert "1 passed, 1 failed, 0 errors, 1 skipped of 3. cut off before pytest's summary" in text
+
+
+def test_train_step_stage_runs_the_cli_comparison_and_its_table_reaches_the_report():
+    report = _gpu_report()
+    plan = {s.name: s for s in report.build_plan(report.LENT_MACHINE, report._parse_args(["--dry-run"]), [], "/s")}
+    cmd = plan["train step"].cmd
+    assert cmd[1:4] == ["-m", "cct_kernels", "bench"] and "--mode" in cmd and cmd[cmd.index("--mode") + 1] == "train"
+    assert cmd[cmd.index("--backends") + 1] == "compile,auto,compile:auto,graphs:auto" and not plan["train step"].skip
+    cpu_plan = {s.name: s for s in report.build_plan({**report.LENT_MACHINE, "gpu": None},
+                                                     report._parse_args(["--dry-run"]), [], "/s")}
+    assert cpu_plan["train step"].skip == "no GPU visible"
+    log = (ROOT / "benchmarks/results/2026-11-30-nvidia-h200/followup/train.log").read_text()
+    table = report_render.bench_table_lines(log)
+    assert table[0].startswith("cct_7_3x1_32, batch 128, bf16") and any(line.startswith("compile ") for line in table)
+    assert report_render.bench_table_lines("  compile  building, first call\nTraceback ...") == []
+    text = report_render.markdown({"tests": {}, "benchmarks": [], "command": "x", "seconds": 1.0,
+                                   "environment": {"date": "2026-11-30"},
+                                   "stages": [{"name": "train step", "command": "c", "status": "ok", "seconds": 5,
+                                               "budget_s": 60, "table": table}]})
+    assert "## train step (`python -m cct_kernels bench`)" in text and table[0] in text
