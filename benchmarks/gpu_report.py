@@ -16,7 +16,7 @@ that fails or runs out of time is recorded and the next one still runs):
                     TORCH_CUDA_ARCH_LIST = the visible GPU's compute capability (nvidia-smi).
   probe             device, driver and versions (nvidia-smi, nvcc, torch/triton/cct_kernels in a subprocess).
   train step        issue 15's decisive comparison: `python -m cct_kernels bench` of the cct_7_3x1_32 training step
-                    (bf16, batch 128) with compile, auto, compile:auto and graphs:auto interleaved in rounds; its
+                    (bf16, batch 128) with compile, compile-graphs, auto, compile:auto and graphs:auto interleaved; its
                     table goes into the report (GPU only).
   tests             pytest tests, in parallel (pytest-xdist -n, sized from the cores) when xdist is importable, with a
                     per-test timeout when pytest-timeout is; the CPU-only static checks (tests/test_triton_sm90.py,
@@ -74,8 +74,8 @@ GPU_TEST_FILES = ["tests/test_triton_linear.py", "tests/test_triton_attention.py
                   "tests/test_dropin.py", "tests/test_reliability.py", "tests/test_backends.py", "tests/test_train.py"]
 BUDGETS = {"wheels": 10, "build": 45, "probe": 15, "train step": 60, "tests": 170, "bench ops": 60,
            "sanitize memcheck": 35, "sanitize racecheck": 30, "bench models": 55, "bench compile": 35}
-# The train step stage's comparison (its run took 53 s on the H200, two compiles included).
-TRAIN_STEP_BACKENDS = "compile,auto,compile:auto,graphs:auto"
+# The train step stage's comparison (without compile-graphs it took 53 s on the H200, two compiles included).
+TRAIN_STEP_BACKENDS = "compile,compile-graphs,auto,compile:auto,graphs:auto"
 # The lent GPU machine (device tool, nvidia-h200), assumed by --dry-run where no GPU is visible.
 LENT_MACHINE = {"gpu": "NVIDIA H200", "cuda_arch": "9.0", "cpu_count": 16, "xdist": True, "pytest_timeout": True,
                 "compute_sanitizer": "compute-sanitizer", "assumed": True}
@@ -147,8 +147,8 @@ def build_plan(facts: dict, args, wheels: list[str], site: str) -> list[Stage]:
         stages.append(Stage("train step", cmd, BUDGETS["train step"], "a GPU", skip=None if facts["gpu"] else
                             "no GPU visible"))
     if not args.skip_tests:
-        cmd = [python, "-m", "pytest", *(args.tests or default_test_files()), "-q", "-p", "no:cacheprovider", "--junitxml=<out>/junit.xml",
-               *(f"--ignore={path}" for path in STATIC_CHECKS)]
+        cmd = [python, "-m", "pytest", *(args.tests or default_test_files()), "-q", "-p", "no:cacheprovider",
+               "--junitxml=<out>/junit.xml", *(f"--ignore={path}" for path in STATIC_CHECKS)]
         workers = xdist_workers(facts["cpu_count"]) if args.workers is None else args.workers
         if facts["xdist"] and workers > 0:
             cmd += ["-n", str(workers)]
@@ -167,7 +167,8 @@ def build_plan(facts: dict, args, wheels: list[str], site: str) -> list[Stage]:
     if not args.skip_sanitize:
         steps += [(f"sanitize {tool}", tool, None) for tool in ("memcheck", "racecheck")]
     # compile rows of the models first: the model-level comparison with torch.compile is the one that decides
-    steps += [("bench models", model_files, "not compile_row"), ("bench compile", model_files + op_files, "compile_row")]
+    steps += [("bench models", model_files, "not compile_row"),
+              ("bench compile", model_files + op_files, "compile_row")]
     for name, what, marker in steps:
         if name.startswith("sanitize"):
             cmd = [facts["compute_sanitizer"] or "compute-sanitizer", "--tool", what, "--target-processes", "all",

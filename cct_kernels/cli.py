@@ -29,7 +29,8 @@ from cct_kernels.models import MODELS, TEXT_MODELS, list_models
 from cct_kernels.train import TrainConfig, train
 
 DEFAULT_OUT = "cct_bench_results"
-SPEED_BACKENDS = ("eager", profiling.COMPILE, *backends.KERNEL_BACKENDS, "auto", profiling.ONNXRUNTIME,
+SPEED_BACKENDS = ("eager", profiling.COMPILE, profiling.COMPILE_GRAPHS, *backends.KERNEL_BACKENDS, "auto",
+                  profiling.ONNXRUNTIME,
                   *(prefix + b for prefix in (profiling.COMPILE_OURS, profiling.GRAPHS)
                     for b in (*backends.KERNEL_BACKENDS, "auto")))
 
@@ -266,11 +267,12 @@ def _common_arguments(parser: argparse.ArgumentParser, default_mode: str | None)
                         help="inference forward, training step (forward, backward, AdamW), or both")
     parser.add_argument("--backends", type=backend_list, metavar="LIST",
                         help=f"comma-separated, from {', '.join(SPEED_BACKENDS)} (compile: torch.compile of "
-                             "eager; compile:B: torch.compile over our ops with backend B; graphs:B: inference or the "
-                             "whole training step replayed from a CUDA graph; onnxruntime: the eager model exported "
-                             "to ONNX Runtime (CPU, where installed); "
-                             "default: eager, compile, each kernel backend that can run on the device, auto, "
-                             "compile:auto, on CUDA graphs:auto, on CPU onnxruntime where installed)")
+                             "eager; compile-graphs: the same with mode='reduce-overhead' (CUDA graphs); compile:B: "
+                             "torch.compile over our ops with backend B; graphs:B: inference or the whole training "
+                             "step replayed from a CUDA graph; onnxruntime: the eager model exported to ONNX Runtime "
+                             "(CPU, where installed); default: eager, compile, on CUDA compile-graphs, each kernel "
+                             "backend that can run on the device, auto, compile:auto, on CUDA graphs:auto, on CPU "
+                             "onnxruntime where installed)")
     parser.add_argument("--dropout", type=float_in(0, 1), metavar="P",
                         help="the model's dropout rate (its factory's `dropout`: the encoder blocks' proj_drop, "
                              "dropout1 and dropout2; default the factory's, 0 for the CCT family); training steps "

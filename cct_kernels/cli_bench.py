@@ -110,7 +110,7 @@ def _prepare(model_name, names, device, dtype, batch, kwargs) -> tuple[dict, dic
     """
     prepared, errors, reference = {}, {}, None
     for name in names:
-        compiles = name == profiling.COMPILE or name.startswith(profiling.COMPILE_OURS)
+        compiles = name in (profiling.COMPILE, profiling.COMPILE_GRAPHS) or name.startswith(profiling.COMPILE_OURS)
         print(f"  {name:<8} building, first call{' (compiles)' if compiles else ''}",
               file=sys.stderr)
         try:

@@ -35,6 +35,9 @@ from cct_kernels.models import create_model
 
 DEFAULT_MODEL = "cct_7_3x1_32"
 COMPILE = "compile"
+# torch.compile(mode="reduce-overhead") of the eager model: inductor's code replayed from CUDA graphs, what a user
+# would set against our graphs:* rows (CUDA only)
+COMPILE_GRAPHS = "compile-graphs"
 COMPILE_OURS = "compile:"  # prefix: "compile:auto" is torch.compile over the model with backend "auto"
 GRAPHS = "graphs:"  # prefix: "graphs:auto" replays the model's inference forward or training step from a CUDA graph
 ONNXRUNTIME = "onnxruntime"
@@ -90,6 +93,8 @@ def backend_reason(name: str, device: torch.device) -> str | None:
         return None
     if name == COMPILE:
         return compile_reason(device)
+    if name == COMPILE_GRAPHS:
+        return "CUDA graphs need a CUDA device" if device.type != "cuda" else compile_reason(device)
     if name.startswith(COMPILE_OURS):
         inner = name[len(COMPILE_OURS):]
         if inner not in backends.BACKENDS or inner == "eager":
@@ -118,7 +123,7 @@ def backend_reason(name: str, device: torch.device) -> str | None:
 def speed_backends(device: torch.device) -> list[str]:
     """eager, compile, each kernel backend that can run on `device`, auto, compile:auto, on CUDA graphs:auto, and on
     CPU onnxruntime where it is installed (the default comparison)."""
-    names = (["eager", COMPILE] + list(backends.KERNEL_BACKENDS)
+    names = (["eager", COMPILE, COMPILE_GRAPHS] + list(backends.KERNEL_BACKENDS)
              + ["auto", COMPILE_OURS + "auto", GRAPHS + "auto", ONNXRUNTIME])
     return [n for n in names if backend_reason(n, device) is None]
 
@@ -134,8 +139,8 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
     instead would throw away the code of the compiled models built before, which then recompile while timed.)
     """
     torch.manual_seed(seed)
-    compiled = backend == COMPILE or backend.startswith(COMPILE_OURS)
-    ops_backend = ("eager" if backend in (COMPILE, ONNXRUNTIME)
+    compiled = backend in (COMPILE, COMPILE_GRAPHS) or backend.startswith(COMPILE_OURS)
+    ops_backend = ("eager" if backend in (COMPILE, COMPILE_GRAPHS, ONNXRUNTIME)
                    else backend.removeprefix(COMPILE_OURS).removeprefix(GRAPHS))
     model = create_model(name, backend=ops_backend, **model_kwargs).to(device=device, dtype=dtype)
     if backend.startswith(GRAPHS):
@@ -146,7 +151,7 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 64)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
-        model = torch.compile(model)
+        model = torch.compile(model, mode="reduce-overhead" if backend == COMPILE_GRAPHS else None)
     return model
 
 

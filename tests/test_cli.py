@@ -57,6 +57,8 @@ def test_default_backends_never_time_the_triton_interpreter(monkeypatch):
     assert "triton" not in names
     assert "interpreter" in profiling.backend_reason("compile:triton", cpu)
     assert profiling.backend_reason("graphs:auto", cpu) == "CUDA graphs need a CUDA device"
+    assert profiling.backend_reason("compile-graphs", cpu) == "CUDA graphs need a CUDA device"
+    assert "compile-graphs" not in profiling.speed_backends(cpu)
     assert "interpreter" in profiling.backend_reason("triton", cpu)
 
 
