@@ -1,6 +1,7 @@
 """The GPU report's plan, checked on CPU so it cannot rot: benchmarks/gpu_report.py (--dry-run, stages, budgets,
 a small real run), compute-sanitizer verdicts, benchmarks/sanitize_kernels.py, and the benchmark timing helpers."""
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import conftest as bench_conftest
-from benchmarks import report_render, sanitize_kernels
+from benchmarks import report_render, sanitize_kernels, tune_linear
 from benchmarks.conftest import rates
 from tests.cases import subprocess_env
 
@@ -298,3 +299,18 @@ def test_train_step_stage_runs_the_cli_comparison_and_its_table_reaches_the_repo
                                    "stages": [{"name": "train step", "command": "c", "status": "ok", "seconds": 5,
                                                "budget_s": 60, "table": table}]})
     assert "## train step (`python -m cct_kernels bench`)" in text and table[0] in text
+
+
+def test_tune_linear_sweeps_candidates_against_the_reference(tmp_path):
+    """benchmarks/tune_linear.py (the tile sweep for a GPU session) runs its whole loop under the interpreter: every
+    case, two candidates per kernel kind, each checked against torch before it is timed, and writes its JSON."""
+    out = tmp_path / "tune.json"
+    result = _run("benchmarks/tune_linear.py", "--interpret", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert [c["case"] for c in report["cases"]] == [f"{c[0]} {c[-1]}" for c in tune_linear.CASES]
+    for case in report["cases"]:
+        kinds = {row["kind"] for row in case["candidates"]}
+        assert kinds == set(tune_linear.KINDS[case["case"].split()[-1]])
+        assert all("ms" in row and row["max_rel_error"] < 1e-4 for row in case["candidates"]), case
+    assert _run("benchmarks/tune_linear.py", "--dry-run").stdout.count("candidates") == 7
