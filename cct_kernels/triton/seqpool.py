@@ -43,8 +43,9 @@ META_SM_COUNT = 132  # H100 SXM / H200
 def auto_declines(x, weight, bias, lengths=None, *, backend="triton"):
     """"auto" leaves SeqPool to the cuda kernel (or eager): on the H200 (2026-11-30, B 128, N 256, D 256, bf16, CUDA
     graph replay) this forward took 46 µs against 17 µs for the cuda kernel and 15 µs for eager, and forward +
-    backward 160 µs against 78 / 76 µs (benchmarks/NOTES.md, "First GPU run"). backend="triton" by name still runs
-    it."""
+    backward 160 µs against 78 / 76 µs (benchmarks/NOTES.md, "First GPU run"). The kernels since keep one online
+    softmax per token lane (no barrier left in their loops); until a GPU run measures them, auto keeps to what was
+    measured. backend="triton" by name still runs them."""
     return "measured slower than the cuda kernel and eager on an H200 (46 vs 17 µs forward at B 128, N 256, D 256)"
 
 
@@ -83,21 +84,34 @@ def _forward_partial_kernel(
     m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
     l = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     if ONE_D_BLOCK:
+        # One online softmax per token lane (lane i sees tokens n0 + i): the loop's only reduction is each token's
+        # dot with w, within a warp; the lanes are merged once at the end. Merging per block (max, sum and the
+        # weighted sum over the block's tokens every step) put three cross-warp reductions, each through shared
+        # memory behind a barrier, on every step's critical path: 46 µs at B 128, N 256, D 256 on an H200, 8x the
+        # prediction (benchmarks/NOTES.md, "First GPU run").
         d_mask = offs_d < D
         w = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        acc = tl.zeros([BLOCK_D], tl.float32)
+        m_lane = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_lane = tl.zeros([BLOCK_N], tl.float32)
+        acc_lane = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for n0 in range(n_start, n_end, BLOCK_N):
             n = n0 + offs_n
             n_mask = n < n_end
             xt = tl.load(x_row + n[:, None] * D + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             xt = xt.to(tl.float32)
             s = tl.where(n_mask, tl.sum(xt * w[None, :], 1) + bias, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            alpha = tl.exp(m - m_new)  # exp(-inf) = 0 on the first block
-            p = tl.exp(s - m_new)
-            l = l * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * xt, 0)
-            m = m_new
+            # NaN propagates (the GPU's max would return the other operand), as the reference's softmax does; a lane
+            # with no token yet (m_new = -inf) keeps l = 0 and acc = 0 (exp(-inf - -inf) would be NaN)
+            m_new = tl.maximum(m_lane, s, propagate_nan=tl.PropagateNan.ALL)
+            alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_lane - m_new))
+            p = tl.where(m_new == float("-inf"), 0.0, tl.exp(s - m_new))
+            l_lane = l_lane * alpha + p
+            acc_lane = acc_lane * alpha[:, None] + p[:, None] * xt
+            m_lane = m_new
+        m = tl.max(m_lane, 0)
+        scale = tl.where(m_lane == float("-inf"), 0.0, tl.exp(m_lane - m))
+        l = tl.sum(l_lane * scale, 0)
+        acc = tl.sum(acc_lane * scale[:, None], 0)
         tl.store(acc_ws + ws.to(tl.int64) * D + offs_d, acc, mask=d_mask)
     else:
         # Wide rows: the scores need the whole row before the weights are known, so each token block is read
@@ -197,7 +211,7 @@ def _backward_kernel(
         g = tl.load(g_ptr + row64 * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         o = tl.load(out_ptr + row64 * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         g_out = tl.sum(g * o, 0)
-        dw = tl.zeros([BLOCK_D], tl.float32)
+        dw_lane = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # per token lane, summed once after the loop (see forward)
         for n0 in range(n_start, real_end, BLOCK_N):
             n = n0 + offs_n
             n_mask = n < real_end
@@ -209,9 +223,9 @@ def _backward_kernel(
             ds = p * (tl.sum(xt * g[None, :], 1) - g_out)
             dx = p[:, None] * g[None, :] + ds[:, None] * w[None, :]
             tl.store(dx_row + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            dw += tl.sum(ds[:, None] * xt, 0)
+            dw_lane += ds[:, None] * xt
             db += ds
-        tl.store(dw_ws + ws.to(tl.int64) * D + offs_d, dw, mask=d_mask)
+        tl.store(dw_ws + ws.to(tl.int64) * D + offs_d, tl.sum(dw_lane, 0), mask=d_mask)
     else:
         # Wide rows: pass 1 over D chunks gives x.w and x.g per token, pass 2 (x from L1/L2) writes dx and adds to
         # the partial dw in the (zeroed) workspace row this program owns.
