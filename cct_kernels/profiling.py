@@ -121,8 +121,8 @@ def backend_reason(name: str, device: torch.device) -> str | None:
 
 
 def speed_backends(device: torch.device) -> list[str]:
-    """eager, compile, each kernel backend that can run on `device`, auto, compile:auto, on CUDA graphs:auto, and on
-    CPU onnxruntime where it is installed (the default comparison)."""
+    """eager, compile, on CUDA compile-graphs, each kernel backend that can run on `device`, auto, compile:auto, on
+    CUDA graphs:auto, and on CPU onnxruntime where it is installed (the default comparison)."""
     names = (["eager", COMPILE, COMPILE_GRAPHS] + list(backends.KERNEL_BACKENDS)
              + ["auto", COMPILE_OURS + "auto", GRAPHS + "auto", ONNXRUNTIME])
     return [n for n in names if backend_reason(n, device) is None]
