@@ -1,6 +1,7 @@
-"""How the registered custom ops call a kernel backend: on the tensors' device, with outputs in one fixed layout.
+"""How the ops call a kernel backend: on the tensors' device, with outputs in one fixed layout, through the registered
+custom ops or, for plain eager calls, around them (KernelOp).
 
-Every custom op implementation goes through run_kernel, so three rules hold for every kernel of every backend:
+Every op implementation goes through run_kernel, so three rules hold for every kernel of every backend:
 - Device: Triton and CUDA launches go to the *current* CUDA device, not the tensor's; run_kernel makes the tensor's
   device current for the call (a tensor on cuda:1 would otherwise be read from a cuda:0 launch).
 - Layout: every output tensor is returned contiguous (row-major), or contiguous in the memory format the op names
