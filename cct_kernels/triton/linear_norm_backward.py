@@ -37,8 +37,10 @@ def _layer_norm_backward_kernel(g_ptr, x_ptr, stats_ptr, w_ptr, gx_ptr, gw_part_
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    gw_sum = tl.zeros([BLOCK_N], tl.float32)
-    gb_sum = tl.zeros([BLOCK_N], tl.float32)
+    # column sums kept per row lane and reduced once after the loop: a reduction across the tile's rows every step
+    # is a cross-warp one, through shared memory behind barriers (as in seqpool.py's forward)
+    gw_lane = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    gb_lane = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     first = pid * ROWS_PER_PROGRAM
     last = tl.minimum(first + ROWS_PER_PROGRAM, M)
     for row0 in range(first, last, BLOCK_M):
@@ -56,12 +58,12 @@ def _layer_norm_backward_kernel(g_ptr, x_ptr, stats_ptr, w_ptr, gx_ptr, gw_part_
         c2 = tl.sum(gw, 1) / N
         gx = (gw - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-        gw_sum += tl.sum(g * xhat, 0)
+        gw_lane += g * xhat
         if HAS_BIAS:
-            gb_sum += tl.sum(g, 0)
-    tl.store(gw_part_ptr + pid * N + cols, gw_sum, mask=col_ok)
+            gb_lane += g
+    tl.store(gw_part_ptr + pid * N + cols, tl.sum(gw_lane, 0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(gb_part_ptr + pid * N + cols, gb_sum, mask=col_ok)
+        tl.store(gb_part_ptr + pid * N + cols, tl.sum(gb_lane, 0), mask=col_ok)
 
 
 def layer_norm_backward_reason(M: int, N: int) -> str | None:
