@@ -36,9 +36,12 @@ residual arrive flattened to 2-D, every tensor contiguous:
            grad_out is the gradient at the sum, before norm
     unsupported(x, weight, bias, residual, activation, norm_weight, *, backend) -> why a kernel cannot serve the
         call, or None
+and may define the LayerNorms' backward (the triton backend does):
+    layer_norm_backward(grad (R, C), normalised (R, C), stats (2, R) float32, weight (C,), has_bias)
+        -> (grad_input, grad_weight, grad_bias or an empty (0,) tensor);  layer_norm_backward_reason(R, C) -> str | None
 seed: a (1,) int64 tensor on x's device when dropout_p > 0, else None. The residual's gradient is grad_out itself,
-passed through by autograd with no kernel; both LayerNorms' backwards run on ATen's LayerNorm backward, from the
-kernels' row statistics.
+passed through by autograd with no kernel; both LayerNorms' backwards run from the kernels' row statistics, on the
+backend's layer_norm_backward in a plain eager backward where it has one, else on ATen's LayerNorm backward.
 
 Errors (from linear's own checks, before any kernel runs):
     TypeError   a tensor argument not a floating-point torch.Tensor, or dtypes that differ.
