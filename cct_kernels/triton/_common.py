@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
+
+META_SM_COUNT = 132  # H100 SXM / H200: the SMs launches on meta tensors plan for (the sm_90 static checks)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -16,6 +19,15 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Host-side triton.next_power_of_2 (the same values, 0 for 0) without its constexpr-call cost."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int | None:
+    """The streaming multiprocessors a launch on `device` fills: the GPU's own, an H100's / H200's for meta tensors
+    (sm90.py compiles launches made on them), None on the CPU interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return META_SM_COUNT if device.type == "meta" else None
 
 
 def dot_precision(dtype: torch.dtype) -> str:

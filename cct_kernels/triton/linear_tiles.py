@@ -5,9 +5,8 @@ import functools
 
 import torch
 
-from cct_kernels.triton._common import cdiv, next_power_of_2
+from cct_kernels.triton._common import META_SM_COUNT, cdiv, next_power_of_2, sm_count
 
-META_SM_COUNT = 132  # H100 SXM / H200: what the sm_90 static check (meta tensors) plans for
 # grad_W's split of M: at least this many rows per chunk, so the float32 partials (N*K*4 bytes per chunk) stay
 # small beside the chunk's reads (MIN_CHUNK_ROWS * (2N + K) * 2 bytes in 16-bit).
 MIN_CHUNK_ROWS = 512
@@ -56,13 +55,10 @@ def config(kind: str, dtype: torch.dtype, rows: int, cols: int, red: int) -> tup
     return block_r, block_c, block_red, num_warps, num_stages
 
 
-@functools.cache
 def programs_wanted(device: torch.device) -> int:
-    """Programs that fill the device once: its SMs on CUDA, an H100's for the meta tensors of the sm_90 check,
-    a few on the CPU interpreter (so small tests still split M)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return META_SM_COUNT if device.type == "meta" else 4
+    """Programs that fill the device once: its SMs (an H100's for the meta tensors of the sm_90 check), a few on
+    the CPU interpreter (so small tests still split M)."""
+    return sm_count(device) or 4
 
 
 def split_rows(M: int, block_m: int, tiles: int, NK: int, device: torch.device, min_chunk: int) -> tuple[int, int]:

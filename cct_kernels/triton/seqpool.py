@@ -22,13 +22,11 @@ Floors on an H100 (3.35 TB/s) in bf16: forward reads x once (B*N*D*2 bytes): 5.0
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from cct_kernels.triton._common import cdiv, next_power_of_2
+from cct_kernels.triton._common import cdiv, next_power_of_2, sm_count
 from cct_kernels.triton.key_padding import real_tokens
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,7 +35,6 @@ MAX_BLOCK_D = 1024  # widest D chunk held in registers; wider rows are looped ov
 # registers low (48-64 on sm_90), so several programs share an SM and keep loads in flight.
 FORWARD_TILE = 4096
 BACKWARD_TILE = 2048
-META_SM_COUNT = 132  # H100 SXM / H200
 
 
 def auto_declines(x, weight, bias, lengths=None, *, backend="triton"):
@@ -292,14 +289,9 @@ def _empty(*shape, device, dtype):
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
-@functools.cache
 def _programs_wanted(device: torch.device) -> int:
     """About four programs per SM keep enough loads in flight; on the CPU interpreter a few splits suffice."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    if device.type == "meta":  # the sm_90 static check (sm90.py) launches on meta tensors for an H100/H200
-        return 4 * META_SM_COUNT
-    return 4
+    return 4 * (sm_count(device) or 1)
 
 
 def _blocks(D: int, max_block_d: int, tile: int) -> tuple[int, int, int]:

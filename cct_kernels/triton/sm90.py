@@ -37,7 +37,6 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 HOPPER = GPUTarget("cuda", 90, 32)
 OPS = ("attention", "linear", "seqpool", "text_tokenize", "tokenize")
-SM_COUNT = 132  # H100 SXM and H200: what launchers that size grids by SM count see for meta tensors
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 

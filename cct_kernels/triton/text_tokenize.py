@@ -32,11 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from cct_kernels.triton._common import cdiv, next_power_of_2
+from cct_kernels.triton._common import META_SM_COUNT, cdiv, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_POOL_KERNEL = 127  # offsets inside the window up to 126 fit the int8 pool_index
-META_SM_COUNT = 132  # H100 SXM / H200: grad_weight's split fills about two waves of programs
 NUM_WARPS = 8  # the GEMM kernels' 64x64 tiles: 4 warps held 223 registers (bf16 forward) and spilled in float32
 
 
@@ -262,7 +261,8 @@ def forward(x, weight, stride, padding, relu, pool_kernel, pool_stride, pool_pad
 
 
 def _split(M: int, tiles: int, block_m: int) -> int:
-    """Parts of the grad_weight reduction over M conv rows: about two waves of programs, each part >= 4 blocks."""
+    """Parts of the grad_weight reduction over M conv rows: about two waves of programs on an H100/H200, each part
+    >= 4 blocks."""
     return max(1, min(cdiv(M, 4 * block_m), cdiv(2 * META_SM_COUNT, tiles)))
 
 
