@@ -171,15 +171,12 @@ class GraphedInference(nn.Module):
             raise ValueError("a GraphedInference model runs inference only (make_step captures its training step)")
         if self._graph is None:
             self._inputs = [x.clone() for x in inputs]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(2):  # warm-up outside the capture: kernel compilation, allocator pools, caches
-                    self.model(*self._inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph), torch.inference_mode():
-                self._output = self.model(*self._inputs)
+
+            def forward():
+                with torch.inference_mode():
+                    return self.model(*self._inputs)
+
+            self._graph, self._output = _captured(forward, warmups=2)
         for buffer, x in zip(self._inputs, inputs):
             buffer.copy_(x)
         self._graph.replay()
@@ -276,28 +273,34 @@ def _graphed_train_step(model: nn.Module, inputs: tuple, labels: torch.Tensor) -
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
 
     def body():
+        optimizer.zero_grad(set_to_none=True)  # no kernel: the capture's backward then makes the gradients itself
         loss = F.cross_entropy(model(*inputs).float(), labels)
         loss.backward()
         optimizer.step()
         return loss
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        loss = body()
+    graph, loss = _captured(body, warmups=3)
 
     def step():
         graph.replay()
         return loss
 
     return step
+
+
+def _captured(run: Callable, warmups: int):
+    """(graph, run()'s output from the capture): `run` called `warmups` times on a side stream (kernel compiles,
+    library handles, the allocator's pools stay out of the capture), then captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = run()
+    return graph, output
 
 
 def synchronize(device: torch.device):
