@@ -359,12 +359,15 @@ def test_linear_layer_norm_errors():
         ops.linear(x, w, b, norm_weight=torch.ones(6), norm_bias=torch.ones(6, dtype=torch.float64))
 
 
-def test_triton_layer_norm_epilogue_declines_rows_wider_than_its_tile():
+def test_triton_layer_norms_decline_rows_wider_than_their_tiles():
     from cct_kernels.triton import linear as triton_linear
 
     x, weight = torch.empty(4, 8, device="meta"), torch.empty(2048, 8, device="meta")
     assert "N must be <= 1024" in triton_linear.unsupported(x, weight, None, None, "none", torch.empty(2048))
     assert triton_linear.unsupported(x, weight, None, None, "none") is None
+    wide = torch.empty(4, 9000, device="meta")
+    assert "K must be <= 8192" in triton_linear.unsupported(wide, torch.empty(2, 9000, device="meta"), None, None,
+                                                            "none", None, torch.empty(9000))
 
 
 @pytest.mark.parametrize("backend", KERNEL_SERVING)

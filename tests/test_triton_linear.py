@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cct_kernels import backends, ops, reference
 from cct_kernels.triton import linear as triton_linear
-from cct_kernels.triton import linear_norm_backward as norm_backward
+from cct_kernels.triton import linear_norm
 from cct_kernels.triton import linear_tiles
 from tests.cases import assert_close_to_reference
 
@@ -110,9 +110,9 @@ def test_gelu_derivative_is_within_its_stated_error(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,bias", [(111, 48, True), (300, 136, False), (1, 7, True)])
 def test_layer_norm_backward_matches_float64(dtype, M, N, bias, device, monkeypatch):
-    """The LayerNorms' backward (linear_norm_backward.py): grad_input, grad_weight and grad_bias from the forward's
+    """The LayerNorms' backward (linear_norm.py): grad_input, grad_weight and grad_bias from the forward's
     float32 statistics, against float64 autograd through F.layer_norm; M spans several programs' row chunks."""
-    monkeypatch.setattr(norm_backward, "programs_wanted", lambda device: 2)  # up to 8 programs: chunks and a tail
+    monkeypatch.setattr(linear_norm, "programs_wanted", lambda device: 2)  # up to 8 programs: chunks and a tail
     g = torch.Generator().manual_seed(M + N)
     x64, grad64 = (torch.randn(M, N, generator=g, dtype=torch.float64) * 2 + 0.5 for _ in range(2))
     w64, b64 = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
@@ -124,7 +124,7 @@ def test_layer_norm_backward_matches_float64(dtype, M, N, bias, device, monkeypa
 
     x, grad, w, b = x64.to(dtype), grad64.to(dtype), w64.to(dtype), b64.to(dtype)
     stats = torch.stack([x.double().mean(1), (x.double().var(1, unbiased=False) + 1e-5).rsqrt()]).float()
-    got = norm_backward.layer_norm_backward(grad.to(device), x.to(device), stats.to(device), w.to(device), bias)
+    got = linear_norm.layer_norm_backward(grad.to(device), x.to(device), stats.to(device), w.to(device), bias)
     expected, eager = autograd(x.double(), grad.double(), w64, b64), autograd(x, grad, w, b)
     for name, out, ref, same in zip(("grad_input", "grad_weight", "grad_bias"), got, expected, eager):
         if name == "grad_bias" and not bias:
@@ -134,9 +134,37 @@ def test_layer_norm_backward_matches_float64(dtype, M, N, bias, device, monkeypa
         assert_close_to_reference(out.cpu(), ref, same, name)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,bias", [(111, 48, True), (37, 136, False), (1, 7, True)])
+def test_layer_norm_rows_match_float64(dtype, M, N, bias, device):
+    """The input LayerNorm's row pass (linear_norm.py): rows against float64 F.layer_norm (error at most ~2x the
+    same-dtype eager one), float32 statistics against float64's mean and 1 / std, and normalise_rows remaking the
+    same rows to the bit from those statistics; M spans several programs with a tail."""
+    g = torch.Generator().manual_seed(M + N)
+    x64 = torch.randn(M, N, generator=g, dtype=torch.float64) * 3 + 1.5
+    w64, b64 = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype) if bias else None
+    rows, stats = linear_norm.layer_norm_rows(x.to(device), w.to(device), None if b is None else b.to(device), 1e-5)
+    assert rows.dtype == dtype and stats.dtype == torch.float32 and stats.shape == (2, M)
+    expected = F.layer_norm(x.double(), (N,), w64, b64 if bias else None, 1e-5)
+    eager = F.layer_norm(x, (N,), w, b, 1e-5)
+    assert_close_to_reference(rows.cpu(), expected, eager, "rows")
+    xd = x.double()
+    exact = torch.stack([xd.mean(1), (xd.var(1, unbiased=False) + 1e-5).rsqrt()])
+    torch.testing.assert_close(stats.double().cpu(), exact, rtol=2e-6, atol=2e-6)
+    again = linear_norm.normalise_rows(x.to(device), stats, w.to(device), None if b is None else b.to(device))
+    assert torch.equal(again, rows)
+
+
+def test_layer_norm_rows_refuse_rows_wider_than_the_tile():
+    x = torch.empty(2, linear_norm.MAX_COLUMNS + 1, device="meta")
+    with pytest.raises(ValueError, match="hold whole rows"):
+        linear_norm.layer_norm_rows(x, x[0], None, 1e-5)
+
 def test_layer_norm_backward_of_no_rows(device):
     grad = torch.empty(0, 16, device=device)
-    grad_input, grad_weight, grad_bias = norm_backward.layer_norm_backward(
+    grad_input, grad_weight, grad_bias = linear_norm.layer_norm_backward(
         grad, grad, torch.empty(2, 0, device=device), torch.ones(16, device=device), True)
     assert grad_input.shape == (0, 16) and (grad_weight == 0).all() and (grad_bias == 0).all()
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from cct_kernels import extension, reference
 
 
-def unsupported(x, weight, bias, residual, activation, norm_weight=None, *, backend: str) -> str | None:
+def unsupported(x, weight, bias, residual, activation, norm_weight=None, input_norm_weight=None, *,
+                backend: str) -> str | None:
     return extension.dtype_reason(x.dtype)
 
 

@@ -15,7 +15,7 @@ differentiated: a constant such as a drop mask), norm_weight / norm_bias (N,), i
 (K,) -> (..., N). Dtypes: float32, float16, bfloat16, all tensors the same. activation: "none" or "gelu" (exact erf
 GELU, F.gelu's default; not with norm). dropout_p in [0, 1]: pass it only in training (kept values are scaled by
 1 / (1 - p); p = 1 gives zeros, as F.dropout). Any M = prod(x.shape[:-1]) >= 0, K >= 1, N >= 1; the triton
-backend's norm holds whole rows in a tile: N <= 1024 (it declines wider rows).
+backend's LayerNorms hold whole rows: norm N <= 1024, input_norm K <= 8192 (it declines wider rows).
 Dropout's mask: on the eager backend F.dropout's (torch's generator, as the official nn.Dropout). Every kernel
 backend draws reference.linear_dropout_mask(seed, M, N, p) (a counter-based hash of the row and column) from a
 seed the op takes from torch's generator, so torch.manual_seed reproduces a run and the backward redraws the mask
@@ -34,8 +34,8 @@ residual arrive flattened to 2-D, every tensor contiguous:
         -> (grad of the GEMM's input (M, K) (input_norm(x) with input_norm), grad_weight (N, K), grad_bias (N,) or
            an empty (0,) tensor without bias), through grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out;
            grad_out is the gradient at the sum, before norm
-    unsupported(x, weight, bias, residual, activation, norm_weight, *, backend) -> why a kernel cannot serve the
-        call, or None
+    unsupported(x, weight, bias, residual, activation, norm_weight, input_norm_weight, *, backend) -> why a kernel
+        cannot serve the call, or None
 and may define the LayerNorms' backward (the triton backend does):
     layer_norm_backward(grad (R, C), normalised (R, C), stats (2, R) float32, weight (C,), has_bias)
         -> (grad_input, grad_weight, grad_bias or an empty (0,) tensor);  layer_norm_backward_reason(R, C) -> str | None
@@ -228,7 +228,8 @@ def linear(
     norms = (norm_weight, norm_bias, norm_eps, input_norm_weight, input_norm_bias, input_norm_eps)
     residual2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
     scale2 = None if row_scale is None else row_scale.detach().reshape(-1).contiguous()
-    name = backends.select(OP, backend, x.device, x2, weight, bias, residual2, activation, norm_weight)
+    name = backends.select(OP, backend, x.device, x2, weight, bias, residual2, activation, norm_weight,
+                           input_norm_weight)
     if name == "eager":
         return reference.linear(x, weight, bias, activation=activation, residual=residual,
                                 row_scale=None if row_scale is None else row_scale.detach(), dropout_p=dropout_p,

@@ -2,9 +2,9 @@
     out = norm(dropout(activation(input_norm(x) @ weight.T + bias)) * row_scale + residual), forward and backward.
 
 Kernel-module interface of cct_kernels.backends for the op cct_kernels.ops.linear (see ops/linear.py for the
-arguments and outputs of forward and backward): unsupported(x, weight, bias, residual, activation, norm_weight, *,
-backend) -> str | None; forward(...) -> (out, saved, stats, input_stats); backward(...) -> (grad at the GEMM's input,
-grad_weight, grad_bias).
+arguments and outputs of forward and backward): unsupported(x, weight, bias, residual, activation, norm_weight,
+input_norm_weight, *, backend) -> str | None; forward(...) -> (out, saved, stats, input_stats); backward(...) ->
+(grad at the GEMM's input, grad_weight, grad_bias).
 Every tensor contiguous and of one dtype (float32, float16, bfloat16); outputs in that dtype. Any M >= 0,
 N, K >= 1 (every tile is masked at the tails); M*K, M*N and N*K below 2**31 (int32 offsets), else unsupported()
 says so.
@@ -13,14 +13,14 @@ Forward: one tiled GEMM (tl.dot, float32 accumulation; wgmma on sm_90 for 16-bit
 order (GROUP_M row blocks walk the column blocks together, so their x rows and W stay in L2), epilogue on the
 float32 accumulator: + bias, the value h stored when the backward needs it (GELU with save_for_backward), the
 erf GELU h * Phi(h), dropout (the mask hashed per tile: linear_math.py), * row_scale, + residual, one rounding to
-the output dtype; with norm (norm1) a tile spans whole rows and is normalised in registers. With input_norm
-(pre_norm) each program first takes its x rows' mean and 1 / std (two passes over K), then normalises every x tile
-as it loads it.
+the output dtype; with norm (norm1) a tile spans whole rows and is normalised in registers. input_norm (pre_norm)
+is a row pass of its own ahead of the GEMM (linear_norm.layer_norm_rows: the normalised rows and their mean and
+1 / std), measured faster than normalising the GEMM's x tiles as they load (see linear_norm.py).
 Backward: grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (h the saved pre-activation, in the input dtype,
 as the reference's gelu_backward sees it; the mask rehashed) is computed in the prologue of both GEMMs from the
-grad_out and h tiles they load, so no grad_h tensor is written (with input_norm, grad_W's prologue normalises x's
-tiles again from the forward's statistics); it is rounded to the input dtype before each
-tensor-core product, as the reference's grad_h tensor is. Two kernels, no atomics (deterministic):
+grad_out and h tiles they load, so no grad_h tensor is written (with input_norm, grad_W's x is the forward's
+normalised rows, remade from its statistics by linear_norm.normalise_rows); it is rounded to the input dtype before
+each tensor-core product, as the reference's grad_h tensor is. Two kernels, no atomics (deterministic):
     grad_x (M, K) = grad_h @ W: programs over (M, K) tiles, reducing over N.
     grad_W (N, K) = grad_h^T @ x, computed as (K, N) tiles of x^T @ grad_h: N*K holds few tiles (12 at N=768,
         K=256), so M is split into SPLIT chunks and each program (chunk, N tile, K tile) writes a float32 partial
@@ -46,20 +46,19 @@ import triton.language as tl
 
 from cct_kernels import reference
 from cct_kernels.triton._common import cdiv, dot_precision, tf32_matmul, upcast_bfloat16
-from cct_kernels.triton.linear_math import (
-    gelu_erf, gelu_erf_grad, kept, load_tile, normalise, row_stats, seed_key,
+from cct_kernels.triton.linear_math import gelu_erf, gelu_erf_grad, kept, load_tile, seed_key
+from cct_kernels.triton.linear_norm import (  # noqa: F401 (layer_norm_backward*: the interface's LayerNorms' backward)
+    MAX_COLUMNS, layer_norm_backward, layer_norm_backward_reason, layer_norm_rows, normalise_rows,
 )
 from cct_kernels.triton.linear_tiles import MIN_CHUNK_ROWS, config, split_rows
-from cct_kernels.triton.linear_norm_backward import (  # noqa: F401 (interface: the LayerNorms' backward)
-    layer_norm_backward, layer_norm_backward_reason,
-)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_M = 8  # row blocks per group of the swizzled program order
 MAX_NORM_COLUMNS = 1024  # the LayerNorm epilogue holds whole rows in one tile
 
 
-def unsupported(x, weight, bias, residual, activation, norm_weight=None, *, backend: str = "triton") -> str | None:
+def unsupported(x, weight, bias, residual, activation, norm_weight=None, input_norm_weight=None, *,
+                backend: str = "triton") -> str | None:
     """Why these kernels cannot serve the call (a sentence), or None."""
     if x.dtype not in DTYPES:
         return f"triton linear supports float32, float16 and bfloat16, got {x.dtype}"
@@ -71,6 +70,8 @@ def unsupported(x, weight, bias, residual, activation, norm_weight=None, *, back
         return f"triton linear indexes with int32: M*K, M*N and N*K must be < 2**31 (M={M}, N={N}, K={K})"
     if norm_weight is not None and N > MAX_NORM_COLUMNS:
         return f"triton linear's LayerNorm epilogue holds whole rows: N must be <= {MAX_NORM_COLUMNS}, got {N}"
+    if input_norm_weight is not None and K > MAX_COLUMNS:
+        return f"triton linear's input LayerNorm holds whole rows: K must be <= {MAX_COLUMNS}, got {K}"
     return None
 
 
@@ -106,19 +107,16 @@ def _grad_h(g_ptr, h_ptr, scale_ptr, offs, rows, cols, mask, key0, threshold, in
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, seed_ptr, nw_ptr, nb_ptr, stats_ptr, inw_ptr, inb_ptr,
-    in_stats_ptr, M, N, K, threshold, inv_keep, norm_eps, input_norm_eps,
+    x_ptr, w_ptr, b_ptr, res_ptr, scale_ptr, out_ptr, h_ptr, seed_ptr, nw_ptr, nb_ptr, stats_ptr, M, N, K,
+    threshold, inv_keep, norm_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
-    GELU: tl.constexpr, DROPOUT: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr,
-    IN_NORM: tl.constexpr, IN_NORM_BIAS: tl.constexpr,
-    SAVE_H: tl.constexpr, SAVE_SUM: tl.constexpr, EXACT_ERF: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GELU: tl.constexpr, DROPOUT: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr, SAVE_H: tl.constexpr,
+    SAVE_SUM: tl.constexpr, EXACT_ERF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: the (BLOCK_M, BLOCK_N) tile of out (and of h when SAVE_H). With NORM the tile holds whole rows
     (BLOCK_N >= N): the sum is normalised in registers, written to h_ptr when SAVE_SUM, its row mean and 1 / std to
-    stats_ptr (2, M). With IN_NORM the x rows are normalised as they are loaded (LayerNorm prologue: their mean and
-    1 / std from two passes over K first, stored to in_stats_ptr (2, M) by the column-0 programs)."""
+    stats_ptr (2, M)."""
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,17 +124,10 @@ def _forward_kernel(
     # Tail rows/columns load row 0.. again (wrapped) instead of masking; their results are never stored.
     x_ptrs = x_ptr + (rows % M)[:, None] * K + offs_k[None, :]
     w_ptrs = w_ptr + (cols % N)[:, None] * K + offs_k[None, :]
-    if IN_NORM:
-        mean, rstd = row_stats(x_ptrs, K, input_norm_eps, BLOCK_M, BLOCK_K, EVEN_K, UPCAST)
-        if pid_n == 0:
-            tl.store(in_stats_ptr + rows, mean, mask=rows < M)
-            tl.store(in_stats_ptr + M + rows, rstd, mask=rows < M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k[None, :] < K - k0
         a = load_tile(x_ptrs, k_ok, EVEN_K, UPCAST)
-        if IN_NORM:
-            a = normalise(a, mean, rstd, inw_ptr, inb_ptr, k0 + offs_k, K, IN_NORM_BIAS)
         w = load_tile(w_ptrs, k_ok, EVEN_K, UPCAST)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
@@ -203,11 +194,10 @@ def _grad_x_kernel(
 
 @triton.jit
 def _grad_w_kernel(
-    g_ptr, h_ptr, x_ptr, gw_ptr, gb_ptr, scale_ptr, seed_ptr, inw_ptr, inb_ptr, in_stats_ptr, M, N, K, CHUNK,
-    threshold, inv_keep,
+    g_ptr, h_ptr, x_ptr, gw_ptr, gb_ptr, scale_ptr, seed_ptr, M, N, K, CHUNK, threshold, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_M: tl.constexpr, GELU: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IN_NORM: tl.constexpr, IN_NORM_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One program (chunk, N tile, K tile): the chunk's partial of grad_W = grad_h^T @ x over rows
@@ -238,10 +228,6 @@ def _grad_w_kernel(
         grad_h = _grad_h(g_ptr, h_ptr, scale_ptr, g_offs, (m0 + offs_m) % M, cols_n % N, m_ok, key0, threshold,
                          inv_keep, EVEN_M, GELU, HAS_SCALE, DROPOUT, UPCAST)
         a = load_tile(x_ptrs, m_ok, EVEN_M, UPCAST)
-        if IN_NORM:  # the forward's normalised x, remade from its row statistics (rows past M: grad_h is 0 there)
-            r = (m0 + offs_m) % M
-            a = normalise(a, tl.load(in_stats_ptr + r), tl.load(in_stats_ptr + M + r), inw_ptr, inb_ptr, cols_k,
-                           K, IN_NORM_BIAS)
         if HAS_BIAS:
             db += grad_h.to(tl.float32)
         acc = tl.dot(tl.trans(a), grad_h, acc, input_precision=PRECISION)
@@ -284,9 +270,10 @@ def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=
     save = save_for_backward and (gelu or norm)
     out = _empty(M, N, device=x.device, dtype=x.dtype)
     saved = _empty(M, N, device=x.device, dtype=x.dtype) if save else x.new_empty(0)
-    in_norm = input_norm_weight is not None
-    stats, input_stats = (_empty(2, M, device=x.device, dtype=torch.float32) if on
-                          else x.new_empty(0, dtype=torch.float32) for on in (norm, in_norm))
+    stats = _empty(2, M, device=x.device, dtype=torch.float32) if norm else x.new_empty(0, dtype=torch.float32)
+    input_stats = x.new_empty(0, dtype=torch.float32)
+    if input_norm_weight is not None:
+        x, input_stats = layer_norm_rows(x, input_norm_weight, input_norm_bias, input_norm_eps)
     if M == 0:
         return out, saved, stats, input_stats
     block_m, block_n, block_k, num_warps, num_stages = config("forward_norm" if norm else "forward", x.dtype, M, N, K)
@@ -295,13 +282,10 @@ def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=
         x, weight, x if bias is None else bias, out if residual is None else residual,
         out if row_scale is None else row_scale, out, saved if save else out, seed_ptr,
         out if norm_weight is None else norm_weight, out if norm_bias is None else norm_bias,
-        stats if norm else out, out if not in_norm else input_norm_weight,
-        out if input_norm_bias is None else input_norm_bias, input_stats if in_norm else out, M, N, K, threshold,
-        inv_keep, norm_eps, input_norm_eps,
+        stats if norm else out, M, N, K, threshold, inv_keep, norm_eps,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=K % block_k == 0,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_SCALE=row_scale is not None,
-        GELU=gelu, DROPOUT=dropout_p > 0, NORM=norm, NORM_BIAS=norm_bias is not None, IN_NORM=in_norm,
-        IN_NORM_BIAS=input_norm_bias is not None, SAVE_H=save and gelu,
+        GELU=gelu, DROPOUT=dropout_p > 0, NORM=norm, NORM_BIAS=norm_bias is not None, SAVE_H=save and gelu,
         SAVE_SUM=save and norm, EXACT_ERF=x.dtype == torch.float32, UPCAST=upcast_bfloat16(x.dtype),
         PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )
@@ -312,8 +296,8 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
              input_norm_weight=None, input_norm_bias=None, input_stats=None, *, min_chunk: int = MIN_CHUNK_ROWS):
     """-> (grad at the GEMM's input (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias), all in
     x.dtype. pre_activation: forward's saved h (M, N) when activation == "gelu" (unused otherwise); row_scale,
-    dropout_p, seed, the input LayerNorm's weight and bias and input_stats: the forward's (grad_W's prologue
-    normalises x's tiles again). min_chunk: the fewest rows of M per grad_W program (tests lower it to reach the
+    dropout_p, seed, the input LayerNorm's weight and bias and input_stats: the forward's (grad_W's x is the
+    forward's normalised rows again). min_chunk: the fewest rows of M per grad_W program (tests lower it to reach the
     split path on small shapes)."""
     M, K = x.shape
     N = weight.shape[0]
@@ -323,6 +307,8 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
     if M == 0:
         return grad_x, torch.zeros_like(weight), weight.new_zeros(N if has_bias else 0)
     h = pre_activation if gelu else grad_out  # grad_out: a placeholder the kernels never read
+    if input_norm_weight is not None:
+        x = normalise_rows(x, input_stats, input_norm_weight, input_norm_bias)
     seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, grad_out)
     scale = grad_out if row_scale is None else row_scale
     common = dict(GELU=gelu, HAS_SCALE=row_scale is not None, DROPOUT=dropout_p > 0, UPCAST=upcast_bfloat16(dtype),
@@ -342,12 +328,9 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
     grad_weight = _empty(split, N, K, device=device, dtype=partial)
     grad_bias = _empty(split, N, device=device, dtype=partial) if has_bias else x.new_empty(0)
     _grad_w_kernel[(split * tiles,)](
-        grad_out, h, x, grad_weight, grad_bias if has_bias else grad_weight, scale, seed_ptr,
-        x if input_norm_weight is None else input_norm_weight, x if input_norm_bias is None else input_norm_bias,
-        grad_out if input_stats is None else input_stats, M, N, K, chunk, threshold, inv_keep,
-        IN_NORM=input_norm_weight is not None, IN_NORM_BIAS=input_norm_bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, EVEN_M=M % block_m == 0, HAS_BIAS=has_bias,
-        num_warps=num_warps, num_stages=num_stages, **common,
+        grad_out, h, x, grad_weight, grad_bias if has_bias else grad_weight, scale, seed_ptr, M, N, K, chunk,
+        threshold, inv_keep, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, EVEN_M=M % block_m == 0,
+        HAS_BIAS=has_bias, num_warps=num_warps, num_stages=num_stages, **common,
     )
     grad_weight = grad_weight[0] if split == 1 else grad_weight.sum(0).to(dtype)
     if has_bias:

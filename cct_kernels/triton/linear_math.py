@@ -1,5 +1,5 @@
 """The element-wise and row-wise math of the Triton linear kernels: the exact GELU and its derivative (forward
-epilogue, backward prologues), dropout's keep mask, and the LayerNorm prologue's row statistics and normalisation.
+epilogue, backward prologues), dropout's keep mask, and the tile loads.
 
 Dropout: the mask of cct_kernels.reference.linear_dropout_mask, hashed in registers where a tile needs it (the
 forward's epilogue, the backward's grad_h prologues), never stored. The hash is the lowbias32 integer mix on uint32
@@ -102,33 +102,3 @@ def load_tile(ptrs, mask, EVEN: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         t = t.to(tl.float32)
     return t
-
-
-@triton.jit
-def row_stats(x_ptrs, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """(mean, 1 / sqrt(var + eps)) of the BLOCK_M rows at x_ptrs (K columns): two passes over K, as a LayerNorm
-    computes them (the second pass reads the rows from L2)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        total += tl.sum(load_tile(x_ptrs + k0, offs_k[None, :] < K - k0, EVEN_K, UPCAST).to(tl.float32), 1)
-    mean = total / K
-    squares = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k[None, :] < K - k0
-        centred = tl.where(k_ok, load_tile(x_ptrs + k0, k_ok, EVEN_K, UPCAST).to(tl.float32) - mean[:, None], 0.0)
-        squares += tl.sum(centred * centred, 1)
-    return mean, tl.math.rsqrt(squares / K + eps)
-
-
-@triton.jit
-def normalise(a, mean, rstd, w_ptr, b_ptr, cols, K, HAS_BIAS: tl.constexpr):
-    """The LayerNorm of a tile a (rows x cols of x) from its rows' mean and 1 / std, rounded to a's dtype as the
-    reference's normalised tensor is; columns past K stay 0."""
-    col_ok = cols < K
-    normed = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
-    normed *= tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        normed += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return normed.to(a.dtype)
