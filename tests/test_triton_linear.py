@@ -212,3 +212,37 @@ def test_sm90_build_of_the_d256_block_uses_wgmma_without_spills():
     for name, f in figures.items():
         assert f["spill_bytes"] == 0 and f["registers"] <= 255 and f["shared_bytes"] <= 227 * 1024, (name, f)
         assert f["mma"] == "wgmma" and f["cp_async"] and f["ldg_128"], (name, f)
+
+
+def test_plain_gemms_go_to_the_vendor_library_on_a_gpu(device, monkeypatch):
+    """With nothing to fuse (no GELU, dropout, row scale, residual or norm) the forward is F.linear and the backward
+    torch.mm on CUDA tensors (_vendor_gemm, forced here), behind the input LayerNorm's row pass; any fused call still
+    launches the kernels."""
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.kernel.__name__)
+            return self.kernel[grid]
+
+    for name in ("_forward_kernel", "_grad_x_kernel", "_grad_w_kernel"):
+        monkeypatch.setattr(triton_linear, name, Spy(getattr(triton_linear, name)))
+    monkeypatch.setattr(triton_linear, "_vendor_gemm", lambda x: True)
+    x, weight, bias, residual, grad_out = _inputs(37, 24, 40, torch.float32, device, True, True)
+    norm_w, norm_b = torch.rand(24, device=device) + 0.5, torch.randn(24, device=device)
+    out, saved, stats, input_stats = triton_linear.forward(x, weight, bias, None, "none", True, None, 0.0, None, None,
+                                                          None, 1e-5, norm_w, norm_b, 1e-5)
+    normed, expected_stats = linear_norm.layer_norm_rows(x, norm_w, norm_b, 1e-5)
+    assert torch.equal(out, F.linear(normed, weight, bias)) and torch.equal(input_stats, expected_stats)
+    assert saved.numel() == 0 and stats.numel() == 0
+    grad_x, grad_w, grad_b = triton_linear.backward(grad_out, x, weight, True, None, "none", None, 0.0, None, norm_w,
+                                                    norm_b, input_stats)
+    assert torch.equal(grad_x, grad_out @ weight) and torch.equal(grad_w, grad_out.t() @ normed)
+    assert torch.equal(grad_b, grad_out.sum(0))
+    assert launched == []
+    out, h, *_ = triton_linear.forward(x, weight, bias, residual, "gelu", True)
+    triton_linear.backward(grad_out, x, weight, True, h, "gelu")
+    assert launched == ["_forward_kernel", "_grad_x_kernel", "_grad_w_kernel"]

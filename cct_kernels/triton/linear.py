@@ -33,6 +33,11 @@ Phi: float32 outputs use libdevice's erf (the exact GELU of F.gelu to float32 ro
 backward's GELU' use one erfc polynomial (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7 on erf: at most 7.5e-8 |h|
 in the GELU, far below a 16-bit rounding, and 3.0e-7 in GELU', against 1.4e-7 for float32 libdevice erf), which
 costs half the instructions; see linear_math._normal_tail.
+A GEMM with nothing to fuse (no GELU, dropout, row scale, residual or norm; the bias is cuBLASLt's own epilogue) runs
+on cuBLAS on a GPU (F.linear and torch.mm, _vendor_gemm): qkv's forward and both of its backward GEMMs in the encoder
+block. On the H200 (2026-11-30, CCT-7 training at batch 128, M = 32768) cuBLAS ran that step's linears at 17-20 µs
+a call where these kernels took 40-60 µs for the same shapes; the kernels earn their place by what they fuse.
+Under TRITON_INTERPRET (CPU tensors) the kernels serve every call, so tests cover them.
 Configs: no autotuning (the interpreter cannot autotune); linear_tiles.config picks tiles from the dtype and the
 shapes, chosen from the sm_90 static figures (see _sm90_check and benchmarks/NOTES.md).
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 after loading, since the
@@ -41,6 +46,7 @@ interpreter computes bfloat16 arithmetic wrongly.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -249,6 +255,11 @@ def _empty(*shape, device, dtype):
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+def _vendor_gemm(x: torch.Tensor) -> bool:
+    """Whether a GEMM with nothing fused into it goes to cuBLAS (see the module docstring): on CUDA tensors."""
+    return x.is_cuda
+
+
 def _dropout_args(dropout_p: float, seed, placeholder) -> tuple:
     """(seed pointer, threshold, 1 / (1 - p)) kernel arguments; the placeholder pointer without dropout."""
     if dropout_p == 0:
@@ -268,12 +279,14 @@ def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=
     N = weight.shape[0]
     gelu, norm = activation == "gelu", norm_weight is not None
     save = save_for_backward and (gelu or norm)
-    out = _empty(M, N, device=x.device, dtype=x.dtype)
     saved = _empty(M, N, device=x.device, dtype=x.dtype) if save else x.new_empty(0)
     stats = _empty(2, M, device=x.device, dtype=torch.float32) if norm else x.new_empty(0, dtype=torch.float32)
     input_stats = x.new_empty(0, dtype=torch.float32)
     if input_norm_weight is not None:
         x, input_stats = layer_norm_rows(x, input_norm_weight, input_norm_bias, input_norm_eps)
+    if not (gelu or norm or residual is not None or row_scale is not None or dropout_p > 0) and _vendor_gemm(x):
+        return F.linear(x, weight, bias), saved, stats, input_stats
+    out = _empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
         return out, saved, stats, input_stats
     block_m, block_n, block_k, num_warps, num_stages = config("forward_norm" if norm else "forward", x.dtype, M, N, K)
@@ -303,12 +316,15 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
     N = weight.shape[0]
     dtype, device = x.dtype, x.device
     gelu = activation == "gelu"
+    if input_norm_weight is not None:
+        x = normalise_rows(x, input_stats, input_norm_weight, input_norm_bias)
+    if not (gelu or row_scale is not None or dropout_p > 0) and _vendor_gemm(x):
+        grad_bias = grad_out.sum(0, dtype=torch.float32).to(dtype) if has_bias else x.new_empty(0)
+        return grad_out @ weight, grad_out.t() @ x, grad_bias
     grad_x = _empty(M, K, device=device, dtype=dtype)
     if M == 0:
         return grad_x, torch.zeros_like(weight), weight.new_zeros(N if has_bias else 0)
     h = pre_activation if gelu else grad_out  # grad_out: a placeholder the kernels never read
-    if input_norm_weight is not None:
-        x = normalise_rows(x, input_stats, input_norm_weight, input_norm_bias)
     seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, grad_out)
     scale = grad_out if row_scale is None else row_scale
     common = dict(GELU=gelu, HAS_SCALE=row_scale is not None, DROPOUT=dropout_p > 0, UPCAST=upcast_bfloat16(dtype),
