@@ -386,8 +386,9 @@ def backward(grad_out, x, weight, bias, out, pool_index, stride, padding, relu, 
     # training at batch 128: 200 µs for 67 MB) and cuDNN then converted it back to NHWC for its kernel (53 µs)
     cl = torch.channels_last
     grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_conv, x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl), [C_out] if bias is not None else None, [stride, stride], [padding, padding], [1, 1],
-        False, [0, 0], 1, [needs_input_grad, True, bias is not None],
+        grad_conv, x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl),
+        [C_out] if bias is not None else None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
+        [needs_input_grad, True, bias is not None],
     )
     # Distinct empty tensors: outputs of a registered op must not alias each other.
     return (grad_x if needs_input_grad else x.new_empty(0), grad_weight,
