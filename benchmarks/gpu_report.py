@@ -18,6 +18,9 @@ that fails or runs out of time is recorded and the next one still runs):
   train step        issue 15's decisive comparison: `python -m cct_kernels bench` of the cct_7_3x1_32 training step
                     (bf16, batch 128) with compile, compile-graphs, auto, compile:auto and graphs:auto interleaved; its
                     table goes into the report (GPU only).
+  profile           `python -m cct_kernels profile` of the same step on auto: the top kernels by GPU time (table in
+                    the report) and a gzipped Chrome trace, from which each kernel's time per call and grid can be
+                    read (GPU only; NOTES.md's "Second look at the H200 trace" came from one).
   tests             pytest tests, in parallel (pytest-xdist -n, sized from the cores) when xdist is importable, with a
                     per-test timeout when pytest-timeout is; the CPU-only static checks (tests/test_triton_sm90.py,
                     tests/test_cuda_sources.py: sm_90 compiles and nvcc, which CI runs on CPU) are left out.
@@ -72,8 +75,8 @@ GPU_TEST_FILES = ["tests/test_triton_linear.py", "tests/test_triton_attention.py
                   "tests/test_masked_ops.py", "tests/test_text_tokenize.py", "tests/test_cuda_graphs.py",
                   "tests/test_ops.py", "tests/test_encoder_layer.py", "tests/test_compile.py", "tests/test_nan.py",
                   "tests/test_dropin.py", "tests/test_reliability.py", "tests/test_backends.py", "tests/test_train.py"]
-BUDGETS = {"wheels": 10, "build": 45, "probe": 15, "train step": 60, "tests": 170, "bench ops": 60,
-           "sanitize memcheck": 35, "sanitize racecheck": 30, "bench models": 55, "bench compile": 35}
+BUDGETS = {"wheels": 10, "build": 45, "probe": 15, "train step": 60, "profile": 20, "tests": 160, "bench ops": 55,
+           "sanitize memcheck": 35, "sanitize racecheck": 30, "bench models": 55, "bench compile": 30}
 # The train step stage's comparison (without compile-graphs it took 53 s on the H200, two compiles included).
 TRAIN_STEP_BACKENDS = "compile,compile-graphs,auto,compile:auto,graphs:auto"
 # The lent GPU machine (device tool, nvidia-h200), assumed by --dry-run where no GPU is visible.
@@ -145,6 +148,10 @@ def build_plan(facts: dict, args, wheels: list[str], site: str) -> list[Stage]:
         cmd = [python, "-m", "cct_kernels", "bench", "--model", "cct_7_3x1_32", "--mode", "train", "--backends",
                TRAIN_STEP_BACKENDS, "--rounds", "6", "--warmup", "2", "--out", "<out>/train_step", "--no-progress"]
         stages.append(Stage("train step", cmd, BUDGETS["train step"], "a GPU", skip=None if facts["gpu"] else
+                            "no GPU visible"))
+        cmd = [python, "-m", "cct_kernels", "profile", "--model", "cct_7_3x1_32", "--mode", "train", "--backends",
+               "auto", "--by", "kernels", "--top", "30", "--out", "<out>/profile"]
+        stages.append(Stage("profile", cmd, BUDGETS["profile"], "a GPU", skip=None if facts["gpu"] else
                             "no GPU visible"))
     if not args.skip_tests:
         cmd = [python, "-m", "pytest", *(args.tests or default_test_files()), "-q", "-p", "no:cacheprovider",
@@ -353,7 +360,7 @@ def _read_outputs(stage: Stage, record: dict, out: Path) -> tuple[dict | None, l
             except (OSError, ValueError, KeyError):
                 tests = {"note": f"no junit file ({record['status']}); last line: "
                                  f"{pytest_last_line(out / 'tests.log')}"}
-    if stage.name == "train step" and record["log"]:
+    if stage.name in ("train step", "profile") and record["log"]:
         record["table"] = bench_table_lines((out / record["log"]).read_text(errors="replace"))
     if stage.name.startswith("sanitize") and record["log"]:
         record["sanitizer"] = sanitizer_verdict((out / record["log"]).read_text(errors="replace"))

@@ -51,10 +51,11 @@ def pytest_last_line(log: Path) -> str | None:
 
 
 def bench_table_lines(log_text: str) -> list[str]:
-    """The result table `python -m cct_kernels bench` prints (from its title line "<model>, batch ...") and the
-    lines after it, for the report; empty when the log has none (the run failed or was cut off first)."""
+    """The result tables `python -m cct_kernels bench` or `profile` print (from the last title line "<model>, batch
+    ..." or "<model> <mode>, batch ...") and the lines after it, for the report; empty when the log has none (the
+    run failed or was cut off first)."""
     lines = log_text.splitlines()
-    starts = [i for i, line in enumerate(lines) if re.match(r"^\S+, batch \d+, ", line)]
+    starts = [i for i, line in enumerate(lines) if re.match(r"^\S+( \w+)?, batch \d+, ", line)]
     return lines[starts[-1]:] if starts else []
 
 
@@ -191,7 +192,7 @@ def markdown(report: dict) -> str:
         out.append(tests.get("note", "no test results"))
     for stage in report["stages"]:
         if stage.get("table"):
-            out += ["", f"## {stage['name']} (`python -m cct_kernels bench`)", "", "```", *stage["table"], "```"]
+            out += ["", f"## {stage['name']}", "", "```", *stage["table"], "```"]
     out += ["", "## compute-sanitizer", ""]
     for stage in report["stages"]:
         verdict = stage.get("sanitizer")

@@ -317,7 +317,7 @@ def cmd_profile(args) -> int:
             try:
                 model = profiling.build_model(args.model, name, device, dtype, **model_kwargs(args))
                 step = profiling.make_step(model, mode, *profiling.make_inputs(model, batch, device, dtype))
-                trace = args.out / f"trace_{args.model}_{name}_{mode}.json"
+                trace = args.out / f"trace_{args.model}_{name}_{mode}.json.gz"  # gzip: a GPU step's is ~10 MB
                 prof = profiling.profile_step(step, device, warmup=warmup, iters=iters, trace_path=trace)
                 tables[name] = profiling.top_ops(prof, device, args.top, by=by)
                 written.append(trace)

@@ -1,6 +1,7 @@
 """The command line (info, bench, profile, train flags) on a tiny model, and the GPU report's formatting on fake
 results."""
 import dataclasses
+import gzip
 import importlib.util
 import json
 import shlex
@@ -230,9 +231,9 @@ def test_profile_prints_fitting_tables_allocated_and_freed_memory_and_paths(tmp_
     assert "USDT" not in err and "STAGE" not in err  # kineto's start/stop lines are silenced
     assert "aten::" in out and "alloc MB" in out and "freed MB" in out
     assert max(len(line) for line in out.splitlines()) <= 120
-    for path in [tmp_path / "profile_cct_2_3x2_32_cpu.json", tmp_path / "trace_cct_2_3x2_32_eager_train.json"]:
+    for path in [tmp_path / "profile_cct_2_3x2_32_cpu.json", tmp_path / "trace_cct_2_3x2_32_eager_train.json.gz"]:
         assert str(path) in out and path.exists()
-    trace = json.loads((tmp_path / "trace_cct_2_3x2_32_eager_inference.json").read_text())
+    trace = json.loads(gzip.decompress((tmp_path / "trace_cct_2_3x2_32_eager_inference.json.gz").read_bytes()))
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
     summary = json.loads((tmp_path / "profile_cct_2_3x2_32_cpu.json").read_text())
     top = summary["modes"]["train"]["top"]["eager"]

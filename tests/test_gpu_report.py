@@ -17,7 +17,7 @@ from benchmarks.conftest import rates
 from tests.cases import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_ORDER = ["wheels", "build", "probe", "train step", "tests", "bench ops", "sanitize memcheck",
+STAGE_ORDER = ["wheels", "build", "probe", "train step", "profile", "tests", "bench ops", "sanitize memcheck",
                "sanitize racecheck", "bench models", "bench compile"]
 
 
@@ -289,16 +289,20 @@ def test_train_step_stage_runs_the_cli_comparison_and_its_table_reaches_the_repo
     assert {"compile", "compile-graphs", "graphs:auto"} <= set(report.TRAIN_STEP_BACKENDS.split(","))
     cpu_plan = {s.name: s for s in report.build_plan({**report.LENT_MACHINE, "gpu": None},
                                                      report._parse_args(["--dry-run"]), [], "/s")}
-    assert cpu_plan["train step"].skip == "no GPU visible"
-    log = (ROOT / "benchmarks/results/2026-11-30-nvidia-h200/followup/train.log").read_text()
-    table = report_render.bench_table_lines(log)
+    assert cpu_plan["train step"].skip == cpu_plan["profile"].skip == "no GPU visible"
+    cmd = plan["profile"].cmd
+    assert cmd[1:4] == ["-m", "cct_kernels", "profile"] and cmd[cmd.index("--backends") + 1] == "auto"
+    followup = ROOT / "benchmarks/results/2026-11-30-nvidia-h200/followup"
+    table = report_render.bench_table_lines((followup / "train.log").read_text())
     assert table[0].startswith("cct_7_3x1_32, batch 128, bf16") and any(line.startswith("compile ") for line in table)
+    profile = report_render.bench_table_lines((followup / "prof.log").read_text())
+    assert profile[0].startswith("cct_7_3x1_32 train, batch 128, bf16") and "_forward_kernel" in "\n".join(profile)
     assert report_render.bench_table_lines("  compile  building, first call\nTraceback ...") == []
     text = report_render.markdown({"tests": {}, "benchmarks": [], "command": "x", "seconds": 1.0,
                                    "environment": {"date": "2026-11-30"},
                                    "stages": [{"name": "train step", "command": "c", "status": "ok", "seconds": 5,
                                                "budget_s": 60, "table": table}]})
-    assert "## train step (`python -m cct_kernels bench`)" in text and table[0] in text
+    assert "## train step" in text and table[0] in text
 
 
 def test_tune_linear_sweeps_candidates_against_the_reference(tmp_path):
