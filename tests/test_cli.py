@@ -230,7 +230,7 @@ def test_profile_prints_fitting_tables_allocated_and_freed_memory_and_paths(tmp_
     out, err = capfd.readouterr()
     assert "USDT" not in err and "STAGE" not in err  # kineto's start/stop lines are silenced
     assert "aten::" in out and "alloc MB" in out and "freed MB" in out
-    assert max(len(line) for line in out.splitlines()) <= 120
+    assert max(len(line) for line in out.splitlines() if str(tmp_path) not in line) <= 120  # paths: pytest's
     for path in [tmp_path / "profile_cct_2_3x2_32_cpu.json", tmp_path / "trace_cct_2_3x2_32_eager_train.json.gz"]:
         assert str(path) in out and path.exists()
     trace = json.loads(gzip.decompress((tmp_path / "trace_cct_2_3x2_32_eager_inference.json.gz").read_bytes()))
