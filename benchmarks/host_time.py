@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
@@ -24,20 +25,16 @@ from triton.runtime import interpreter  # noqa: E402
 
 import cct_kernels  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_block_parts import best_us  # noqa: E402
+
 
 def _no_launch(self, *args, grid, warmup, **kwargs):
     return None
 
 
 def best_ms(fn, rounds: int) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return best_us(fn, rounds) / 1e3
 
 
 def host_times(model_name: str, batch: int, rounds: int) -> dict[str, float]:

@@ -104,17 +104,22 @@ def _layer_norm_backward_kernel(g_ptr, x_ptr, stats_ptr, w_ptr, gx_ptr, gw_part_
         tl.store(gb_part_ptr + pid * N + cols, tl.sum(gb_lane, 0), mask=col_ok)
 
 
-def _rows(x, weight, bias, eps, stats):
-    M, N = x.shape
+def _whole_rows(M: int, N: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a tile of whole rows; ValueError when these kernels cannot take (M, N) rows."""
     reason = layer_norm_backward_reason(M, N)
     if reason is not None:
         raise ValueError(reason)
+    block_n = max(16, next_power_of_2(N))
+    return max(1, min(16, _TILE_ELEMENTS // block_n)), block_n
+
+
+def _rows(x, weight, bias, eps, stats):
+    M, N = x.shape
+    block_m, block_n = _whole_rows(M, N)
     out = torch.empty_like(x)
     given = stats is not None
     if not given:
         stats = torch.empty(2, M, device=x.device, dtype=torch.float32)
-    block_n = max(16, next_power_of_2(N))
-    block_m = max(1, min(16, _TILE_ELEMENTS // block_n))
     if M:
         _layer_norm_rows_kernel[(cdiv(M, block_m),)](
             x, weight, x if bias is None else bias, stats, out, M, N, eps, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -145,12 +150,8 @@ def layer_norm_backward_reason(M: int, N: int) -> str | None:
 def layer_norm_backward(grad, normalised, stats, weight, has_bias):
     """See the module docstring; every tensor contiguous, grad and normalised of one dtype, on one device."""
     M, N = grad.shape
-    reason = layer_norm_backward_reason(M, N)
-    if reason is not None:
-        raise ValueError(reason)
+    block_m, block_n = _whole_rows(M, N)
     grad_input = torch.empty_like(grad)
-    block_n = max(16, next_power_of_2(N))
-    block_m = max(1, min(16, _TILE_ELEMENTS // block_n))
     programs = max(1, min(cdiv(M, block_m), 4 * programs_wanted(grad.device)))
     rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m if M else block_m
     programs = max(1, cdiv(M, rows_per_program))
