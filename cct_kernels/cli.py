@@ -31,7 +31,8 @@ from cct_kernels.train import TrainConfig, train
 DEFAULT_OUT = "cct_bench_results"
 SPEED_BACKENDS = ("eager", profiling.COMPILE, profiling.COMPILE_GRAPHS, *backends.KERNEL_BACKENDS, "auto",
                   profiling.ONNXRUNTIME,
-                  *(prefix + b for prefix in (profiling.COMPILE_OURS, profiling.GRAPHS)
+                  *(prefix + b
+                    for prefix in (profiling.COMPILE_OURS, profiling.COMPILE_GRAPHS_OURS, profiling.GRAPHS)
                     for b in (*backends.KERNEL_BACKENDS, "auto")))
 
 
@@ -268,8 +269,9 @@ def _common_arguments(parser: argparse.ArgumentParser, default_mode: str | None)
     parser.add_argument("--backends", type=backend_list, metavar="LIST",
                         help=f"comma-separated, from {', '.join(SPEED_BACKENDS)} (compile: torch.compile of "
                              "eager; compile-graphs: the same with mode='reduce-overhead' (CUDA graphs); compile:B: "
-                             "torch.compile over our ops with backend B; graphs:B: inference or the whole training "
-                             "step replayed from a CUDA graph; onnxruntime: the eager model exported to ONNX Runtime "
+                             "torch.compile over our ops with backend B; compile-graphs:B: the same with "
+                             "mode='reduce-overhead'; graphs:B: inference or the whole training step replayed from a "
+                             "CUDA graph; onnxruntime: the eager model exported to ONNX Runtime "
                              "(CPU, where installed); default: eager, compile, on CUDA compile-graphs, each kernel "
                              "backend that can run on the device, auto, compile:auto, on CUDA graphs:auto, on CPU "
                              "onnxruntime where installed)")

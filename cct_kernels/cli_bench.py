@@ -110,8 +110,7 @@ def _prepare(model_name, names, device, dtype, batch, kwargs) -> tuple[dict, dic
     """
     prepared, errors, reference = {}, {}, None
     for name in names:
-        compiles = name in (profiling.COMPILE, profiling.COMPILE_GRAPHS) or name.startswith(profiling.COMPILE_OURS)
-        print(f"  {name:<8} building, first call{' (compiles)' if compiles else ''}",
+        print(f"  {name:<8} building, first call{' (compiles)' if profiling.compiles(name) else ''}",
               file=sys.stderr)
         try:
             model = profiling.build_model(model_name, name, device, dtype, **kwargs)

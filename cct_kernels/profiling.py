@@ -39,8 +39,15 @@ COMPILE = "compile"
 # would set against our graphs:* rows (CUDA only)
 COMPILE_GRAPHS = "compile-graphs"
 COMPILE_OURS = "compile:"  # prefix: "compile:auto" is torch.compile over the model with backend "auto"
+# prefix: "compile-graphs:auto" is the same with mode="reduce-overhead", our kernels inside inductor's CUDA graphs
+COMPILE_GRAPHS_OURS = COMPILE_GRAPHS + ":"
 GRAPHS = "graphs:"  # prefix: "graphs:auto" replays the model's inference forward or training step from a CUDA graph
 ONNXRUNTIME = "onnxruntime"
+
+
+def compiles(name: str) -> bool:
+    """Whether speed backend `name` is a torch.compile one (compile, compile-graphs, compile:B, compile-graphs:B)."""
+    return name in (COMPILE, COMPILE_GRAPHS) or name.startswith((COMPILE_OURS, COMPILE_GRAPHS_OURS))
 
 
 def runs_mode(name: str, mode: str) -> bool:
@@ -95,6 +102,9 @@ def backend_reason(name: str, device: torch.device) -> str | None:
         return compile_reason(device)
     if name == COMPILE_GRAPHS:
         return "CUDA graphs need a CUDA device" if device.type != "cuda" else compile_reason(device)
+    if name.startswith(COMPILE_GRAPHS_OURS):
+        inner = COMPILE_OURS + name[len(COMPILE_GRAPHS_OURS):]
+        return "CUDA graphs need a CUDA device" if device.type != "cuda" else backend_reason(inner, device)
     if name.startswith(COMPILE_OURS):
         inner = name[len(COMPILE_OURS):]
         if inner not in backends.BACKENDS or inner == "eager":
@@ -133,25 +143,25 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
     """Model `name` for speed backend `backend`, its weights drawn from `seed` so every backend gets the same;
     model_kwargs go to the factory (e.g. dropout=0.1).
 
-    For "compile" and "compile:*" this raises dynamo's recompile limit: dynamo keeps its compiled entries per code
-    object (every model's forward is the same function), and past the limit it silently runs eager, so a process
-    that builds many models (the benchmark suite) would time eager under the name "compile". (Resetting dynamo
-    instead would throw away the code of the compiled models built before, which then recompile while timed.)
+    For the torch.compile rows (compiles(backend)) this raises dynamo's recompile limit: dynamo keeps its compiled
+    entries per code object (every model's forward is the same function), and past the limit it silently runs eager,
+    so a process that builds many models (the benchmark suite) would time eager under the name "compile". (Resetting
+    dynamo instead would throw away the code of the compiled models built before, which then recompile while timed.)
     """
     torch.manual_seed(seed)
-    compiled = backend in (COMPILE, COMPILE_GRAPHS) or backend.startswith(COMPILE_OURS)
     ops_backend = ("eager" if backend in (COMPILE, COMPILE_GRAPHS, ONNXRUNTIME)
-                   else backend.removeprefix(COMPILE_OURS).removeprefix(GRAPHS))
+                   else backend.removeprefix(COMPILE_OURS).removeprefix(COMPILE_GRAPHS_OURS).removeprefix(GRAPHS))
     model = create_model(name, backend=ops_backend, **model_kwargs).to(device=device, dtype=dtype)
     if backend.startswith(GRAPHS):
         return GraphedInference(model)
     if backend == ONNXRUNTIME:
         return OnnxRuntimeInference(model)
-    if compiled:
+    if compiles(backend):
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 64)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
-        model = torch.compile(model, mode="reduce-overhead" if backend == COMPILE_GRAPHS else None)
+        graphs = backend == COMPILE_GRAPHS or backend.startswith(COMPILE_GRAPHS_OURS)
+        model = torch.compile(model, mode="reduce-overhead" if graphs else None)
     return model
 
 

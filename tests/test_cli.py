@@ -60,6 +60,10 @@ def test_default_backends_never_time_the_triton_interpreter(monkeypatch):
     assert profiling.backend_reason("graphs:auto", cpu) == "CUDA graphs need a CUDA device"
     assert profiling.backend_reason("compile-graphs", cpu) == "CUDA graphs need a CUDA device"
     assert "compile-graphs" not in profiling.speed_backends(cpu)
+    assert profiling.backend_reason("compile-graphs:auto", cpu) == "CUDA graphs need a CUDA device"
+    assert "unknown backend" in profiling.backend_reason("compile-graphs:nope", torch.device("cuda"))
+    assert all(profiling.compiles(n) for n in ("compile", "compile-graphs", "compile:cpu", "compile-graphs:auto"))
+    assert not any(profiling.compiles(n) for n in ("graphs:auto", "auto", "onnxruntime"))
     assert "interpreter" in profiling.backend_reason("triton", cpu)
 
 
