@@ -209,6 +209,9 @@ TRAIN_OPTIONS = {
     "test_subset": dict(type=int_at_least(1), metavar="N", help="evaluate on the first N test images (default: all)"),
     "backend": dict(choices=list(backends.BACKENDS),
                     help="backend for every op (default: use_backend / CCT_KERNELS_BACKEND / auto)"),
+    "compile": dict(choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="train through torch.compile in this mode (over the backend's ops; reduce-overhead adds "
+                         "CUDA graphs on a GPU); evaluation runs uncompiled (default: no compile)"),
     "seed": dict(type=int, metavar="SEED", help="random seed of the weights, the batch order and the augmentation"),
     "out": dict(metavar="DIR", help="folder for checkpoint.pt (every epoch) and history.json; checked writable "
                                     "before training"),

@@ -44,6 +44,7 @@ class TrainConfig:
     train_subset: int | None = None  # first N training images (for short runs)
     test_subset: int | None = None
     backend: str | None = None
+    compile: str | None = None  # a torch.compile mode ("default", "reduce-overhead", ...) for the training forward
     seed: int = 0
     out: str = "cct_train"
     resume: bool = False
@@ -167,6 +168,8 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
             torch.cuda.set_rng_state(state["cuda_rngs"][ctx.rank], ctx.device)
         history, step = state["history"], state["step"]
     trained = ctx.wrap(model)
+    if config.compile is not None:  # the training forward and backward; evaluation runs the module as it is
+        trained = torch.compile(trained, mode=None if config.compile == "default" else config.compile)
 
     if ctx.rank == 0:
         print(banner(config, ctx, len(train_y), len(test_y)), flush=True)
@@ -225,12 +228,14 @@ def _save(path: Path, model, optimizer, generator, history, step: int, ctx: Dist
 
 
 def banner(config: TrainConfig, ctx: DistributedContext, n_train: int, n_test: int) -> str:
-    """One line saying what is about to run: model, data, backend, threads or device, world size."""
+    """One line saying what is about to run: model, data, backend (and compile mode), threads or device, world
+    size."""
     where = (f"{torch.cuda.get_device_name(ctx.device)} ({ctx.device})" if ctx.device.type == "cuda"
              else f"cpu, {torch.get_num_threads()} threads per process")
+    compiled = f", torch.compile mode {config.compile}" if config.compile else ""
     return (f"train: {config.model} on {config.dataset} ({n_train} train / {n_test} test images), backend "
-            f"{config.backend or cct_kernels.backends.requested_backend()}, {where}, world size {ctx.world_size} "
-            f"({ctx.backend or 'single process'}), {config.batch_size} images per step per process, "
+            f"{config.backend or cct_kernels.backends.requested_backend()}{compiled}, {where}, world size "
+            f"{ctx.world_size} ({ctx.backend or 'single process'}), {config.batch_size} images per step per process, "
             f"{config.epochs} epochs")
 
 
