@@ -12,9 +12,10 @@ normalise_rows remakes the forward's normalised rows from its stats, with the sa
 the same to the bit (the backward's grad_W input, recomputed rather than kept).
 Why a kernel of its own ahead of the GEMM rather than the GEMM's prologue: on the H200 (2026-11-30, bf16 CCT-7
 training step at batch 128, M = 32768) qkv with pre_norm normalised in its A-tile loads took 122 µs a forward and 121
-µs a grad_W, against 40 / 50 µs for linear1's plain kernels of 2/3 the size: the normalised tile must pass through
-registers, so the loads feeding wgmma lose their cp.async pipeline, and each of the 6 column programs of a row block
-took the rows' statistics again. A row pass costs a read and a write of x (~10 µs there).
+µs a grad_W, against 40 / 50 µs for linear1's kernels (GELU fused) with 2/3 of the FLOPs. The likely causes, from
+the sm_90 SASS: the normalised tile must pass through registers, so the loads feeding wgmma lose their cp.async
+pipeline (342 instructions a loop step against 82), and each of the 6 column programs of a row block took the rows'
+statistics again. A row pass costs a read and a write of x (predicted ~10 µs there).
 
 Backward: `normalised` holds the rows the LayerNorm normalised (x for input_norm, the residual sum for norm),
 `stats` their mean and 1 / std from the forward. With xhat = (x - mean) * rstd and gw = grad * weight, per row:
