@@ -15,7 +15,7 @@ float32 accumulator: + bias, the value h stored when the backward needs it (GELU
 erf GELU h * Phi(h), dropout (the mask hashed per tile: linear_math.py), * row_scale, + residual, one rounding to
 the output dtype; with norm (norm1) a tile spans whole rows and is normalised in registers. input_norm (pre_norm)
 is a row pass of its own ahead of the GEMM (linear_norm.layer_norm_rows: the normalised rows and their mean and
-1 / std), measured faster than normalising the GEMM's x tiles as they load (see linear_norm.py).
+1 / std): normalising the GEMM's x tiles as they loaded measured slow on the H200 (see linear_norm.py).
 Backward: grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (h the saved pre-activation, in the input dtype,
 as the reference's gelu_backward sees it; the mask rehashed) is computed in the prologue of both GEMMs from the
 grad_out and h tiles they load, so no grad_h tensor is written (with input_norm, grad_W's x is the forward's
