@@ -9,7 +9,9 @@ Why: on the H200 (2026-11-30, bf16 CCT-7 training step at batch 128) the Triton 
 sm_90 figures only. Each candidate (block sizes, warps, stages) replaces linear_tiles' entry for its kernel kind
 ("forward", "grad_x", "grad_w"), runs the op's own launcher (triton/linear.py) once against a torch reference
 (max error / max |reference| below TOLERANCE), and is timed with triton.testing.do_bench (median). The baseline is
-cuBLAS with the epilogue as ATen passes (what the cuda backend runs). A backward candidate's time is the whole
+cuBLAS with the epilogue as ATen passes (what the cuda backend runs; for the backward cases, what the triton
+backend's backward itself now runs on a GPU, with its grad_h pass as one Triton kernel: a candidate that beats the
+baseline there argues for the fused path back, see triton/linear._vendor_gemm). A backward candidate's time is the whole
 backward (grad_x and grad_W kernels) with that kind's entry replaced. Prints one table per case, fastest first,
 and writes JSON (--out; default $OUT/tune_linear.json when $OUT is a folder, else
 benchmarks/results/tune_linear.json). Candidates that fail to compile or to match are recorded with the error.
@@ -112,8 +114,8 @@ def _with_entry(kind: str, entry: tuple, dtype: torch.dtype):
 
 
 def run(args) -> dict:
-    # every case through the kernels, the plain qkv GEMM too (which the op itself leaves to cuBLAS on a GPU): the
-    # sweep asks whether a tile makes them beat cuBLAS
+    # every case through the fused kernels, the plain qkv GEMM and the backward too (which the op itself leaves to
+    # cuBLAS on a GPU): the sweep asks whether a tile makes them beat cuBLAS
     triton_linear._vendor_gemm = lambda x: False
     device = torch.device("cpu" if args.interpret else "cuda")
     dtype = torch.float32 if args.interpret else torch.bfloat16  # the interpreter computes bfloat16 wrongly

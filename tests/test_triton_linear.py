@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -214,10 +215,8 @@ def test_sm90_build_of_the_d256_block_uses_wgmma_without_spills():
         assert f["mma"] == "wgmma" and f["cp_async"] and f["ldg_128"], (name, f)
 
 
-def test_plain_gemms_go_to_the_vendor_library_on_a_gpu(device, monkeypatch):
-    """With nothing to fuse (no GELU, dropout, row scale, residual or norm) the forward is F.linear and the backward
-    torch.mm on CUDA tensors (_vendor_gemm, forced here), behind the input LayerNorm's row pass; any fused call still
-    launches the kernels."""
+def _spy_on_launches(monkeypatch) -> list:
+    """The names of the linear kernels launched from now on, in order."""
     launched = []
 
     class Spy:
@@ -228,8 +227,16 @@ def test_plain_gemms_go_to_the_vendor_library_on_a_gpu(device, monkeypatch):
             launched.append(self.kernel.__name__)
             return self.kernel[grid]
 
-    for name in ("_forward_kernel", "_grad_x_kernel", "_grad_w_kernel"):
+    for name in ("_forward_kernel", "_grad_x_kernel", "_grad_w_kernel", "_grad_h_kernel"):
         monkeypatch.setattr(triton_linear, name, Spy(getattr(triton_linear, name)))
+    return launched
+
+
+def test_plain_gemms_go_to_the_vendor_library_on_a_gpu(device, monkeypatch):
+    """With nothing to fuse (no GELU, dropout, row scale, residual or norm) the forward is F.linear and the backward
+    torch.mm on CUDA tensors (_vendor_gemm, forced here), behind the input LayerNorm's row pass; a fused forward still
+    launches its kernel."""
+    launched = _spy_on_launches(monkeypatch)
     monkeypatch.setattr(triton_linear, "_vendor_gemm", lambda x: True)
     x, weight, bias, residual, grad_out = _inputs(37, 24, 40, torch.float32, device, True, True)
     norm_w, norm_b = torch.rand(24, device=device) + 0.5, torch.randn(24, device=device)
@@ -243,6 +250,47 @@ def test_plain_gemms_go_to_the_vendor_library_on_a_gpu(device, monkeypatch):
     assert torch.equal(grad_x, grad_out @ weight) and torch.equal(grad_w, grad_out.t() @ normed)
     assert torch.equal(grad_b, grad_out.sum(0))
     assert launched == []
-    out, h, *_ = triton_linear.forward(x, weight, bias, residual, "gelu", True)
-    triton_linear.backward(grad_out, x, weight, True, h, "gelu")
-    assert launched == ["_forward_kernel", "_grad_x_kernel", "_grad_w_kernel"]
+    triton_linear.forward(x, weight, bias, residual, "gelu", True)
+    assert launched == ["_forward_kernel"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_backward_is_a_grad_h_pass_then_the_vendor_gemms(dtype, device, monkeypatch):
+    """On CUDA tensors (_vendor_gemm, forced here) a backward with a prologue (GELU', dropout's mask, the row scale)
+    is one _grad_h_kernel pass, then torch.mm: grad_h against the float64 reference at the usual 2x-eager
+    tolerance, and the gradients from that grad_h against float64 at most ~2x the error of the kernels' path (whose
+    prologues make the same grad_h)."""
+    M, K, N = 70, 24, 40
+    x, weight, _, _, grad_out = _inputs(M, K, N, dtype, device, True, False)
+    h = _inputs(M, K, N, dtype, device, False, False, seed=1)[4]
+    row_scale = (torch.rand(M, generator=torch.Generator().manual_seed(2)) > 0.2).to(dtype).to(device) * 1.25
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    args = (grad_out, x, weight, True, h, "gelu", row_scale, 0.25, seed)
+    kernels = triton_linear.backward(*args)
+    launched = _spy_on_launches(monkeypatch)
+    monkeypatch.setattr(triton_linear, "_vendor_gemm", lambda x: True)
+    vendor = triton_linear.backward(*args)
+    assert launched == ["_grad_h_kernel"]
+    grad_h = triton_linear._grad_h_rows(grad_out, h, True, row_scale, 0.25, seed)
+    mask = reference.linear_dropout_mask(seed, M, N, 0.25).to(device)
+    exact = (torch.ops.aten.gelu_backward(grad_out.double(), h.double()) * mask / 0.75
+             * row_scale.double()[:, None])
+    eager = (torch.ops.aten.gelu_backward(grad_out, h) * mask / 0.75 * row_scale[:, None]).to(dtype)
+    assert_close_to_reference(grad_h, exact, eager, "grad_h")
+    exact_grads = (grad_h.double() @ weight.double(), grad_h.double().t() @ x.double(), grad_h.double().sum(0))
+    for name, got, fused, exact in zip(("grad_x", "grad_w", "grad_b"), vendor, kernels, exact_grads):
+        assert got.dtype == dtype and got.shape == fused.shape
+        assert_close_to_reference(got, exact, fused, name)  # no worse than twice the kernels' path
+
+
+def test_deterministic_mode_keeps_the_kernels_on_a_gpu():
+    """Under torch.use_deterministic_algorithms the GEMMs stay on these kernels (deterministic, no atomics): torch's
+    cuBLAS calls would raise there unless CUBLAS_WORKSPACE_CONFIG is set."""
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    assert triton_linear._vendor_gemm(cuda_like)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not triton_linear._vendor_gemm(cuda_like)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not triton_linear._vendor_gemm(torch.empty(1))

@@ -16,11 +16,12 @@ erf GELU h * Phi(h), dropout (the mask hashed per tile: linear_math.py), * row_s
 the output dtype; with norm (norm1) a tile spans whole rows and is normalised in registers. input_norm (pre_norm)
 is a row pass of its own ahead of the GEMM (linear_norm.layer_norm_rows: the normalised rows and their mean and
 1 / std): normalising the GEMM's x tiles as they loaded measured slow on the H200 (see linear_norm.py).
-Backward: grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (h the saved pre-activation, in the input dtype,
-as the reference's gelu_backward sees it; the mask rehashed) is computed in the prologue of both GEMMs from the
-grad_out and h tiles they load, so no grad_h tensor is written (with input_norm, grad_W's x is the forward's
-normalised rows, remade from its statistics by linear_norm.normalise_rows); it is rounded to the input dtype before
-each tensor-core product, as the reference's grad_h tensor is. Two kernels, no atomics (deterministic):
+Backward (the kernels' path): grad_h = GELU'(h) * mask / (1 - p) * row_scale * grad_out (h the saved
+pre-activation, in the input dtype, as the reference's gelu_backward sees it; the mask rehashed) is computed in the
+prologue of both GEMMs from the grad_out and h tiles they load, so no grad_h tensor is written (with input_norm,
+grad_W's x is the forward's normalised rows, remade from its statistics by linear_norm.normalise_rows); it is
+rounded to the input dtype before each tensor-core product, as the reference's grad_h tensor is. Two kernels, no
+atomics (deterministic):
     grad_x (M, K) = grad_h @ W: programs over (M, K) tiles, reducing over N.
     grad_W (N, K) = grad_h^T @ x, computed as (K, N) tiles of x^T @ grad_h: N*K holds few tiles (12 at N=768,
         K=256), so M is split into SPLIT chunks and each program (chunk, N tile, K tile) writes a float32 partial
@@ -33,11 +34,18 @@ Phi: float32 outputs use libdevice's erf (the exact GELU of F.gelu to float32 ro
 backward's GELU' use one erfc polynomial (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7 on erf: at most 7.5e-8 |h|
 in the GELU, far below a 16-bit rounding, and 3.0e-7 in GELU', against 1.4e-7 for float32 libdevice erf), which
 costs half the instructions; see linear_math._normal_tail.
-A GEMM with nothing to fuse (no GELU, dropout, row scale, residual or norm; the bias is cuBLASLt's own epilogue) runs
-on cuBLAS on a GPU (F.linear and torch.mm, _vendor_gemm): qkv's forward and both of its backward GEMMs in the encoder
-block. On the H200 (2026-11-30, CCT-7 training at batch 128, M = 32768) cuBLAS ran that step's linears at 17-20 µs
-a call where these kernels took 40-60 µs for the same shapes; the kernels earn their place by what they fuse.
-Under TRITON_INTERPRET (CPU tensors) the kernels serve every call, so tests cover them.
+On a GPU (CUDA tensors, _vendor_gemm; not under torch.use_deterministic_algorithms) two things go to cuBLAS instead:
+    a forward with nothing to fuse (no GELU, dropout, row scale, residual or norm; the bias is cuBLASLt's own
+        epilogue): F.linear. In the encoder block that is qkv, behind pre_norm's row pass.
+    every backward: grad_h in one Triton pass where there is a prologue (_grad_h_kernel: GELU', dropout's mask, the
+        row scale, rounded as above; grad_out itself otherwise), then grad_x = grad_h @ W and grad_W = grad_h^T @ x
+        on cuBLAS and grad_b as grad_h's float32 column sums.
+Why: on the H200 (2026-11-30, CCT-7 training at batch 128, M = 32768) cuBLAS ran that step's linears at 17-20 µs a
+GEMM where these kernels took 40-60 µs at the same shapes: 103 µs for linear1's fused backward, 90 µs for
+linear2's, against ~75 / ~50 µs predicted for the pass and two cuBLAS GEMMs (benchmarks/NOTES.md, "Second look at
+the H200 trace"). The forward keeps its fused epilogues (~equal either way by the same estimate, one pass less).
+Under TRITON_INTERPRET (CPU tensors) the kernels serve every call, so tests cover them; tune_linear.py sweeps them
+against cuBLAS on a GPU.
 Configs: no autotuning (the interpreter cannot autotune); linear_tiles.config picks tiles from the dtype and the
 shapes, chosen from the sm_90 static figures (see _sm90_check and benchmarks/NOTES.md).
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) bfloat16 values are upcast to float32 after loading, since the
@@ -51,7 +59,7 @@ import triton
 import triton.language as tl
 
 from cct_kernels import reference
-from cct_kernels.triton._common import cdiv, dot_precision, tf32_matmul, upcast_bfloat16
+from cct_kernels.triton._common import cdiv, dot_precision, next_power_of_2, tf32_matmul, upcast_bfloat16
 from cct_kernels.triton.linear_math import gelu_erf, gelu_erf_grad, kept, load_tile, seed_key
 from cct_kernels.triton.linear_norm import (  # noqa: F401 (layer_norm_backward*: the interface's LayerNorms' backward)
     MAX_COLUMNS, layer_norm_backward, layer_norm_backward_reason, layer_norm_rows, normalise_rows,
@@ -109,6 +117,21 @@ def _grad_h(g_ptr, h_ptr, scale_ptr, offs, rows, cols, mask, key0, threshold, in
             g32 *= gelu_erf_grad(load_tile(h_ptr + offs, mask, EVEN, UPCAST).to(tl.float32))
         g = g32.to(g.dtype)
     return g
+
+
+@triton.jit
+def _grad_h_kernel(g_ptr, h_ptr, scale_ptr, seed_ptr, out_ptr, M, N, threshold, inv_keep, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GELU: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """One program: a (BLOCK_M, BLOCK_N) tile of grad_h (_grad_h) stored to out_ptr, for the vendor GEMMs."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    key0 = seed_key(seed_ptr) if DROPOUT else 0
+    grad_h = _grad_h(g_ptr, h_ptr, scale_ptr, offs, rows % M, cols, mask, key0, threshold, inv_keep, False, GELU,
+                     HAS_SCALE, DROPOUT, UPCAST)
+    tl.store(out_ptr + offs, grad_h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -256,8 +279,10 @@ def _empty(*shape, device, dtype):
 
 
 def _vendor_gemm(x: torch.Tensor) -> bool:
-    """Whether a GEMM with nothing fused into it goes to cuBLAS (see the module docstring): on CUDA tensors."""
-    return x.is_cuda
+    """Whether the call's GEMMs go to cuBLAS (see the module docstring): on CUDA tensors, unless
+    torch.use_deterministic_algorithms is on (torch's cuBLAS calls then need CUBLAS_WORKSPACE_CONFIG set, or raise;
+    these kernels are deterministic by construction)."""
+    return x.is_cuda and not torch.are_deterministic_algorithms_enabled()
 
 
 def _dropout_args(dropout_p: float, seed, placeholder) -> tuple:
@@ -305,6 +330,25 @@ def forward(x, weight, bias, residual, activation, save_for_backward, row_scale=
     return out, saved, stats, input_stats
 
 
+def _grad_h_rows(grad_out, pre_activation, gelu: bool, row_scale, dropout_p: float, seed):
+    """grad_h (M, N) in grad_out's dtype for the vendor GEMMs: grad_out itself with no prologue, else one pass of
+    _grad_h_kernel (GELU', dropout's mask, the row scale), rounded as the fused kernels round it."""
+    if not (gelu or row_scale is not None or dropout_p > 0):
+        return grad_out
+    M, N = grad_out.shape
+    grad_h = _empty(M, N, device=grad_out.device, dtype=grad_out.dtype)
+    if M:
+        seed_ptr, threshold, inv_keep = _dropout_args(dropout_p, seed, grad_out)
+        block_n = min(128, max(16, next_power_of_2(N)))
+        _grad_h_kernel[(cdiv(M, 32), cdiv(N, block_n))](
+            grad_out, pre_activation if gelu else grad_out, grad_out if row_scale is None else row_scale, seed_ptr,
+            grad_h, M, N, threshold, inv_keep, BLOCK_M=32, BLOCK_N=block_n, GELU=gelu,
+            HAS_SCALE=row_scale is not None, DROPOUT=dropout_p > 0, UPCAST=upcast_bfloat16(grad_out.dtype),
+            num_warps=4,
+        )
+    return grad_h
+
+
 def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scale=None, dropout_p=0.0, seed=None,
              input_norm_weight=None, input_norm_bias=None, input_stats=None, *, min_chunk: int = MIN_CHUNK_ROWS):
     """-> (grad at the GEMM's input (M, K), grad_weight (N, K), grad_bias (N,) or empty (0,) without bias), all in
@@ -318,9 +362,10 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
     gelu = activation == "gelu"
     if input_norm_weight is not None:
         x = normalise_rows(x, input_stats, input_norm_weight, input_norm_bias)
-    if not (gelu or row_scale is not None or dropout_p > 0) and _vendor_gemm(x):
-        grad_bias = grad_out.sum(0, dtype=torch.float32).to(dtype) if has_bias else x.new_empty(0)
-        return grad_out @ weight, grad_out.t() @ x, grad_bias
+    if _vendor_gemm(x):
+        grad_h = _grad_h_rows(grad_out, pre_activation, gelu, row_scale, dropout_p, seed)
+        grad_bias = grad_h.sum(0, dtype=torch.float32).to(dtype) if has_bias else x.new_empty(0)
+        return grad_h @ weight, grad_h.t() @ x, grad_bias
     grad_x = _empty(M, K, device=device, dtype=dtype)
     if M == 0:
         return grad_x, torch.zeros_like(weight), weight.new_zeros(N if has_bias else 0)
@@ -392,6 +437,17 @@ def _sm90_check(dtype: torch.dtype, M: int, K: int, N: int, *, bias: bool = True
     return {"name": name, "launch": launch}
 
 
+def _sm90_grad_h_check(dtype: torch.dtype, M: int, N: int) -> dict:
+    """_grad_h_rows() (the vendor backward's grad_h pass) with GELU', dropout and the row scale, on meta tensors."""
+
+    def launch():
+        rows = torch.empty(M, N, dtype=dtype, device="meta")
+        _grad_h_rows(rows, rows, True, torch.empty(M, dtype=dtype, device="meta"), 0.1,
+                     torch.empty(1, dtype=torch.int64, device="meta"))
+
+    return {"name": f"grad_h_{str(dtype).split('.')[-1]}_M{M}_N{N}", "launch": launch}
+
+
 def _sm90_norm_backward_check(dtype: torch.dtype, M: int, N: int) -> dict:
     """layer_norm_backward() (the LayerNorms' backward) on meta tensors."""
 
@@ -430,6 +486,7 @@ SM90_CHECKS = [
     _sm90_check(torch.float32, 16384, 256, 512, activation="gelu", backward_pass=True, tf32=True),
     _sm90_check(torch.float16, 111, 48, 40, activation="gelu", residual=True),
     _sm90_check(torch.float16, 111, 48, 40, activation="gelu", backward_pass=True),
+    _sm90_grad_h_check(torch.bfloat16, 16384, 512),  # linear1's grad_h pass ahead of the vendor GEMMs
     _sm90_norm_backward_check(torch.bfloat16, 16384, 256),  # pre_norm's and norm1's backward at D = 256
     _sm90_norm_backward_check(torch.bfloat16, 12544, 384),
 ]
