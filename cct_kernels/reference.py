@@ -120,6 +120,14 @@ def linear(x, weight, bias=None, *, activation="none", residual=None, row_scale=
     return y
 
 
+def linear_grads(grad_h, x, weight, has_bias: bool):
+    """The GEMM part of a linear's backward, by torch's matmuls (cuBLAS, MKL), from grad_h (M, N), the gradient at
+    x @ weight.T + b for x (M, K) and weight (N, K): (grad_x = grad_h @ weight (M, K), grad_weight = grad_h^T @ x
+    (N, K), grad_bias = grad_h's float32 column sums in x's dtype (N,), or an empty (0,) tensor without a bias)."""
+    grad_bias = grad_h.sum(0, dtype=torch.float32).to(x.dtype) if has_bias else x.new_empty(0)
+    return grad_h @ weight, grad_h.t() @ x, grad_bias
+
+
 # The kernels' dropout hash, on uint32 values held in int64 tensors (C++: mix32 and dropout_key in csrc/cpu/common.h;
 # Triton: cct_kernels/triton/linear.py). The products are split in 16-bit halves so that no int64 product overflows.
 _U32 = 0xFFFFFFFF

@@ -55,10 +55,7 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
         grad_h = grad_out
     if input_norm_weight is not None:  # the GEMM's input, recomputed from x and the forward's statistics
         x = _normalise_rows(x, input_stats, input_norm_weight, input_norm_bias)
-    grad_x = grad_h @ weight
-    grad_weight = grad_h.t() @ x
-    grad_bias = grad_h.sum(0, dtype=torch.float32).to(x.dtype) if has_bias else x.new_empty(0)
-    return grad_x, grad_weight, grad_bias
+    return reference.linear_grads(grad_h, x, weight, has_bias)
 
 
 def _layer_norm_rows(x, weight, bias, eps):

@@ -364,8 +364,7 @@ def backward(grad_out, x, weight, has_bias, pre_activation, activation, row_scal
         x = normalise_rows(x, input_stats, input_norm_weight, input_norm_bias)
     if _vendor_gemm(x):
         grad_h = _grad_h_rows(grad_out, pre_activation, gelu, row_scale, dropout_p, seed)
-        grad_bias = grad_h.sum(0, dtype=torch.float32).to(dtype) if has_bias else x.new_empty(0)
-        return grad_h @ weight, grad_h.t() @ x, grad_bias
+        return reference.linear_grads(grad_h, x, weight, has_bias)
     grad_x = _empty(M, K, device=device, dtype=dtype)
     if M == 0:
         return grad_x, torch.zeros_like(weight), weight.new_zeros(N if has_bias else 0)
