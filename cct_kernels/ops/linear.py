@@ -9,8 +9,8 @@ input_norm_weight (K,), biases optional, eps > 0). The block uses it as qkv (inp
 (proj_drop, + residual stream, norm: norm1), linear1 (GELU, dropout1) and linear2 (dropout2, + residual stream), so
 none of these makes a pass of its own over memory where a kernel fuses it (input_norm is the exception: a row pass
 ahead of the GEMM on every backend; on the H200, normalising a Triton GEMM's tiles as they loaded made qkv 2x
-slower than linear1's kernel per FLOP). In
-training, stochastic depth is the row_scale (one factor per row: 0 or 1 / keep_prob per sample).
+slower than linear1's kernel per FLOP). In training, stochastic depth is the row_scale (one factor per row: 0 or
+1 / keep_prob per sample).
 
 Shapes: x (..., K), weight (N, K), bias (N,) or None, residual (..., N) or None, row_scale (...) or None (not
 differentiated: a constant such as a drop mask), norm_weight / norm_bias (N,), input_norm_weight / input_norm_bias
