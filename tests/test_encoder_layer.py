@@ -1,12 +1,18 @@
-"""ops.encoder_layer (the CCT encoder block in eval mode as one op): against float64 on every backend here, the
-fused cpu kernel bitwise equal to the op-by-op block, the fake (opcheck), torch.compile over it, the routing of
-gradient / mask / hook cases to the op-by-op path, and the input errors."""
+"""ops.encoder_layer (the CCT encoder block as one op): against float64 on every backend here, the fused cpu kernel
+bitwise equal to the op-by-op block, the training block (one autograd node) bitwise equal to the op-by-op block in
+outputs and gradients, the fake (opcheck), torch.compile over it, the routing of gradient / mask / hook cases, and
+the input errors."""
+import importlib
+
 import pytest
 import torch
 
 import cct_kernels
 from cct_kernels import backends, ops
 from tests.cases import DEVICE, assert_close_to_reference
+
+BLOCK_OP = importlib.import_module("cct_kernels.ops.encoder_layer")
+KERNEL_BACKENDS_HERE = [b for b in ("cpu", "triton", "cuda") if backends.availability(DEVICE)[b] is None]
 
 FUSED_HERE = backends.unsupported_reason("cpu", "encoder_layer", torch.device("cpu"), torch.randn(1, 2, 4),
                                          None) is None
@@ -150,3 +156,86 @@ def test_encoder_layer_errors_name_the_argument():
         ops.encoder_layer(src, num_heads=4, norm1_eps=0.0, **params)
     with pytest.raises(ValueError, match="backend"):
         ops.encoder_layer(src, num_heads=4, backend="tpu", **params)
+
+
+def _training_call(src, params, backend, rates, mask=None, op_by_op=False, seed=5):
+    """The block with dropout and stochastic depth at `rates` (attention, dropout, drop path), from torch seed `seed`:
+    through ops.encoder_layer, or (op_by_op) through the ops one by one."""
+    torch.manual_seed(seed)
+    if op_by_op:
+        config = BLOCK_OP._Config(4, 8**-0.5, 1e-5, 1e-5, *rates)
+        return BLOCK_OP._op_by_op(src, params, config, mask, backend)
+    attention_dropout_p, dropout_p, drop_path_rate = rates
+    return ops.encoder_layer(src, num_heads=4, **params, mask=mask, attention_dropout_p=attention_dropout_p,
+                             dropout_p=dropout_p, drop_path_rate=drop_path_rate, backend=backend)
+
+
+def _with_gradients(dtype=torch.float32, **kwargs):
+    src, params = _block(**kwargs)
+    return src.to(dtype).requires_grad_(), {k: v.to(dtype).requires_grad_() for k, v in params.items()}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)
+@pytest.mark.parametrize("rates", [(0.0, 0.0, 0.0), (0.1, 0.2, 0.3)], ids=["eval", "dropout"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_training_block_is_one_node_equal_to_the_op_by_op_block(backend, rates, masked):
+    """The same kernels, draws and backward formulas: output and every gradient equal to the bit."""
+    if backend != "cpu":
+        # the cuda attention kernel has no dropout; triton's takes ~25 s a call in the interpreter (its own tests
+        # cover it); the cpu backend checks the attention seed's place among the draws
+        rates = (0.0, *rates[1:])
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    src, params = _with_gradients(dtype)
+    mask = torch.tensor([10, 7, 1], device=DEVICE) if masked else None
+    out = _training_call(src, params, backend, rates, mask)
+    assert type(out.grad_fn).__name__ == "_BlockFunctionBackward"
+    expected = _training_call(src, params, backend, rates, mask, op_by_op=True)
+    assert type(expected.grad_fn).__name__ != "_BlockFunctionBackward"
+    assert torch.equal(out, expected)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    inputs = (src, *params.values())
+    names = ("src", *params)
+    for name, mine, theirs in zip(names, torch.autograd.grad((out * weights).sum(), inputs),
+                                  torch.autograd.grad((expected * weights).sum(), inputs)):
+        assert torch.equal(mine, theirs), name
+    with torch.no_grad():  # no gradient to record: the same kernels, no autograd node
+        assert torch.equal(_training_call(src, params, backend, rates, mask), expected)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)
+def test_training_block_checks_inputs_and_refuses_double_backward(backend):
+    src, params = _with_gradients(torch.bfloat16 if backend == "cuda" else torch.float32)
+    out = _training_call(src, params, backend, (0.0, 0.1, 0.1))
+    with torch.no_grad():
+        params["linear1_weight"].mul_(2)  # as an optimizer step between forward and backward would
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    out = _training_call(src, params, backend, (0.0, 0.1, 0.1))
+    (grad,) = torch.autograd.grad(out.square().sum(), src, create_graph=True)
+    with pytest.raises(RuntimeError, match='run this op with backend="eager"'):
+        grad.sum().backward()
+
+
+def test_training_block_routes_what_its_kernels_cannot_serve_op_by_op():
+    """eager by name, and a bool mask that is not a prefix of each sequence (attention then runs eager), take the ops
+    one by one; the values agree with the kernel path where both can serve."""
+    src, params = _with_gradients()
+    out = _training_call(src, params, "eager", (0.0, 0.0, 0.1))
+    assert type(out.grad_fn).__name__ != "_BlockFunctionBackward"
+    mask = torch.ones(3, 10, dtype=torch.bool, device=DEVICE)
+    mask[1, 2] = False
+    out = _training_call(src, params, "auto", (0.0, 0.0, 0.0), mask=mask)
+    assert type(out.grad_fn).__name__ != "_BlockFunctionBackward"
+    torch.testing.assert_close(out, _training_call(src, params, "eager", (0.0, 0.0, 0.0), mask=mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_training_rates_are_checked():
+    src, params = _block(device=torch.device("cpu"))
+    src, params = src.float(), {k: v.float() for k, v in params.items()}
+    for name, rate, message in (("attention_dropout_p", 1.0, "in \\[0, 1\\)"), ("dropout_p", -0.1, "in \\[0, 1\\]"),
+                                ("drop_path_rate", 1.5, "in \\[0, 1\\]")):
+        with pytest.raises(ValueError, match=f"{name} must be .*{message}"):
+            ops.encoder_layer(src, num_heads=4, **params, **{name: rate})
+    with pytest.raises(TypeError, match="dropout_p"):
+        ops.encoder_layer(src, num_heads=4, **params, dropout_p="0.1")

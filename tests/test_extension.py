@@ -6,13 +6,14 @@ same-dtype eager reference (plus a few ulps of the output's scale, for cases whe
 Outputs are poisoned with NaN by construction: the kernels allocate with torch.empty, and the CPU allocator hands
 back freed buffers, so an unwritten element shows up as garbage or NaN in the comparison.
 """
+import importlib
+
 import pytest
 import torch
 
 import cct_kernels
 from cct_kernels import backends, extension, ops, reference
 from cct_kernels.extension import attention as ext_attention
-from cct_kernels.nn import encoder
 from cct_kernels.ops.attention import new_seed
 from tests.cases import check_backward_takes_any_layout, check_two_stages_channels_last
 
@@ -521,8 +522,9 @@ def test_model_cpu_backend_trains_with_dropout_and_stochastic_depth(monkeypatch)
     loss.backward()
 
     # the float64 model draws stochastic depth from float32 numbers, as the float32 model does
-    scale_of = encoder.drop_path_scale
-    monkeypatch.setattr(encoder, "drop_path_scale", lambda x, p: scale_of(x.float(), p).to(x.dtype))
+    block_op = importlib.import_module("cct_kernels.ops.encoder_layer")
+    scale_of = block_op.drop_path_scale
+    monkeypatch.setattr(block_op, "drop_path_scale", lambda x, p: scale_of(x.float(), p).to(x.dtype))
     linear = ops.linear
     dropped = []
 

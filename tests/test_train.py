@@ -70,15 +70,17 @@ def test_kernel_backend_follows_the_eager_loss_curve(tmp_path, backend):
     assert kernel["losses"][:5] == pytest.approx(eager["losses"][:5], rel=2e-3)
 
 
-def test_compiled_training_follows_the_uncompiled_loss_curve(tmp_path, capsys, monkeypatch):
+def test_compiled_training_follows_the_uncompiled_loss_curve(tmp_path, capsys):
     """--compile: the training forward and backward through torch.compile over the cpu backend's ops give the
     uncompiled run's losses (same weights, batches and, with inductor drawing from ATen's generator, the same dropout
     and stochastic-depth draws: otherwise the losses differ by ~2e-3), and the banner says so."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     backend = "cpu" if "cpu" in KERNEL_BACKENDS_HERE else "eager"
-    plain = train(short(tmp_path / "plain", epochs=1, train_subset=256, test_subset=100, backend=backend))
-    compiled = train(short(tmp_path / "compiled", epochs=1, train_subset=256, test_subset=100, backend=backend,
-                           compile="default"))
+    # inductor's own config.patch: pytest's monkeypatch.setattr on a config module deletes the entry on undo,
+    # which hides it from every later compile of the process ("fallback_random does not exist")
+    with torch._inductor.config.patch(fallback_random=True):
+        plain = train(short(tmp_path / "plain", epochs=1, train_subset=256, test_subset=100, backend=backend))
+        compiled = train(short(tmp_path / "compiled", epochs=1, train_subset=256, test_subset=100, backend=backend,
+                               compile="default"))
     assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert compiled["test_accuracy"] == pytest.approx(plain["test_accuracy"], abs=0.011)
     assert "torch.compile mode default" in capsys.readouterr().out

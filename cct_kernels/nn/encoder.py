@@ -8,6 +8,7 @@ from cct_kernels import backends, ops
 from cct_kernels.nn._backend import UsesBackend
 from cct_kernels.nn._checks import check_int, check_probability
 from cct_kernels.nn.attention import Attention, active_rate
+from cct_kernels.ops.encoder_layer import drop_path_scale
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -21,15 +22,6 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     if keep_prob == 0.0:
         return x * mask  # all zeros, still in the graph (zero gradients, so DDP sees every parameter used)
     return x.div(keep_prob) * mask
-
-
-def drop_path_scale(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """drop_path's factor per sample of x (B, ...), drawn as drop_path draws its mask: 0 or 1 / (1 - drop_prob),
-    shaped (B, N) for x (B, N, D), ready to be ops.linear's row_scale."""
-    keep_prob = 1 - drop_prob
-    mask = (keep_prob + torch.rand((x.shape[0],), dtype=x.dtype, device=x.device)).floor_()
-    scale = mask if keep_prob == 0.0 else mask / keep_prob
-    return scale.view(-1, *(1,) * (x.ndim - 2)).expand(x.shape[:-1])
 
 
 class DropPath(nn.Module):
@@ -46,11 +38,13 @@ class DropPath(nn.Module):
 class TransformerEncoderLayer(UsesBackend, nn.Module):
     """(B, N, d_model) -> (B, N, d_model). Sizes are ints >= 1 (d_model a multiple of nhead), rates in [0, 1].
 
-    The official function, with the four linears run by ops.linear: pre_norm is in qkv's prologue; linear1's GELU,
-    the dropouts, the two residual adds, stochastic depth (as a per-sample row scale) and norm1 (after proj's
-    residual add) are in their linear's epilogue. On the eager backend, with both dropout and stochastic depth
-    active, the residual linears keep the official modules' order of random draws (dropout's mask, then
-    drop_path's), so the oracle draws what the official model draws.
+    The official function as one ops.encoder_layer call (in training too: one autograd node on kernel backends),
+    whose four linears run by ops.linear: pre_norm is in qkv's prologue; linear1's GELU, the dropouts, the two
+    residual adds, stochastic depth (as a per-sample row scale) and norm1 (after proj's residual add) are in their
+    linear's epilogue. The block runs as its modules' ops instead where the op would not compute the modules'
+    function (see _block_arguments). On the eager backend, with both dropout and stochastic depth active, the
+    residual linears keep the official modules' order of random draws (dropout's mask, then drop_path's), so the
+    oracle draws what the official model draws.
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, attention_dropout=0.1, drop_path_rate=0.1):
@@ -68,9 +62,9 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, src, mask=None):
-        fused = None if self.training else self._fused_block_arguments()
-        if fused is not None:
-            return ops.encoder_layer(src, **fused, mask=mask, backend=self.backend)
+        block = self._block_arguments()
+        if block is not None:
+            return ops.encoder_layer(src, **block, mask=mask, backend=self.backend)
         pre_norm, norm1 = self._modules["pre_norm"], self._modules["norm1"]
         if self._official_draw_order(self.self_attn.proj_drop):
             src = norm1(src + self.drop_path(self.self_attn(pre_norm(src), mask)))
@@ -96,12 +90,13 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         return ops.linear(hidden, self.linear2.weight, self.linear2.bias, residual=residual, row_scale=row_scale,
                           dropout_p=active_rate(self.dropout2), backend=self.backend)
 
-    def _fused_block_arguments(self) -> dict | None:
-        """ops.encoder_layer's keyword arguments for this block's eval-mode function, or None when the op would not
-        compute it: parameters other than the official ones (a qkv bias, non-affine or multi-dim LayerNorms,
-        replaced submodules), a forward hook that running the norms as modules would fire, or a TorchScript/ONNX
-        trace (which records the block's ops: the fused op has no ONNX symbolic). Read straight from the module
-        dicts: this runs on every eval-mode call, where nn.Module's attribute lookup cost ~20 us a block."""
+    def _block_arguments(self) -> dict | None:
+        """ops.encoder_layer's keyword arguments for this block's function in this call, or None when the op would
+        not compute it: parameters other than the official ones (a qkv bias, non-affine or multi-dim LayerNorms,
+        replaced submodules), dropout modules at different rates, a forward hook that running the norms as modules
+        would fire, a TorchScript/ONNX trace (which records the block's ops: the fused op has no ONNX symbolic), or
+        the eager backend's official order of random draws. Read straight from the module dicts: this runs on every
+        call, where nn.Module's attribute lookup cost ~20 us a block."""
         if torch.jit.is_tracing() or _global_module_hooks():
             return None
         modules = self._modules
@@ -124,8 +119,16 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         }
         if any(p is None for p in arguments.values()):
             return None
+        dropout_p = active_rate(attn._modules["proj_drop"])
+        if any(active_rate(modules[name]) != dropout_p for name in ("dropout1", "dropout2")):
+            return None
+        if self._official_draw_order(modules["dropout2"]):
+            return None
+        drop_path = modules["drop_path"]
         return {**arguments, "num_heads": attn.num_heads, "scale": attn.scale, "pre_norm_eps": pre_norm.eps,
-                "norm1_eps": norm1.eps}
+                "norm1_eps": norm1.eps, "attention_dropout_p": active_rate(attn._modules["attn_drop"]),
+                "dropout_p": dropout_p,
+                "drop_path_rate": drop_path.drop_prob if self.training and isinstance(drop_path, DropPath) else 0.0}
 
     def _official_draw_order(self, dropout: nn.Dropout) -> bool:
         """Whether stochastic depth must be drawn after `dropout`'s mask, as a separate step (not the linear's row

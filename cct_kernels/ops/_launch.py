@@ -55,6 +55,7 @@ class KernelOp:
 
     def __init__(self, op: str, run_forward, forward, run_backward, backward, setup_context, formula):
         self.run_forward, self.forward, self.run_backward, self.backward = run_forward, forward, run_backward, backward
+        self.setup_context, self.formula = setup_context, formula
         forward.register_autograd(formula, setup_context=setup_context)
         _forbid_double_backward(backward, op)
 
@@ -86,10 +87,27 @@ class KernelOp:
             return self._function.apply
         return self.run_forward
 
+    def run_recorded(self, *inputs):
+        """run_forward(*inputs) and the SavedContext that `formula` takes for its backward: the op as one step of a
+        caller's own autograd.Function (the encoder block's, ops.encoder_layer), which calls the formulas itself."""
+        output = self.run_forward(*inputs)
+        ctx = SavedContext()
+        self.setup_context(ctx, inputs, output)
+        return output, ctx
+
     def backward_for(self, *tensors):
         """The backward to call inside the autograd formula, given its tensors: the plain function in an eager
         backward, the registered op when the backward is itself recorded (create_graph) or traced."""
         return self.backward if torch.is_grad_enabled() or traced(tensors) else self.run_backward
+
+
+class SavedContext:
+    """What the ops' setup_context and formula use of autograd's ctx (save_for_backward, saved_tensors, plain
+    attributes), for an op run by KernelOp.run_recorded. The caller's autograd.Function saves its own inputs, so
+    autograd still checks them for in-place changes before the backward; the tensors kept here are its own."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
 
 
 def traced(tensors) -> bool:

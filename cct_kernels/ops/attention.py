@@ -84,12 +84,12 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, _grad_lse):
     qkv, seed, lengths, out, lse = ctx.saved_tensors
     num_heads, scale, dropout_p, backend = ctx.args
-    backward = _KERNELS.backward_for(grad_out, qkv)
+    backward = KERNELS.backward_for(grad_out, qkv)
     grad_qkv = backward(grad_out.contiguous(), qkv, out, lse, num_heads, scale, dropout_p, seed, backend, lengths)
     return grad_qkv, None, None, None, None, None, None
 
 
-_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
+KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def attention(
@@ -119,5 +119,5 @@ def attention(
         return reference.attention(qkv, num_heads, scale=scale, dropout_p=dropout_p,
                                    mask=None if padding is None else padding.mask)
     seed = new_seed(qkv.device) if dropout_p > 0 else qkv.new_empty(0, dtype=torch.int64)
-    forward = _KERNELS.forward_for(qkv)
+    forward = KERNELS.forward_for(qkv)
     return forward(qkv, num_heads, scale, dropout_p, seed, name, lengths)[0]

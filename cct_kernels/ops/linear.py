@@ -140,7 +140,7 @@ def _autograd_backward(ctx, grad_out, _grad_saved, _grad_stats, _grad_input_stat
         grad_out, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_out, saved, stats, norm_weight,
                                                                           norm_bias, backend)
     pre_activation = saved if activation == "gelu" else saved.new_empty(0)
-    backward = _KERNELS.backward_for(grad_out, x)
+    backward = KERNELS.backward_for(grad_out, x)
     grad_x, grad_weight, grad_bias = backward(grad_out, x, weight, has_bias, pre_activation, activation, backend,
                                               row_scale, dropout_p, seed, input_norm_weight, input_norm_bias,
                                               input_stats)
@@ -170,7 +170,7 @@ def _layer_norm_backward(grad, normalised, stats, weight, bias, backend):
                                                      bias, [True, True, bias is not None])
 
 
-_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
+KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def linear(
@@ -242,7 +242,7 @@ def linear(
         t is not None and t.requires_grad
         for t in (x, weight, bias, residual, norm_weight, norm_bias, input_norm_weight, input_norm_bias))
     tensors = (x2, weight, bias, residual2, norm_weight, norm_bias, input_norm_weight, input_norm_bias)
-    forward = _KERNELS.forward_for(*tensors)
+    forward = KERNELS.forward_for(*tensors)
     seed = new_seed(x.device) if dropout_p > 0 else None
     out = forward(x2, weight, bias, residual2, activation, needs_grad, name, scale2, dropout_p, seed, *norms)[0]
     return out.view(out_shape)

@@ -77,12 +77,12 @@ def _autograd_backward(ctx, grad_out, _grad_lse):
     x, weight, bias, lengths, out, lse = ctx.saved_tensors
     # grad_out arrives float32 through seqpool()'s cast; it was x.dtype before it, so casting back is exact
     grad_out = grad_out.to(x.dtype).contiguous()
-    backward = _KERNELS.backward_for(grad_out, x)
+    backward = KERNELS.backward_for(grad_out, x)
     grad_x, grad_weight, grad_bias = backward(grad_out, x, weight, bias, out, lse, ctx.backend, lengths)
     return grad_x, grad_weight, grad_bias, None, None
 
 
-_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
+KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def seqpool(
@@ -105,5 +105,5 @@ def seqpool(
     name = backends.select(OP, backend, x.device, x, weight, bias, lengths, eager_only=eager_only)
     if name == "eager":
         return reference.seqpool(x, weight, bias, mask=None if padding is None else padding.mask)
-    forward = _KERNELS.forward_for(x, weight, bias)
+    forward = KERNELS.forward_for(x, weight, bias)
     return forward(x, weight, bias, name, lengths)[0].to(x.dtype)

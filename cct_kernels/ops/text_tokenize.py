@@ -104,13 +104,13 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, _grad_index):
     x, weight, out, pool_index = ctx.saved_tensors
     needs_input_grad = ctx.needs_input_grad[0]
-    backward = _KERNELS.backward_for(grad_out, x)
+    backward = KERNELS.backward_for(grad_out, x)
     grad_x, grad_weight = backward(grad_out.contiguous(), x, weight, out, pool_index, *ctx.params,
                                    needs_input_grad, ctx.backend)
     return (grad_x if needs_input_grad else None, grad_weight) + (None,) * (len(ctx.params) + 1)
 
 
-_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
+KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def _check_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -147,5 +147,5 @@ def text_tokenize(
     name = backends.select(OP, backend, x.device, x, weight3, *params)
     if name == "eager":
         return reference.text_tokenize(x, weight, stride=stride, padding=padding, relu=relu, pool=pool)
-    forward = _KERNELS.forward_for(x, weight3)
+    forward = KERNELS.forward_for(x, weight3)
     return forward(x, weight3, *params, name)[0]

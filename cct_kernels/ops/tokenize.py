@@ -137,7 +137,7 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, _grad_index):
     x, weight, bias, out, pool_index = ctx.saved_tensors
     needs_input_grad = ctx.needs_input_grad[0]
-    backward = _KERNELS.backward_for(grad_out, x)
+    backward = KERNELS.backward_for(grad_out, x)
     grad_x, grad_weight, grad_bias = backward(
         grad_out, x, weight, bias, out, pool_index, *ctx.params, needs_input_grad, ctx.backend
     )
@@ -145,7 +145,7 @@ def _autograd_backward(ctx, grad_out, _grad_index):
         None,) * (len(ctx.params) + 1)
 
 
-_KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
+KERNELS = KernelOp(OP, _run_forward, _forward, _run_backward, _backward, _setup_context, _autograd_backward)
 
 
 def _pool_params(pool) -> tuple[int, int, int]:
@@ -210,5 +210,5 @@ def tokenize(
         x = x.contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    forward = _KERNELS.forward_for(x, weight, bias)
+    forward = KERNELS.forward_for(x, weight, bias)
     return forward(x, weight, bias, stride, padding, relu, pool_kernel, pool_stride, pool_padding, to_tokens, name)[0]
