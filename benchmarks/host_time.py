@@ -11,14 +11,17 @@ added ~30% of real CPU work. Runs under TRITON_INTERPRET=1 with every Triton lau
 are garbage; only the time means anything). Counted: the ops' checks, backend selection, autograd, the launchers'
 argument handling and allocations, the ATen glue. Not counted: Triton's own launcher (the stub replaces it), CUDA's
 launch latency, and the optimizer. Prints the minimum over rounds of one encoder block's forward and forward +
-backward, the model's forward, and forward + backward.
+backward, the model's forward, forward + backward, and eval-mode forward without gradients: each with the block as
+one op (ops.encoder_layer, one autograd node in training) and with the block's ops one by one (each its own
+autograd node, as traced code runs them), interleaved round by round.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
-import sys
-from pathlib import Path
+import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
@@ -27,16 +30,38 @@ from triton.runtime import interpreter  # noqa: E402
 
 from cct_kernels.models.cct import CCT  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_block_parts import best_us  # noqa: E402
+BLOCK_OP = importlib.import_module("cct_kernels.ops.encoder_layer")  # ops.encoder_layer is the function
+MODES = ("block op", "ops one by one")
 
 
 def _no_launch(self, *args, grid, warmup, **kwargs):
     return None
 
 
-def best_ms(fn, rounds: int) -> float:
-    return best_us(fn, rounds) / 1e3
+@contextlib.contextmanager
+def ops_one_by_one():
+    """ops.encoder_layer runs the block's ops one by one, as it does for traced calls."""
+    traced = BLOCK_OP.traced
+    BLOCK_OP.traced = lambda tensors: True
+    try:
+        yield
+    finally:
+        BLOCK_OP.traced = traced
+
+
+def best_ms_interleaved(parts: dict, rounds: int) -> dict[str, dict[str, float]]:
+    """{part: {mode: min ms}}, every part timed in both modes in each round (after 3 warm-up rounds)."""
+    best = {part: dict.fromkeys(MODES, float("inf")) for part in parts}
+    for round_ in range(rounds + 3):
+        for part, fn in parts.items():
+            for mode in MODES:
+                with ops_one_by_one() if mode == "ops one by one" else contextlib.nullcontext():
+                    start = time.perf_counter()
+                    fn()
+                    elapsed = time.perf_counter() - start
+                if round_ >= 3:
+                    best[part][mode] = min(best[part][mode], elapsed * 1e3)
+    return best
 
 
 def miniature_cct_7_3x1() -> CCT:
@@ -46,26 +71,34 @@ def miniature_cct_7_3x1() -> CCT:
                backend="triton").train()
 
 
-def host_times(rounds: int) -> dict[str, float]:
+def host_times(rounds: int) -> dict[str, dict[str, float]]:
     interpreter.InterpretedFunction.run = _no_launch
     torch.manual_seed(0)
     model = miniature_cct_7_3x1()
+    evaluated = miniature_cct_7_3x1().eval()
     images = torch.randn(1, 3, 8, 8)
     block = model.classifier.blocks[0]
     tokens = torch.randn(1, model.classifier.sequence_length, 32, requires_grad=True)
-    return {
-        "block forward": best_ms(lambda: block(tokens), rounds),
-        "block forward + backward": best_ms(lambda: block(tokens).sum().backward(), rounds),
-        "model forward": best_ms(lambda: model(images), rounds),
-        "model forward + backward": best_ms(lambda: model(images).sum().backward(), rounds),
-    }
+
+    def evaluate():
+        with torch.no_grad():
+            evaluated(images)
+
+    return best_ms_interleaved({
+        "block forward": lambda: block(tokens),
+        "block forward + backward": lambda: block(tokens).sum().backward(),
+        "model forward": lambda: model(images),
+        "model forward + backward": lambda: model(images).sum().backward(),
+        "model eval forward": evaluate,
+    }, rounds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
+    print(f"{'':26s} {MODES[0]:>10s} {MODES[1]:>16s}")
     for name, ms in host_times(parser.parse_args().rounds).items():
-        print(f"{name:26s} {ms:7.3f} ms")
+        print(f"{name:26s} {ms[MODES[0]]:7.3f} ms {ms[MODES[1]]:13.3f} ms")
 
 
 if __name__ == "__main__":

@@ -322,10 +322,14 @@ def test_tune_linear_sweeps_candidates_against_the_reference(tmp_path):
 
 def test_host_time_reports_each_part_of_a_stubbed_step():
     """benchmarks/host_time.py (host time with the Triton launches stubbed) runs a block and the miniature CCT-7's
-    forward and backward on the triton backend and prints a positive time for each part."""
+    forward and backward on the triton backend, with the block as one op and as its ops one by one, and prints a
+    positive time for each part and mode."""
     result = _run("benchmarks/host_time.py", "--rounds", "2")
     assert result.returncode == 0, result.stdout + result.stderr
-    times = dict(re.findall(r"^(.+?)\s+([\d.]+) ms$", result.stdout, re.M))
-    assert list(times) == ["block forward", "block forward + backward", "model forward", "model forward + backward"]
-    assert all(float(ms) > 0 for ms in times.values())
-    assert float(times["block forward + backward"]) > float(times["block forward"])
+    times = {name: (float(one), float(by_op))
+             for name, one, by_op in re.findall(r"^(.+?)\s+([\d.]+) ms\s+([\d.]+) ms$", result.stdout, re.M)}
+    assert list(times) == ["block forward", "block forward + backward", "model forward", "model forward + backward",
+                           "model eval forward"]
+    assert all(ms > 0 for pair in times.values() for ms in pair)
+    assert all(backward > forward for backward, forward in zip(times["block forward + backward"],
+                                                               times["block forward"]))
