@@ -158,20 +158,25 @@ def test_encoder_layer_errors_name_the_argument():
         ops.encoder_layer(src, num_heads=4, backend="tpu", **params)
 
 
+UPSTREAM_OF_ATTENTION = ("src", "pre_norm_weight", "pre_norm_bias", "qkv_weight")
+
+
 def _training_call(src, params, backend, rates, mask=None, op_by_op=False, seed=5):
     """The block with dropout and stochastic depth at `rates` (attention, dropout, drop path), from torch seed `seed`:
     through ops.encoder_layer, or (op_by_op) through the ops one by one."""
     torch.manual_seed(seed)
     if op_by_op:
-        config = BLOCK_OP._Config(4, 8**-0.5, 1e-5, 1e-5, *rates)
+        config = BLOCK_OP._Config(4, (src.shape[-1] // 4) ** -0.5, 1e-5, 1e-5, *rates)
         return BLOCK_OP._op_by_op(src, params, config, mask, backend)
     attention_dropout_p, dropout_p, drop_path_rate = rates
     return ops.encoder_layer(src, num_heads=4, **params, mask=mask, attention_dropout_p=attention_dropout_p,
                              dropout_p=dropout_p, drop_path_rate=drop_path_rate, backend=backend)
 
 
-def _with_gradients(dtype=torch.float32, **kwargs):
-    src, params = _block(**kwargs)
+def _with_gradients(backend):
+    """src and parameters for `backend` (the cuda kernels: bfloat16, head dim 64), requiring gradients."""
+    dtype, dim = (torch.bfloat16, 256) if backend == "cuda" else (torch.float32, 32)
+    src, params = _block(dim=dim)
     return src.to(dtype).requires_grad_(), {k: v.to(dtype).requires_grad_() for k, v in params.items()}
 
 
@@ -184,8 +189,7 @@ def test_training_block_is_one_node_equal_to_the_op_by_op_block(backend, rates, 
         # the cuda attention kernel has no dropout; triton's takes ~25 s a call in the interpreter (its own tests
         # cover it); the cpu backend checks the attention seed's place among the draws
         rates = (0.0, *rates[1:])
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
-    src, params = _with_gradients(dtype)
+    src, params = _with_gradients(backend)
     mask = torch.tensor([10, 7, 1], device=DEVICE) if masked else None
     out = _training_call(src, params, backend, rates, mask)
     assert type(out.grad_fn).__name__ == "_BlockFunctionBackward"
@@ -197,14 +201,18 @@ def test_training_block_is_one_node_equal_to_the_op_by_op_block(backend, rates, 
     names = ("src", *params)
     for name, mine, theirs in zip(names, torch.autograd.grad((out * weights).sum(), inputs),
                                   torch.autograd.grad((expected * weights).sum(), inputs)):
-        assert torch.equal(mine, theirs), name
+        if backend == "cuda" and name in UPSTREAM_OF_ATTENTION:
+            # the cuda attention backward sums dQ with float32 atomics: their order, so the last bits, vary per run
+            torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
+        else:
+            assert torch.equal(mine, theirs), name
     with torch.no_grad():  # no gradient to record: the same kernels, no autograd node
         assert torch.equal(_training_call(src, params, backend, rates, mask), expected)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)
 def test_training_block_checks_inputs_and_refuses_double_backward(backend):
-    src, params = _with_gradients(torch.bfloat16 if backend == "cuda" else torch.float32)
+    src, params = _with_gradients(backend)
     out = _training_call(src, params, backend, (0.0, 0.1, 0.1))
     with torch.no_grad():
         params["linear1_weight"].mul_(2)  # as an optimizer step between forward and backward would
@@ -219,7 +227,7 @@ def test_training_block_checks_inputs_and_refuses_double_backward(backend):
 def test_training_block_routes_what_its_kernels_cannot_serve_op_by_op():
     """eager by name, and a bool mask that is not a prefix of each sequence (attention then runs eager), take the ops
     one by one; the values agree with the kernel path where both can serve."""
-    src, params = _with_gradients()
+    src, params = _with_gradients("auto")
     out = _training_call(src, params, "eager", (0.0, 0.0, 0.1))
     assert type(out.grad_fn).__name__ != "_BlockFunctionBackward"
     mask = torch.ones(3, 10, dtype=torch.bool, device=DEVICE)
