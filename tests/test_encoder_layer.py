@@ -173,6 +173,16 @@ def _training_call(src, params, backend, rates, mask=None, op_by_op=False, seed=
                              dropout_p=dropout_p, drop_path_rate=drop_path_rate, backend=backend)
 
 
+def _assert_same_gradients(backend, names, mine, theirs):
+    """Equal to the bit, except upstream of the cuda attention backward, which sums dQ with float32 atomics (their
+    order, so the last bits, vary from run to run)."""
+    for name, a, b in zip(names, mine, theirs):
+        if backend == "cuda" and name in UPSTREAM_OF_ATTENTION:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+        else:
+            assert torch.equal(a, b), name
+
+
 def _with_gradients(backend):
     """src and parameters for `backend` (the cuda kernels: bfloat16, head dim 64), requiring gradients."""
     dtype, dim = (torch.bfloat16, 256) if backend == "cuda" else (torch.float32, 32)
@@ -199,15 +209,30 @@ def test_training_block_is_one_node_equal_to_the_op_by_op_block(backend, rates, 
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     inputs = (src, *params.values())
     names = ("src", *params)
-    for name, mine, theirs in zip(names, torch.autograd.grad((out * weights).sum(), inputs),
-                                  torch.autograd.grad((expected * weights).sum(), inputs)):
-        if backend == "cuda" and name in UPSTREAM_OF_ATTENTION:
-            # the cuda attention backward sums dQ with float32 atomics: their order, so the last bits, vary per run
-            torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
-        else:
-            assert torch.equal(mine, theirs), name
+    _assert_same_gradients(backend, names, torch.autograd.grad((out * weights).sum(), inputs),
+                           torch.autograd.grad((expected * weights).sum(), inputs))
     with torch.no_grad():  # no gradient to record: the same kernels, no autograd node
         assert torch.equal(_training_call(src, params, backend, rates, mask), expected)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)
+def test_training_block_under_autocast_equals_the_op_by_op_block(backend):
+    """float32 src and parameters under torch.autocast (bfloat16): the block casts them as the ops do (src once per
+    use), so output and gradients (summed in float32 for src) equal the op-by-op block's."""
+    src, params = _with_gradients(backend)
+    src, params = src.detach().float().requires_grad_(), {k: v.detach().float().requires_grad_()
+                                                          for k, v in params.items()}
+    rates = (0.1 if backend == "cpu" else 0.0, 0.2, 0.3)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = _training_call(src, params, backend, rates)
+        expected = _training_call(src, params, backend, rates, op_by_op=True)
+    assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ == "_BlockFunctionBackward"
+    assert torch.equal(out, expected)
+    inputs = (src, *params.values())
+    grads = torch.autograd.grad(out.float().square().sum(), inputs)
+    assert all(g.dtype == torch.float32 for g in grads)
+    _assert_same_gradients(backend, ("src", *params), grads,
+                           torch.autograd.grad(expected.float().square().sum(), inputs))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)

@@ -112,7 +112,7 @@ def encoder_layer(
             src.contiguous(), *(t.contiguous() for t in tensors), num_heads, scale, config.pre_norm_eps,
             config.norm1_eps)
     if not traced((src, *tensors, mask)):
-        src, *tensors = autocast_inputs(src, *tensors)
+        tensors = autocast_inputs(*tensors)  # src is cast per use, in run(), as the ops cast it
         padding = key_padding(mask, src.shape[0], src.shape[1], src.device)
         if padding is None or padding.lengths is not None:
             block = _Block(src, dict(zip(_PARAMETERS, tensors)), config, None if padding is None else padding.lengths,
@@ -176,17 +176,18 @@ class _Block:
         self.src, self.params, self.config, self.lengths = src, params, config, lengths
         batch, tokens, dim = src.shape
         rows, hidden = batch * tokens, params["linear1_weight"].shape[0]
-        rows_d = _standin(src, rows, dim)
+        weight = params["qkv_weight"]  # in the dtype the block computes in (src's, or autocast's)
+        rows_d = _standin(weight, rows, dim)
         names = (
             backends.select("linear", backend, src.device, rows_d, params["qkv_weight"], None, None, "none", None,
                             params["pre_norm_weight"]),
-            backends.select("attention", backend, src.device, _standin(src, batch, tokens, 3 * dim),
+            backends.select("attention", backend, src.device, _standin(weight, batch, tokens, 3 * dim),
                             config.num_heads, config.scale, config.attention_dropout_p, lengths),
             backends.select("linear", backend, src.device, rows_d, params["proj_weight"], params["proj_bias"],
                             rows_d, "none", params["norm1_weight"], None),
             backends.select("linear", backend, src.device, rows_d, params["linear1_weight"],
                             params["linear1_bias"], None, "gelu", None, None),
-            backends.select("linear", backend, src.device, _standin(src, rows, hidden), params["linear2_weight"],
+            backends.select("linear", backend, src.device, _standin(weight, rows, hidden), params["linear2_weight"],
                             params["linear2_bias"], rows_d, "none", None, None),
         )
         self.backends = None if "eager" in names else names
@@ -198,9 +199,9 @@ class _Block:
         def seed(rate):
             return new_seed(src.device) if rate > 0 else None
 
-        def row_scale():
+        def row_scale():  # drawn in src's dtype, then cast, as ops.linear casts the block's row_scale
             scale = _row_scale(src, config)
-            return None if scale is None else scale.reshape(-1).contiguous()
+            return None if scale is None else autocast_inputs(scale)[0].reshape(-1).contiguous()
 
         # the random draws, in the op-by-op block's order
         attention_seed = seed(config.attention_dropout_p)
@@ -210,7 +211,10 @@ class _Block:
         proj_seed, linear1_seed = seed(config.dropout_p), seed(config.dropout_p)
         linear2_scale = row_scale()
         draws = _Draws(attention_seed, proj_scale, proj_seed, linear1_seed, linear2_scale, seed(config.dropout_p))
-        tensors = (src, *(self.params[name].contiguous() for name in _PARAMETERS))
+        # src twice, cast for each use under autocast as qkv's and proj's ops cast it (autograd then sums the two
+        # gradients in src's dtype, as for the op-by-op block); the same tensor otherwise
+        tensors = (*autocast_inputs(src), *autocast_inputs(src),
+                   *(self.params[name].contiguous() for name in _PARAMETERS))
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _BlockFunction.apply(self, draws, *tensors)
         return _forward(self, draws, *tensors, save_for_backward=False)[0]
@@ -227,13 +231,16 @@ class _Draws:
     linear2_seed: torch.Tensor | None
 
 
-def _forward(block, draws, src, pre_norm_weight, pre_norm_bias, qkv_weight, proj_weight, proj_bias, norm1_weight,
-             norm1_bias, linear1_weight, linear1_bias, linear2_weight, linear2_bias, *, save_for_backward):
-    """The block's five kernel calls, with the arguments the ops would pass: (out (B, N, D), each call's context
-    for its backward formula)."""
-    config, (qkv_backend, attention_backend, proj_backend, linear1_backend, linear2_backend) = block.config, block.backends
+def _forward(block, draws, src, residual, pre_norm_weight, pre_norm_bias, qkv_weight, proj_weight, proj_bias,
+             norm1_weight, norm1_bias, linear1_weight, linear1_bias, linear2_weight, linear2_bias, *,
+             save_for_backward):
+    """The block's five kernel calls, with the arguments the ops would pass (src feeds qkv, residual is proj's
+    residual: the same tensor, or src cast twice under autocast): (out (B, N, D), each call's context for its
+    backward formula)."""
+    config = block.config
+    qkv_backend, attention_backend, proj_backend, linear1_backend, linear2_backend = block.backends
     batch, tokens, dim = src.shape
-    rows = src.reshape(-1, dim).contiguous()
+    rows, residual_rows = src.reshape(-1, dim).contiguous(), residual.reshape(-1, dim).contiguous()
     no_norm = (None, None, 1e-5)
     (qkv, *_), qkv_step = LINEAR.run_recorded(
         rows, qkv_weight, None, None, "none", save_for_backward, qkv_backend, None, 0.0, None, *no_norm,
@@ -242,7 +249,7 @@ def _forward(block, draws, src, pre_norm_weight, pre_norm_bias, qkv_weight, proj
         qkv.view(batch, tokens, 3 * dim), config.num_heads, config.scale, config.attention_dropout_p,
         draws.attention_seed, attention_backend, block.lengths)
     (stream, *_), proj_step = LINEAR.run_recorded(
-        heads.view(-1, dim), proj_weight, proj_bias, rows, "none", save_for_backward, proj_backend,
+        heads.view(-1, dim), proj_weight, proj_bias, residual_rows, "none", save_for_backward, proj_backend,
         draws.proj_scale, config.dropout_p, draws.proj_seed, norm1_weight, norm1_bias, config.norm1_eps, *no_norm)
     (mlp, *_), linear1_step = LINEAR.run_recorded(
         stream, linear1_weight, linear1_bias, None, "gelu", save_for_backward, linear1_backend, None,
@@ -255,7 +262,8 @@ def _forward(block, draws, src, pre_norm_weight, pre_norm_bias, qkv_weight, proj
 
 class _BlockFunction(torch.autograd.Function):
     """The block as one autograd node: the forward runs the five kernel calls, the backward their ops' backward
-    formulas in reverse, summing the residual stream's two gradients as autograd would."""
+    formulas in reverse (the residual stream inside the block gets its two gradients summed, as autograd would sum
+    them; src, an input twice, gets them summed by autograd itself)."""
 
     @staticmethod
     def forward(ctx, block, draws, *tensors):
@@ -272,13 +280,17 @@ class _BlockFunction(torch.autograd.Function):
             linear2_step, grad_out.reshape(-1, dim), None, None, None)[:4]
         grad_stream_mlp, grad_linear1_weight, grad_linear1_bias = LINEAR.formula(
             linear1_step, grad_mlp, None, None, None)[:3]
-        proj = LINEAR.formula(proj_step, grad_stream + grad_stream_mlp, None, None, None)
-        grad_heads, grad_proj_weight, grad_proj_bias, grad_src = proj[:4]
+        # ops.linear's gradients: (x, weight, bias, residual, 6 constants, norm weight and bias, norm_eps,
+        # input norm weight and bias, input_norm_eps)
+        (grad_heads, grad_proj_weight, grad_proj_bias, grad_residual, *_, grad_norm1_weight, grad_norm1_bias,
+         _, _, _, _) = LINEAR.formula(proj_step, grad_stream + grad_stream_mlp, None, None, None)
         grad_qkv = ATTENTION.formula(attention_step, grad_heads.view(batch, tokens, dim), None)[0]
-        qkv = LINEAR.formula(qkv_step, grad_qkv.view(-1, 3 * dim), None, None, None)
-        return (None, None, (grad_src + qkv[0]).view(batch, tokens, dim), qkv[13], qkv[14], qkv[1],
-                grad_proj_weight, grad_proj_bias, proj[10], proj[11], grad_linear1_weight, grad_linear1_bias,
-                grad_linear2_weight, grad_linear2_bias)
+        grad_src, grad_qkv_weight, *_, grad_pre_norm_weight, grad_pre_norm_bias, _ = LINEAR.formula(
+            qkv_step, grad_qkv.view(-1, 3 * dim), None, None, None)
+        return (None, None, grad_src.view(batch, tokens, dim), grad_residual.view(batch, tokens, dim),
+                grad_pre_norm_weight, grad_pre_norm_bias, grad_qkv_weight, grad_proj_weight, grad_proj_bias,
+                grad_norm1_weight, grad_norm1_bias, grad_linear1_weight, grad_linear1_bias, grad_linear2_weight,
+                grad_linear2_bias)
 
 
 def _runs_fused(src, tensors, mask, backend) -> bool:
