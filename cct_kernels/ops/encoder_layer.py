@@ -263,7 +263,9 @@ def _forward(block, draws, src, residual, pre_norm_weight, pre_norm_bias, qkv_we
 class _BlockFunction(torch.autograd.Function):
     """The block as one autograd node: the forward runs the five kernel calls, the backward their ops' backward
     formulas in reverse (the residual stream inside the block gets its two gradients summed, as autograd would sum
-    them; src, an input twice, gets them summed by autograd itself)."""
+    them; src, an input twice, gets them summed by autograd itself). The five calls' saved tensors are released
+    together when the node's backward ends (autograd would release each call's after its own backward): one
+    block's activations at most are held a little longer."""
 
     @staticmethod
     def forward(ctx, block, draws, *tensors):
@@ -276,17 +278,20 @@ class _BlockFunction(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018 - autograd's check that no input changed in place since the forward
         qkv_step, attention_step, proj_step, linear1_step, linear2_step = ctx.steps
         batch, tokens, dim = grad_out.shape
-        grad_mlp, grad_linear2_weight, grad_linear2_bias, grad_stream = LINEAR.formula(
+        # `grad` is the gradient flowing back through the block, rebound at each step so that each one is freed
+        # once used, as autograd frees them between nodes
+        grad, grad_linear2_weight, grad_linear2_bias, grad_stream = LINEAR.formula(
             linear2_step, grad_out.reshape(-1, dim), None, None, None)[:4]
-        grad_stream_mlp, grad_linear1_weight, grad_linear1_bias = LINEAR.formula(
-            linear1_step, grad_mlp, None, None, None)[:3]
+        grad, grad_linear1_weight, grad_linear1_bias = LINEAR.formula(linear1_step, grad, None, None, None)[:3]
+        grad = grad + grad_stream
+        del grad_stream
         # ops.linear's gradients: (x, weight, bias, residual, 6 constants, norm weight and bias, norm_eps,
         # input norm weight and bias, input_norm_eps)
-        (grad_heads, grad_proj_weight, grad_proj_bias, grad_residual, *_, grad_norm1_weight, grad_norm1_bias,
-         _, _, _, _) = LINEAR.formula(proj_step, grad_stream + grad_stream_mlp, None, None, None)
-        grad_qkv = ATTENTION.formula(attention_step, grad_heads.view(batch, tokens, dim), None)[0]
+        (grad, grad_proj_weight, grad_proj_bias, grad_residual, *_, grad_norm1_weight, grad_norm1_bias,
+         _, _, _, _) = LINEAR.formula(proj_step, grad, None, None, None)
+        grad = ATTENTION.formula(attention_step, grad.view(batch, tokens, dim), None)[0]
         grad_src, grad_qkv_weight, *_, grad_pre_norm_weight, grad_pre_norm_bias, _ = LINEAR.formula(
-            qkv_step, grad_qkv.view(-1, 3 * dim), None, None, None)
+            qkv_step, grad.view(-1, 3 * dim), None, None, None)
         return (None, None, grad_src.view(batch, tokens, dim), grad_residual.view(batch, tokens, dim),
                 grad_pre_norm_weight, grad_pre_norm_bias, grad_qkv_weight, grad_proj_weight, grad_proj_bias,
                 grad_norm1_weight, grad_norm1_bias, grad_linear1_weight, grad_linear1_bias, grad_linear2_weight,
