@@ -6,6 +6,7 @@ from torch import nn
 from cct_kernels import ops
 from cct_kernels.nn._backend import UsesBackend
 from cct_kernels.nn._checks import check_heads, check_int, check_probability
+from cct_kernels.nn._fusable import fusable, global_hooks
 
 
 class Attention(UsesBackend, nn.Module):
@@ -27,8 +28,20 @@ class Attention(UsesBackend, nn.Module):
         self.proj_drop = nn.Dropout(projection_dropout)
 
     def forward(self, x, mask=None):
-        """x (B, N, dim); mask None or (B, N) bool, True = real token (key padding, text models)."""
-        return self.project(self.attend(x, mask))
+        """x (B, N, dim); mask None or (B, N) bool, True = real token (key padding, text models). With qkv, proj or
+        proj_drop replaced or hooked (see nn/_fusable.py) they are called as modules, in the official order."""
+        if self.fusable_children():
+            return self.project(self.attend(x, mask))
+        heads = ops.attention(self.qkv(x), self.num_heads, scale=self.scale, dropout_p=active_rate(self.attn_drop),
+                              mask=mask, backend=self.backend)
+        return self.proj_drop(self.proj(heads))
+
+    def fusable_children(self) -> bool:
+        """Whether attend/project compute what calling qkv, proj and proj_drop would (global hooks aside). attn_drop
+        is applied by the attention kernels to probabilities they never store, so a hook on it cannot fire."""
+        modules = self._modules
+        return (fusable(modules["qkv"], nn.Linear) and fusable(modules["proj"], nn.Linear)
+                and fusable(modules["proj_drop"], nn.Dropout) and not global_hooks())
 
     def attend(self, x, mask=None, norm: nn.LayerNorm | None = None):
         """The heads' outputs (B, N, dim) before the output projection: qkv (of norm(x) when a LayerNorm over the
@@ -48,6 +61,11 @@ class Attention(UsesBackend, nn.Module):
                           dropout_p=active_rate(self.proj_drop), backend=self.backend, **norm_args)
 
 
-def active_rate(dropout: nn.Dropout) -> float:
-    """The rate nn.Dropout `dropout` applies in this call: its p in training mode, else 0."""
+def active_rate(dropout: nn.Module) -> float:
+    """The rate nn.Dropout `dropout` applies in this call: its p in training mode, else 0 (0 for nn.Identity)."""
+    if isinstance(dropout, nn.Identity):
+        return 0.0
+    if not isinstance(dropout, nn.Dropout):
+        raise TypeError(f"a fused op applies this dropout itself, so it must be nn.Dropout or nn.Identity, got "
+                        f"{type(dropout).__name__}")
     return dropout.p if dropout.training else 0.0

@@ -14,6 +14,7 @@ from torch import nn
 from cct_kernels import ops
 from cct_kernels.nn._backend import UsesBackend
 from cct_kernels.nn._checks import check_int
+from cct_kernels.nn._fusable import fusable_stage
 from cct_kernels.nn.classifier import TransformerClassifier
 from cct_kernels.nn.positional import sinusoidal_embedding
 from cct_kernels.ops._checks import check_values_in_range, key_padding
@@ -112,10 +113,13 @@ class TextTokenizer(UsesBackend, nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         conv, activation, pool = self.conv_layers
-        pool_args = ((pool.kernel_size[0], pool.stride[0], pool.padding[0]) if isinstance(pool, nn.MaxPool2d)
-                     else None)
-        x = ops.text_tokenize(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0],
-                              relu=isinstance(activation, nn.ReLU), pool=pool_args, backend=self.backend)
+        if fusable_stage(conv, activation, pool):
+            pool_args = ((pool.kernel_size[0], pool.stride[0], pool.padding[0]) if isinstance(pool, nn.MaxPool2d)
+                         else None)
+            x = ops.text_tokenize(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0],
+                                  relu=isinstance(activation, nn.ReLU), pool=pool_args, backend=self.backend)
+        else:  # replaced or hooked: called as modules (nn/_fusable.py), (B, E, N, 1) -> (B, N, E)
+            x = self.conv_layers(x.unsqueeze(1)).squeeze(-1).transpose(1, 2)
         if mask is None:
             return x, None
         mask = self.token_mask(mask)

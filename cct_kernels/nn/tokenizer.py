@@ -6,6 +6,7 @@ from torch import nn
 from cct_kernels import ops
 from cct_kernels.nn._backend import UsesBackend
 from cct_kernels.nn._checks import check_int
+from cct_kernels.nn._fusable import fusable_stage
 from cct_kernels.ops.tokenize import output_size
 
 
@@ -17,6 +18,9 @@ class ConvStage(UsesBackend, nn.Sequential):
 
     def forward(self, x, to_tokens: bool = False):
         conv, act, pool = self
+        if not fusable_stage(conv, act, pool):
+            x = pool(act(conv(x)))  # called as modules (nn/_fusable.py), as the official nn.Sequential does
+            return x.flatten(2).transpose(1, 2) if to_tokens else x
         pool_args = (pool.kernel_size, pool.stride, pool.padding) if isinstance(pool, nn.MaxPool2d) else None
         return ops.tokenize(
             x, conv.weight, conv.bias, stride=conv.stride[0], padding=conv.padding[0],
