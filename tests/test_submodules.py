@@ -164,3 +164,4 @@ def test_dynamically_quantized_linears_are_used():
         expected, out = model(images), quantized(images)
     assert not torch.equal(out, expected)
     torch.testing.assert_close(out, expected, rtol=0.1, atol=0.1 * expected.abs().max().item())
+
