@@ -100,6 +100,20 @@ def test_forward_hooks_on_submodules_fire_with_the_official_outputs():
         torch.testing.assert_close(out, _model()(images), rtol=1e-4, atol=1e-4)
 
 
+def test_forward_set_on_an_instance_is_called():
+    """A forward replaced on the module instance (as accelerate's add_hook_to_module does) is called."""
+    model = _model()
+    linear1 = model.get_submodule("classifier.blocks.0.linear1")
+    calls = []
+    plain_forward = linear1.forward
+    linear1.forward = lambda x: calls.append(x.shape) or plain_forward(x)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        out = model(images)
+        torch.testing.assert_close(out, _model()(images), rtol=1e-4, atol=1e-4)
+    assert calls == [(2, 64, 128)]
+
+
 def test_backward_and_global_hooks_fire():
     model = _model(train=True)
     grads, calls = [], []

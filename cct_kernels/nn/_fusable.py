@@ -20,9 +20,11 @@ def global_hooks() -> bool:
 
 def fusable(module: nn.Module, *types: type) -> bool:
     """Whether `module` is exactly one of `types` (not a subclass: it may override forward) with no hooks of its
-    own. Global hooks are the caller's to check, once (global_hooks)."""
+    own and no forward set on the instance (as accelerate's add_hook_to_module does). Global hooks are the caller's
+    to check, once (global_hooks)."""
     return type(module) in types and not (module._forward_hooks or module._forward_pre_hooks
-                                          or module._backward_hooks or module._backward_pre_hooks)
+                                          or module._backward_hooks or module._backward_pre_hooks
+                                          or "forward" in module.__dict__)
 
 
 def fusable_stage(conv: nn.Module, activation: nn.Module, pool: nn.Module) -> bool:
