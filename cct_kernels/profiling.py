@@ -392,7 +392,6 @@ def model_flops(name: str, batch: int, mode: str) -> float:
     (backward is about two forwards), the usual convention. Elementwise work is left out. Text models are counted
     dense (every token real): the work a kernel that skips padding does is at most this.
     """
-    from cct_kernels.nn.seqpool import SeqPool
     from cct_kernels.nn.text import TextTokenizer
     from cct_kernels.nn.tokenizer import ConvStage
     from cct_kernels.ops.tokenize import output_size
@@ -415,10 +414,11 @@ def model_flops(name: str, batch: int, mode: str) -> float:
         total += 2 * 2 * b * n * n * (three_d // 3)  # q k^T and p v
         return run_attention(qkv, *args, **kwargs)
 
-    def seqpool_hook(_seqpool, args, _output):
+    def counted_seqpool(x, *args, **kwargs):
         nonlocal total
-        b, n, d = args[0].shape
+        b, n, d = x.shape
         total += 2 * 2 * b * n * d  # scores x w and the weighted sum over tokens
+        return run_seqpool(x, *args, **kwargs)
 
     def text_conv_hook(tokenizer, args, _output):  # the text tokenizer's conv (run by ops.text_tokenize)
         nonlocal total
@@ -432,33 +432,26 @@ def model_flops(name: str, batch: int, mode: str) -> float:
             module.register_forward_hook(conv_hook)
         elif isinstance(module, TextTokenizer):
             module.register_forward_hook(text_conv_hook)
-        elif isinstance(module, SeqPool):  # an nn.Linear subclass (linear_shapes leaves it out)
-            module.register_forward_hook(seqpool_hook)
-    run_attention = ops.attention
-    with torch.inference_mode(), mock.patch.object(ops, "attention", counted_attention):
+    run_attention, run_seqpool = ops.attention, ops.seqpool
+    with (torch.inference_mode(), mock.patch.object(ops, "attention", counted_attention),
+          mock.patch.object(ops, "seqpool", counted_seqpool)):
         model(*inputs[:1])
     return float(total) * batch * (3 if mode == "train" else 1)
 
 
 def linear_shapes(model: nn.Module, inputs: tuple) -> list[tuple[int, int, int]]:
-    """(M, K, N) of every linear of one inference forward of `model` (a model built with backend="eager", whose
-    encoder blocks run their linears as ops.linear), in call order, plus the nn.Linear modules called directly (the
-    classifier's fc)."""
-    shapes, run_linear = [], ops.linear
-
-    def record(x, weight, *args, **kwargs):
-        shapes.append((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
-        return run_linear(x, weight, *args, **kwargs)
+    """(M, K, N) of every nn.Linear of one inference forward of `model`, in call order, SeqPool's scorer
+    (`attention_pool`, counted with SeqPool by model_flops) left out. Each is hooked, so the blocks run their
+    modules one by one (nn/_fusable.py) and every linear is seen as its module's call."""
+    shapes = []
 
     def module_hook(linear, args, _output):
         shapes.append((args[0].numel() // args[0].shape[-1], linear.in_features, linear.out_features))
 
-    from cct_kernels.nn.seqpool import SeqPool
-
-    hooks = [m.register_forward_hook(module_hook) for m in model.modules()
-             if isinstance(m, nn.Linear) and not isinstance(m, SeqPool)]
+    hooks = [m.register_forward_hook(module_hook) for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name.rpartition(".")[2] != "attention_pool"]
     try:
-        with torch.inference_mode(), mock.patch.object(ops, "linear", record):
+        with torch.inference_mode():
             model(*inputs)
     finally:
         for hook in hooks:

@@ -79,7 +79,12 @@ def seqpool(x, weight, bias, *, mask=None):
     x (B, N, D); weight (1, D); bias (1,); returns (B, D). mask (B, N) bool, True = real token: the softmax
     runs over real tokens only (a sequence with none gives zeros).
     """
-    scores = F.linear(x, weight, bias)
+    return pool_by_scores(F.linear(x, weight, bias), x, mask=mask)
+
+
+def pool_by_scores(scores, x, *, mask=None):
+    """SeqPool's pooling of x (B, N, D) by scores (B, N, 1): softmax over the sequence (real tokens only with a
+    (B, N) bool mask), then the weighted sum of x: (B, D)."""
     w = scores.softmax(dim=1) if mask is None else _masked_softmax(scores, mask[:, :, None], dim=1)
     return (w.transpose(-1, -2) @ x).squeeze(-2)
 

@@ -126,8 +126,8 @@ def test_backward_and_global_hooks_fire():
     finally:
         handle.remove()
     assert grads == [(2, 64, 128)]
-    # qkv, proj, linear1, linear2 of two blocks, then SeqPool's attention_pool (an nn.Linear) and fc
-    assert calls.count("Linear") == 9 and calls.count("SeqPool") == 1
+    # qkv, proj, linear1, linear2 of two blocks, then SeqPool's scorer attention_pool and fc
+    assert calls == ["Linear"] * 10
 
 
 def test_replaced_tokenizer_conv_is_called():
@@ -179,3 +179,23 @@ def test_dynamically_quantized_linears_are_used():
     assert not torch.equal(out, expected)
     torch.testing.assert_close(out, expected, rtol=0.1, atol=0.1 * expected.abs().max().item())
 
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_wrapped_attention_pool_scores_the_tokens(masked):
+    """attention_pool (the official nn.Linear(D, 1)) wrapped LoRA-style: the classifier pools by the wrapper's
+    scores, over real tokens only with a mask, as the stock model does with the merged weights; a hook on it sees
+    the (B, N, 1) scores."""
+    torch.manual_seed(0)
+    model = cct_kernels.text_cct_2(vocab_size=1000, seq_len=64, num_classes=5).to(DEVICE).eval()
+    merged = cct_kernels.text_cct_2(vocab_size=1000, seq_len=64, num_classes=5).to(DEVICE).eval()
+    merged.load_state_dict(model.state_dict())
+    model.classifier.attention_pool = LowRankLinear(model.classifier.attention_pool)
+    merged.classifier.attention_pool = model.classifier.attention_pool.merged()
+    seen = []
+    model.classifier.attention_pool.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    ids = torch.randint(1, 1000, (2, 64), device=DEVICE)
+    mask = torch.arange(64, device=DEVICE)[None, :] < torch.tensor([[64], [40]], device=DEVICE) if masked else None
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), merged(ids, mask), rtol=1e-4, atol=1e-4)
+    assert len(seen) == 1 and seen[0][0] == 2 and seen[0][2] == 1

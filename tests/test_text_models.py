@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cct_kernels
-from cct_kernels import ops
+from cct_kernels import ops, reference
 
 SMALL = dict(vocab_size=1000, seq_len=64, num_classes=5)
 # Parameter counts of the official modules with SMALL (the sine table counted, as nn.Module does).
@@ -79,7 +79,8 @@ def _prefix_logits(model, ids, mask):
         for block in classifier.blocks:
             tokens = block(tokens)
         tokens = classifier.norm(tokens)
-        pooled = classifier.attention_pool(tokens) if classifier.seq_pool else tokens[:, 0]
+        pooled = (reference.pool_by_scores(classifier.attention_pool(tokens), tokens) if classifier.seq_pool
+                  else tokens[:, 0])
         out.append(classifier.fc(pooled))
     return torch.cat(out)
 

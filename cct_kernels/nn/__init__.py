@@ -4,10 +4,9 @@ from cct_kernels.nn.attention import Attention
 from cct_kernels.nn.classifier import TransformerClassifier
 from cct_kernels.nn.encoder import DropPath, TransformerEncoderLayer
 from cct_kernels.nn.positional import sinusoidal_embedding
-from cct_kernels.nn.seqpool import SeqPool
 from cct_kernels.nn.tokenizer import ConvStage, Tokenizer
 
 __all__ = [
-    "Attention", "ConvStage", "DropPath", "SeqPool", "Tokenizer", "TransformerClassifier",
+    "Attention", "ConvStage", "DropPath", "Tokenizer", "TransformerClassifier",
     "TransformerEncoderLayer", "set_backend", "sinusoidal_embedding",
 ]

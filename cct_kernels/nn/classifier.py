@@ -4,18 +4,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cct_kernels import ops, reference
+from cct_kernels.nn._backend import UsesBackend
 from cct_kernels.nn._checks import check_heads, check_int, check_probability, check_real
+from cct_kernels.nn._fusable import fusable, global_hooks
 from cct_kernels.nn.encoder import TransformerEncoderLayer
 from cct_kernels.nn.positional import sinusoidal_embedding
-from cct_kernels.nn.seqpool import SeqPool
+from cct_kernels.ops._checks import key_padding
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 
 
-class TransformerClassifier(nn.Module):
+class TransformerClassifier(UsesBackend, nn.Module):
     """(B, N, D) tokens -> (B, num_classes) logits, with the official parameter names and init.
 
-    seq_pool=True pools with SeqPool (CCT, CVT); False prepends a class token and reads it out (ViT-Lite).
+    seq_pool=True pools with SeqPool (CCT, CVT): `attention_pool` is the official nn.Linear(D, 1) scoring the
+    tokens, and ops.seqpool computes the softmax-weighted sum from its parameters in one op (where attention_pool is
+    replaced or hooked, it is called and the tokens pooled by its scores, as officially: nn/_fusable.py). False
+    prepends a class token and reads it out (ViT-Lite).
     `sequence_length` is the token count the positional embedding is built for (tokens only, no class token).
     num_classes=0 means no head (timm's convention): `fc` is nn.Identity and the output is the pooled (B, D)
     features. Sizes are ints (embedding_dim, num_heads >= 1 with embedding_dim a multiple of num_heads;
@@ -56,7 +62,7 @@ class TransformerClassifier(nn.Module):
         num_positions = None if sequence_length is None else sequence_length + (0 if seq_pool else 1)
 
         if seq_pool:
-            self.attention_pool = SeqPool(embedding_dim)
+            self.attention_pool = nn.Linear(embedding_dim, 1)
         else:
             self.class_emb = nn.Parameter(torch.zeros(1, 1, embedding_dim))
         if positional_embedding == "learnable":
@@ -105,8 +111,16 @@ class TransformerClassifier(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         x = self.norm(x)
-        x = self.attention_pool(x, mask) if self.seq_pool else x[:, 0]
+        x = self._pool(x, mask) if self.seq_pool else x[:, 0]
         return self.fc(x)
+
+    def _pool(self, x, mask):
+        """SeqPool: (B, N, D) -> (B, D), over real tokens only with a mask."""
+        pool = self.attention_pool
+        if fusable(pool, nn.Linear) and not global_hooks():
+            return ops.seqpool(x, pool.weight, pool.bias, mask=mask, backend=self.backend)
+        padding = key_padding(mask, x.shape[0], x.shape[1], x.device)
+        return reference.pool_by_scores(pool(x), x, mask=None if padding is None else padding.mask)
 
 
 def _init_weight(m: nn.Module):
