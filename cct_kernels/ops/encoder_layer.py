@@ -63,8 +63,6 @@ from cct_kernels.ops.linear import KERNELS as LINEAR
 
 OP = "encoder_layer"
 _FUSED_BACKEND = "cpu"
-_PARAMETERS = ("pre_norm_weight", "pre_norm_bias", "qkv_weight", "proj_weight", "proj_bias", "norm1_weight",
-               "norm1_bias", "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias")
 
 
 def encoder_layer(
@@ -86,7 +84,7 @@ def encoder_layer(
     like = None if autocast else src  # under autocast the block's ops cast their inputs, as the modules' ops do
     check_tensor("linear1_weight", linear1_weight, ndim=2, like=like, like_name="src")
     hidden = linear1_weight.shape[0]
-    params = {
+    params = {  # in _forward's order
         "pre_norm_weight": (pre_norm_weight, (dim,)), "pre_norm_bias": (pre_norm_bias, (dim,)),
         "qkv_weight": (qkv_weight, (3 * dim, dim)), "proj_weight": (proj_weight, (dim, dim)),
         "proj_bias": (proj_bias, (dim,)), "norm1_weight": (norm1_weight, (dim,)), "norm1_bias": (norm1_bias, (dim,)),
@@ -115,11 +113,11 @@ def encoder_layer(
         tensors = autocast_inputs(*tensors)  # src is cast per use, in run(), as the ops cast it
         padding = key_padding(mask, src.shape[0], src.shape[1], src.device)
         if padding is None or padding.lengths is not None:
-            block = _Block(src, dict(zip(_PARAMETERS, tensors)), config, None if padding is None else padding.lengths,
+            block = _Block(src, dict(zip(params, tensors)), config, None if padding is None else padding.lengths,
                            backend)
             if block.backends is not None:
                 return block.run()
-    return _op_by_op(src, dict(zip(_PARAMETERS, tensors)), config, mask, backend)
+    return _op_by_op(src, dict(zip(params, tensors)), config, mask, backend)
 
 
 @dataclass(frozen=True)
@@ -214,7 +212,7 @@ class _Block:
         # src twice, cast for each use under autocast as qkv's and proj's ops cast it (autograd then sums the two
         # gradients in src's dtype, as for the op-by-op block); the same tensor otherwise
         tensors = (*autocast_inputs(src), *autocast_inputs(src),
-                   *(self.params[name].contiguous() for name in _PARAMETERS))
+                   *(t.contiguous() for t in self.params.values()))
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _BlockFunction.apply(self, draws, *tensors)
         return _forward(self, draws, *tensors, save_for_backward=False)[0]
