@@ -41,7 +41,7 @@ class Attention(UsesBackend, nn.Module):
         is applied by the attention kernels to probabilities they never store, so a hook on it cannot fire."""
         modules = self._modules
         return (fusable(modules["qkv"], nn.Linear) and fusable(modules["proj"], nn.Linear)
-                and fusable(modules["proj_drop"], nn.Dropout) and not global_hooks())
+                and fusable(modules["proj_drop"], nn.Dropout, nn.Identity) and not global_hooks())
 
     def attend(self, x, mask=None, norm: nn.LayerNorm | None = None):
         """The heads' outputs (B, N, dim) before the output projection: qkv (of norm(x) when a LayerNorm over the
