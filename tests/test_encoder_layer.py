@@ -236,6 +236,17 @@ def test_training_block_under_autocast_equals_the_op_by_op_block(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)
+def test_training_block_takes_non_contiguous_parameters(backend):
+    """A transposed-view parameter is served as the ops serve it (made contiguous before the backends are chosen:
+    the triton linear takes contiguous weights only)."""
+    src, params = _with_gradients(backend)
+    params["linear1_weight"] = params["linear1_weight"].detach().t().contiguous().t().requires_grad_()
+    out = _training_call(src, params, backend, (0.0, 0.1, 0.1))
+    assert type(out.grad_fn).__name__ == "_BlockFunctionBackward"
+    assert torch.equal(out, _training_call(src, params, backend, (0.0, 0.1, 0.1), op_by_op=True))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)
 def test_training_block_checks_inputs_and_refuses_double_backward(backend):
     src, params = _with_gradients(backend)
     out = _training_call(src, params, backend, (0.0, 0.1, 0.1))

@@ -110,7 +110,9 @@ def encoder_layer(
             src.contiguous(), *(t.contiguous() for t in tensors), num_heads, scale, config.pre_norm_eps,
             config.norm1_eps)
     if not traced((src, *tensors, mask)):
-        tensors = autocast_inputs(*tensors)  # src is cast per use, in run(), as the ops cast it
+        # contiguous before the backends are selected, as the ops hand them over; src is cast per use, in run(),
+        # as the ops cast it
+        tensors = [t.contiguous() for t in autocast_inputs(*tensors)]
         padding = key_padding(mask, src.shape[0], src.shape[1], src.device)
         if padding is None or padding.lengths is not None:
             block = _Block(src, dict(zip(params, tensors)), config, None if padding is None else padding.lengths,
@@ -212,7 +214,7 @@ class _Block:
         # src twice, cast for each use under autocast as qkv's and proj's ops cast it (autograd then sums the two
         # gradients in src's dtype, as for the op-by-op block); the same tensor otherwise
         tensors = (*autocast_inputs(src), *autocast_inputs(src),
-                   *(t.contiguous() for t in self.params.values()))
+                   *self.params.values())
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _BlockFunction.apply(self, draws, *tensors)
         return _forward(self, draws, *tensors, save_for_backward=False)[0]
