@@ -114,6 +114,19 @@ def test_forward_set_on_an_instance_is_called():
     assert calls == [(2, 64, 128)]
 
 
+def test_replaced_dropout_runs_on_the_eager_backend_in_training():
+    """A dropout module replaced by another kind of module (whose rate no fused op could read) is called, also on
+    the eager backend with stochastic depth active, where the block checks the official order of random draws."""
+    torch.manual_seed(0)
+    model = cct_kernels.cct_2_3x2_32(backend="eager", dropout=0.1, stochastic_depth=0.1).to(DEVICE).train()
+    calls = []
+    attention = model.classifier.blocks[1].self_attn  # block 1: stochastic depth 0.1 (block 0 has 0)
+    attention.proj_drop = nn.Sequential(nn.Dropout(0.1))
+    attention.proj_drop.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    assert torch.isfinite(model(torch.randn(2, 3, 32, 32, device=DEVICE))).all()
+    assert calls == [(2, 64, 128)]
+
+
 def test_backward_and_global_hooks_fire():
     model = _model(train=True)
     grads, calls = [], []

@@ -65,7 +65,7 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, src, mask=None):
-        if self._official_draw_order() or not self._fusable_children():
+        if not self._fusable_children() or self._official_draw_order():  # the first ensures nn.Dropout rates
             return self._official_forward(src, mask)
         block = self._block_arguments()
         if block is not None:
