@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time a model on each backend (table, JSON, PNG)")
     _common_arguments(bench, default_mode=None)
     bench.add_argument("--rounds", "--iters", type=int_at_least(1), metavar="N",
-                       help="timed rounds; each round runs one step of every backend, in rotating order "
-                            "(default: as many as --min-time allows, at least 5)")
+                       help="timed rounds; each round times one step of every backend, in rotating order, on "
+                            "CPU right after an untimed step of the same backend (default: as many as --min-time "
+                            "allows, at least 5)")
     bench.add_argument("--min-time", type=float_in(0, low_open=True), metavar="SECONDS",
                        help=f"seconds of timed steps per backend and mode (default {MIN_TIME['cpu']:g} on CPU, "
                             f"{MIN_TIME['cuda']:g} on CUDA)")

@@ -260,9 +260,10 @@ def cmd_bench(args) -> int:
     settings = "".join(f", {key} {value:g}" for key, value in kwargs.items())
     title = f"{args.model}{settings}, batch {batch}, {profiling.dtype_name(dtype)} on {device_name(device)}"
     print(f"\n{title}\n" + bench_table(results))
-    print("\nEach round runs every backend once, in rotating order; min / median over rounds; spread: interquartile "
-          "range\nover the median. vs eager / vs compile: speedup of the median; max|diff|: largest logit "
-          f"difference from eager\n(same weights and images). Took {elapsed:.0f} s.")
+    settled = "\n(each right after an untimed call of its own)" if device.type == "cpu" else ""
+    print(f"\nEach round times every backend once, in rotating order{settled}; min / median over rounds; spread: "
+          "interquartile\nrange over the median. vs eager / vs compile: speedup of the median; max|diff|: largest "
+          f"logit\ndifference from eager (same weights and images). Took {elapsed:.0f} s.")
 
     tags = "".join(f"_{key}{value:g}" for key, value in kwargs.items())
     json_path, png_path = (args.out / f"bench_{args.model}{tags}_{device.type}_{profiling.dtype_name(dtype)}.{suffix}"
@@ -272,7 +273,9 @@ def cmd_bench(args) -> int:
         "device": {"type": device.type, "name": device_name(device)}, "versions": versions(),
         "config": {"model": args.model, "model_kwargs": kwargs, "batch": batch, "dtype": profiling.dtype_name(dtype),
                    "modes": modes, "backends": names, "warmup": warmup, "rounds": args.rounds, "min_time_s": min_time,
-                   "timing": "interleaved rounds: each round runs every backend once, in rotating order"},
+                   "timing": "interleaved rounds: each round times every backend once, in rotating order"
+                             + (", each timed call right after an untimed call of the same backend"
+                                if device.type == "cpu" else "")},
         "results": results,
     }
     json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -344,6 +344,7 @@ class Timing:
 def time_interleaved(
     steps: dict[str, Callable], device: torch.device, *, estimates_s: dict[str, float], rounds: int | None = None,
     min_time: float = 1.0, min_rounds: int = 5, max_rounds: int = 1000, on_round: Callable[[], None] | None = None,
+    settle: bool | None = None,
 ) -> dict[str, Timing | Exception]:
     """Time several already warmed-up steps fairly: in each round every step runs once, in an order that rotates
     from round to round, so a change in machine load (another process, clocks) hits every step alike. Compare the
@@ -352,9 +353,17 @@ def time_interleaved(
     Without `rounds`, the count makes the whole loop last about `min_time` seconds per step, from `estimates_s`
     (one call's time per step), within [min_rounds, max_rounds]. A step that raises is dropped from later rounds
     and its exception returned in its place. On CUDA each step is timed with CUDA events (device time).
+
+    settle (default: on CPU): each timed call follows an untimed call of the same step, so that it runs as in a
+    loop of its own, whatever ran before it. Without it a step inherits the previous one's leftovers: ONNX Runtime's
+    thread pool spins on both cores after a run, and our backends' first call after it took 69.5 ms against 47.3
+    after an idle gap (cct_14_7x2_224, batch 1, the 2-core VM; NOTES.md, cpu extension, eighth round).
     """
+    if settle is None:
+        settle = device.type == "cpu"
+    calls = 2 if settle else 1
     if rounds is None:
-        per_round = max(sum(estimates_s[name] for name in steps), 1e-6)
+        per_round = max(calls * sum(estimates_s[name] for name in steps), 1e-6)
         rounds = min(max_rounds, max(min_rounds, math.ceil(min_time * len(steps) / per_round)))
     results: dict[str, Timing | Exception] = {name: Timing() for name in steps}
     names = list(steps)
@@ -365,6 +374,8 @@ def time_interleaved(
             if isinstance(results[name], Exception):
                 continue
             try:
+                if settle:
+                    steps[name]()
                 if device.type == "cuda":
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()

@@ -7,6 +7,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,7 +267,7 @@ def test_time_interleaved_rotates_the_order_and_drops_a_failing_step():
 
     steps = {name: step(name) for name in ("a", "b", "bad")}
     timings = profiling.time_interleaved(steps, torch.device("cpu"), estimates_s={"a": 0.0, "b": 0.0, "bad": 0.0},
-                                         rounds=4)
+                                         rounds=4, settle=False)
     assert calls[:3] == ["a", "b", "bad"] and calls[3:5] == ["b", "bad"] and calls.count("bad") == 2
     assert len(timings["a"].times_ms) == 4 and len(timings["b"].times_ms) == 4
     assert isinstance(timings["bad"], RuntimeError)
@@ -274,8 +275,35 @@ def test_time_interleaved_rotates_the_order_and_drops_a_failing_step():
     assert summary["rounds"] == 4 and summary["min_ms"] <= summary["median_ms"] <= summary["max_ms"]
     # Without a round count: about min_time per step from the estimates, within the bounds.
     planned = profiling.time_interleaved({"a": lambda: None}, torch.device("cpu"), estimates_s={"a": 0.1},
-                                         min_time=0.35, min_rounds=2)
+                                         min_time=0.35, min_rounds=2, settle=False)
     assert len(planned["a"].times_ms) == 4
+    # Settling (the CPU default) calls each step twice a round, and plans half the rounds.
+    planned = profiling.time_interleaved({"a": lambda: None}, torch.device("cpu"), estimates_s={"a": 0.1},
+                                         min_time=0.35, min_rounds=2)
+    assert len(planned["a"].times_ms) == 2
+
+
+def test_time_interleaved_settles_each_step_before_timing_it():
+    # "victim" is slow on its first call after another step (as our backends are after ONNX Runtime's spinning
+    # threads): settled, its timed call is the second one, and runs as in a loop of its own.
+    previous = []
+
+    def call(name):
+        def run():
+            if name == "victim" and previous and previous[-1] != "victim":
+                time.sleep(0.02)
+            previous.append(name)
+        return run
+
+    steps = {"other": call("other"), "victim": call("victim")}
+    settled = profiling.time_interleaved(steps, torch.device("cpu"), estimates_s={"other": 0.0, "victim": 0.0},
+                                         rounds=6)
+    assert previous[:4] == ["other", "other", "victim", "victim"]
+    unsettled = profiling.time_interleaved(steps, torch.device("cpu"), estimates_s={"other": 0.0, "victim": 0.0},
+                                           rounds=6, settle=False)
+    # unsettled, the rounds where it runs second (every other round, as the order rotates) time the slow call
+    assert sum(t >= 20 for t in unsettled["victim"].times_ms) == 3
+    assert sum(t >= 20 for t in settled["victim"].times_ms) == 0
 
 
 def test_model_flops_counts_the_matmuls_of_the_small_model():
