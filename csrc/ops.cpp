@@ -263,6 +263,9 @@ TORCH_LIBRARY(cct_kernels_C, m) {
         " Tensor proj_weight, Tensor proj_bias, Tensor norm1_weight, Tensor norm1_bias, Tensor linear1_weight,"
         " Tensor linear1_bias, Tensor linear2_weight, Tensor linear2_bias, int num_heads, float scale,"
         " float pre_norm_eps, float norm1_eps) -> Tensor");
+  // Encoder blocks in sequence, each layer's 11 tensors in encoder_layer_forward's order.
+  m.def("encoder_layers_forward(Tensor src, Tensor[] parameters, int[] num_heads, float[] scale,"
+        " float[] pre_norm_eps, float[] norm1_eps) -> Tensor");
   m.def("text_tokenize_forward(Tensor x, Tensor weight, int stride, int padding, bool relu, int pool_kernel,"
         " int pool_stride, int pool_padding) -> (Tensor, Tensor)");
   m.def("text_tokenize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, Tensor pool_index, int stride,"
@@ -281,6 +284,7 @@ TORCH_LIBRARY_IMPL(cct_kernels_C, CPU, m) {
   m.impl("linear_grad_pre_activation", &cct::linear_grad_pre_activation_cpu);
   m.impl("normalise_rows", &cct::normalise_rows_cpu);
   m.impl("encoder_layer_forward", &cct::encoder_layer_forward_cpu);
+  m.impl("encoder_layers_forward", &cct::encoder_layers_forward_cpu);
   m.impl("text_tokenize_forward", &cct::text_tokenize_forward_cpu);
   m.impl("text_tokenize_backward", &cct::text_tokenize_backward_cpu);
 }

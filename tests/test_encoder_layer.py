@@ -1,5 +1,6 @@
-"""ops.encoder_layer (the CCT encoder block as one op): against float64 on every backend here, the fused cpu kernel
-bitwise equal to the op-by-op block, the training block (one autograd node) bitwise equal to the op-by-op block in
+"""ops.encoder_layer (the CCT encoder block as one op) and ops.encoder_layers (blocks in sequence): against float64
+on every backend here, the fused cpu kernel bitwise equal to the op-by-op block, the stack equal to its blocks one
+after another, the training block (one autograd node) bitwise equal to the op-by-op block in
 outputs and gradients, the fake (opcheck), torch.compile over it, the routing of gradient / mask / hook cases, and
 the input errors."""
 import importlib
@@ -77,8 +78,8 @@ def test_encoder_layer_fake_matches(dtype):
 
 @NEEDS_FUSED
 def test_model_compiles_over_the_fused_block():
-    """Inference under torch.compile(fullgraph=True): each block is the extension's C++ op in the graph, called by
-    inductor's code directly (no Python kernel in between)."""
+    """Inference under torch.compile(fullgraph=True): the blocks are the extension's C++ op in the graph (one call
+    for the stack), called by inductor's code directly (no Python kernel in between)."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -88,7 +89,7 @@ def test_model_compiles_over_the_fused_block():
         expected = model(images)
         compiled = torch.compile(model, fullgraph=True, backend="inductor")
         out, code = run_and_get_code(compiled, images)
-    assert "".join(code).count("torch.ops.cct_kernels_C.encoder_layer_forward.default(") == 2
+    assert "".join(code).count("torch.ops.cct_kernels_C.encoder_layers_forward.default(") == 1
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -119,18 +120,20 @@ def test_block_with_hooked_norm_runs_op_by_op(monkeypatch):
     from cct_kernels.extension import encoder_layer as kernel
 
     calls = []
-    real_forward = kernel.forward
-    monkeypatch.setattr(kernel, "forward", lambda *args: calls.append(1) or real_forward(*args))
+    real_forward, real_layers = kernel.forward, kernel.forward_layers
+    monkeypatch.setattr(kernel, "forward", lambda *args: calls.append("block") or real_forward(*args))
+    monkeypatch.setattr(kernel, "forward_layers", lambda *args: calls.append("stack") or real_layers(*args))
     model = cct_kernels.cct_2_3x2_32(backend="cpu").eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         fused = model(images)
-        assert len(calls) == 2
+        assert calls == ["stack"]
         seen = []
         handle = model.classifier.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
         hooked = model(images)
         handle.remove()
-    assert seen == [torch.Size([2, 64, 128])] and len(calls) == 3  # block 0 op by op, block 1 fused
+    # the blocks called one by one: block 0 op by op, block 1 fused
+    assert seen == [torch.Size([2, 64, 128])] and calls == ["stack", "block"]
     # the hooked norm1 runs as its module (ATen's LayerNorm), not in proj's epilogue: equal up to float32 rounding
     torch.testing.assert_close(hooked, fused, rtol=1e-5, atol=1e-5)
 
@@ -156,6 +159,113 @@ def test_encoder_layer_errors_name_the_argument():
         ops.encoder_layer(src, num_heads=4, norm1_eps=0.0, **params)
     with pytest.raises(ValueError, match="backend"):
         ops.encoder_layer(src, num_heads=4, backend="tpu", **params)
+
+
+@NEEDS_FUSED
+def test_model_calls_its_blocks_where_one_is_hooked_or_on_another_backend(monkeypatch):
+    """The classifier runs its blocks as one encoder_layers call only where that is calling them: a hook on a block
+    fires, and a block set to another backend runs on it."""
+    from cct_kernels.extension import encoder_layer as kernel
+
+    stacks = []
+    real_layers = kernel.forward_layers
+    monkeypatch.setattr(kernel, "forward_layers", lambda *args: stacks.append(1) or real_layers(*args))
+    model = cct_kernels.cct_2_3x2_32(backend="cpu").eval()
+    images = torch.randn(2, 3, 32, 32)
+    blocks = model.classifier.blocks
+    with torch.no_grad():
+        expected = model(images)
+        seen = []
+        handle = blocks[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert torch.equal(model(images), expected) and seen == [torch.Size([2, 64, 128])]
+        handle.remove()
+        blocks[0].backend = "eager"
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+    assert len(stacks) == 1
+
+
+def _layers(count=3, **per_layer):
+    """src (float32, cpu) and `count` layers of encoder_layer's arguments: different weights, heads and eps per
+    layer, plus per_layer's arguments."""
+    src, _ = _block(device=torch.device("cpu"))
+    layers = []
+    for i in range(count):
+        _, params = _block(seed=10 + i, device=torch.device("cpu"))
+        layers.append({**{k: v.float() for k, v in params.items()}, "num_heads": (4, 2, 8)[i % 3],
+                       "norm1_eps": 1e-5 * (i + 1), **per_layer})
+    return src.float(), layers
+
+
+def _one_by_one(src, layers, **kwargs):
+    for layer in layers:
+        src = ops.encoder_layer(src, **layer, **kwargs)
+    return src
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_encoder_layers_are_the_blocks_one_after_another_to_the_bit(backend, monkeypatch):
+    from cct_kernels.extension import encoder_layer as kernel
+
+    stacks = []
+    if FUSED_HERE:
+        real_layers = kernel.forward_layers
+        monkeypatch.setattr(kernel, "forward_layers", lambda *args: stacks.append(1) or real_layers(*args))
+    src, layers = _layers()
+    with torch.no_grad():
+        expected = _one_by_one(src, layers, backend=backend)
+        out = ops.encoder_layers(src, layers, backend=backend)
+    assert torch.equal(out, expected)
+    assert len(stacks) == (backend in ("cpu", "auto"))  # one C++ call for the three blocks where fused
+    assert ops.encoder_layers(src, [], backend=backend) is src
+
+
+@NEEDS_FUSED
+def test_encoder_layers_with_gradient_dropout_or_mask_run_block_by_block(monkeypatch):
+    """What the fused kernel does not serve runs each block as encoder_layer would: the same random draws, the
+    same autograd graph."""
+    from cct_kernels.extension import encoder_layer as kernel
+
+    monkeypatch.setattr(kernel, "forward_layers", lambda *args: pytest.fail("the fused stack ran"))
+    src, layers = _layers(dropout_p=0.1, attention_dropout_p=0.1, drop_path_rate=0.2)
+    torch.manual_seed(3)
+    out = ops.encoder_layers(src, layers, backend="cpu")
+    torch.manual_seed(3)
+    expected = _one_by_one(src, layers, backend="cpu")
+    assert torch.equal(out, expected)
+    src, layers = _layers()
+    weight = layers[1]["linear1_weight"].requires_grad_()
+    (grad,) = torch.autograd.grad(ops.encoder_layers(src, layers, backend="cpu").sum(), weight)
+    (expected,) = torch.autograd.grad(_one_by_one(src, layers, backend="cpu").sum(), weight)
+    assert torch.equal(grad, expected)
+    lengths = torch.tensor([10, 4, 7])
+    with torch.no_grad():
+        masked = ops.encoder_layers(src, layers, mask=lengths, backend="cpu")
+        assert torch.equal(masked, _one_by_one(src, layers, mask=lengths, backend="cpu"))
+
+
+@NEEDS_FUSED
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_layers_fake_matches(dtype):
+    src, layers = _layers(count=2)
+    args = (src.to(dtype), [layer[n].to(dtype) for layer in layers for n in NAMES], [4, 2], [0.25, 0.5],
+            [1e-5, 1e-5], [1e-5, 1e-6])
+    torch.library.opcheck(torch.ops.cct_kernels_C.encoder_layers_forward, args)
+
+
+def test_encoder_layers_errors_name_the_layer():
+    src, layers = _layers()
+    with pytest.raises(TypeError, match="layers must be a list or tuple"):
+        ops.encoder_layers(src, iter(layers))
+    with pytest.raises(TypeError, match="layers\\[1\\] must be a dict"):
+        ops.encoder_layers(src, [layers[0], list(layers[1].values())])
+    with pytest.raises(ValueError, match="layers\\[2\\]: qkv_weight must have shape"):
+        ops.encoder_layers(src, [*layers[:2], {**layers[2], "qkv_weight": torch.zeros(32, 32)}])
+    with pytest.raises(ValueError, match="layers\\[0\\]: num_heads \\(5\\) must divide"):
+        ops.encoder_layers(src, [{**layers[0], "num_heads": 5}])
+    with pytest.raises(TypeError, match="layers\\[0\\]: .*unexpected keyword argument 'mask'"):
+        ops.encoder_layers(src, [{**layers[0], "mask": None}])
+    with pytest.raises(ValueError, match="src must have 3 dimensions"):
+        ops.encoder_layers(src[0], layers)
 
 
 UPSTREAM_OF_ATTENTION = ("src", "pre_norm_weight", "pre_norm_bias", "qkv_weight")

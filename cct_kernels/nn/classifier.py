@@ -108,11 +108,29 @@ class TransformerClassifier(UsesBackend, nn.Module):
                 )
             x = x + positional
         x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x, mask)
+        layers = self._layer_arguments()
+        if layers is not None:
+            x = ops.encoder_layers(x, layers, mask=mask, backend=self.backend)
+        else:
+            for block in self.blocks:
+                x = block(x, mask)
         x = self.norm(x)
         x = self._pool(x, mask) if self.seq_pool else x[:, 0]
         return self.fc(x)
+
+    def _layer_arguments(self) -> list[dict] | None:
+        """Each block's ops.encoder_layer arguments when calling the blocks is that op call block after block (each
+        block the stock class with no hooks, on this module's backend: TransformerEncoderLayer.layer_arguments), for
+        one ops.encoder_layers call; else None."""
+        layers = []
+        for block in self.blocks:
+            if not fusable(block, TransformerEncoderLayer) or block.backend != self.backend:
+                return None
+            arguments = block.layer_arguments()
+            if arguments is None:
+                return None
+            layers.append(arguments)
+        return layers
 
     def _pool(self, x, mask):
         """SeqPool: (B, N, D) -> (B, D), over real tokens only with a mask."""

@@ -65,11 +65,11 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, src, mask=None):
-        if not self._fusable_children() or self._official_draw_order():  # the first ensures nn.Dropout rates
-            return self._official_forward(src, mask)
-        block = self._block_arguments()
+        block = self.layer_arguments()
         if block is not None:
             return ops.encoder_layer(src, **block, mask=mask, backend=self.backend)
+        if not self._fusable_children() or self._official_draw_order():
+            return self._official_forward(src, mask)
         # Op by op, for what ops.encoder_layer does not take (a qkv bias, a LayerNorm without a weight or over more
         # dims, dropouts at different rates, a TorchScript/ONNX trace): the norms in qkv's prologue and proj's
         # epilogue unless they must run as modules (a trace records them as LayerNorm nodes, as the official model
@@ -88,6 +88,15 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
                             dropout_p=active_rate(self.dropout1), backend=self.backend)
         return ops.linear(hidden, self.linear2.weight, self.linear2.bias, residual=src,
                           row_scale=self._row_scale(src), dropout_p=active_rate(self.dropout2), backend=self.backend)
+
+    def layer_arguments(self) -> dict | None:
+        """ops.encoder_layer's keyword arguments (but mask and backend) when this block's forward is that op call in
+        this call, else None (a submodule replaced or hooked, the eager backend's official draw order, what the op
+        does not take: see _block_arguments). The classifier runs its blocks as one ops.encoder_layers call with
+        them."""
+        if not self._fusable_children() or self._official_draw_order():  # the first ensures nn.Dropout rates
+            return None
+        return self._block_arguments()
 
     def _official_forward(self, src, mask):
         """The official forward, every submodule called as a module: for replaced or hooked submodules (see

@@ -15,6 +15,10 @@ in the same order in C++, so the output is the same to the bit. In training on a
 selected once, and its backward calls the ops' own backward formulas in reverse, so outputs and gradients equal
 the op-by-op block's to the bit.
 
+encoder_layers(src, layers) runs blocks in sequence (the encoder of a model), one C++ call for all of them where the
+fused kernel serves every one: at batch 1 the Python between the blocks' calls cost ~5% of a forward (NOTES.md, cpu
+extension, eighth round).
+
 Shapes: src (B, N, D); pre_norm_weight/bias, norm1_weight/bias (D,); qkv_weight (3D, D); proj_weight (D, D),
 proj_bias (D,); linear1_weight (F, D), linear1_bias (F,); linear2_weight (D, F), linear2_bias (D,); mask None,
 (B, N) bool (True = real token) or (B,) lengths, as ops.attention -> (B, N, D). Dtypes: float32, float16,
@@ -49,7 +53,9 @@ Errors (before any kernel runs):
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -76,12 +82,69 @@ def encoder_layer(
     """The encoder block (in training with dropout_p, attention_dropout_p, drop_path_rate); see the module docstring
     for shapes, dtypes, limits and errors."""
     check_tensor("src", src, ndim=3, like_name="src")
+    params, config = _checked(
+        src, pre_norm_weight=pre_norm_weight, pre_norm_bias=pre_norm_bias, qkv_weight=qkv_weight,
+        proj_weight=proj_weight, proj_bias=proj_bias, norm1_weight=norm1_weight, norm1_bias=norm1_bias,
+        linear1_weight=linear1_weight, linear1_bias=linear1_bias, linear2_weight=linear2_weight,
+        linear2_bias=linear2_bias, num_heads=num_heads, scale=scale, pre_norm_eps=pre_norm_eps, norm1_eps=norm1_eps,
+        attention_dropout_p=attention_dropout_p, dropout_p=dropout_p, drop_path_rate=drop_path_rate)
+    if _runs_fused(src, [params], [config], mask, backend):
+        # The extension's C++ op itself (its fake: extension/encoder_layer.py), also under torch.compile, where the
+        # graph then calls it with no Python in between.
+        return backends.kernel_module(_FUSED_BACKEND, OP).forward(
+            src.contiguous(), *(t.contiguous() for t in params.values()), config.num_heads, config.scale,
+            config.pre_norm_eps, config.norm1_eps)
+    return _unfused(src, params, config, mask, backend)
+
+
+def encoder_layers(
+    src: torch.Tensor, layers: Sequence[Mapping[str, Any]], *, mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Blocks in sequence: encoder_layer(... encoder_layer(src, **layers[0], ...) ..., **layers[-1], ...), each layer
+    a dict of encoder_layer's keyword arguments other than mask and backend (the same mask and backend for every
+    layer). Equal to those calls to the bit. Where the fused kernel serves every layer (see the module docstring),
+    one C++ call runs them all: at batch 1 the Python between the blocks' calls cost ~0.1-0.2 ms a block (NOTES.md,
+    cpu extension, eighth round). An empty list returns src. Errors: those of encoder_layer, the message prefixed
+    with the layer's index (`layers[3]: ...`); TypeError for layers not a list or tuple of dicts, or an unknown
+    keyword."""
+    check_tensor("src", src, ndim=3, like_name="src")
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(f"layers must be a list or tuple of dicts of encoder_layer's arguments, got "
+                        f"{type(layers).__name__}")
+    checked = []
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, Mapping):
+            raise TypeError(f"layers[{index}] must be a dict of encoder_layer's arguments, got {type(layer).__name__}")
+        try:
+            checked.append(_checked(src, **layer))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layers[{index}]: {error}") from None
+    if not checked:
+        return src
+    params, configs = [p for p, _ in checked], [c for _, c in checked]
+    if _runs_fused(src, params, configs, mask, backend):
+        return backends.kernel_module(_FUSED_BACKEND, OP).forward_layers(
+            src.contiguous(), [t.contiguous() for p in params for t in p.values()],
+            [c.num_heads for c in configs], [c.scale for c in configs], [c.pre_norm_eps for c in configs],
+            [c.norm1_eps for c in configs])
+    for layer_params, config in checked:
+        src = _unfused(src, layer_params, config, mask, backend)
+    return src
+
+
+def _checked(
+    src, *, pre_norm_weight, pre_norm_bias, qkv_weight, proj_weight, proj_bias, norm1_weight, norm1_bias,
+    linear1_weight, linear1_bias, linear2_weight, linear2_bias, num_heads, scale=None, pre_norm_eps=1e-5,
+    norm1_eps=1e-5, attention_dropout_p=0.0, dropout_p=0.0, drop_path_rate=0.0,
+) -> tuple[dict[str, torch.Tensor], _Config]:
+    """One block's arguments checked against src (checked itself): ({name: parameter} in the kernels' order,
+    config)."""
     dim = src.shape[-1]
     check_int("num_heads", num_heads, 1)
     if dim % num_heads:
         raise ValueError(f"num_heads ({num_heads}) must divide src's last dim D = {dim}")
-    autocast = torch.is_autocast_enabled(src.device.type)
-    like = None if autocast else src  # under autocast the block's ops cast their inputs, as the modules' ops do
+    like = None if torch.is_autocast_enabled(src.device.type) else src  # under autocast the ops cast their inputs
     check_tensor("linear1_weight", linear1_weight, ndim=2, like=like, like_name="src")
     hidden = linear1_weight.shape[0]
     params = {  # in _forward's order
@@ -101,14 +164,12 @@ def encoder_layer(
         check_real("attention_dropout_p", attention_dropout_p, "in [0, 1)", lambda p: 0.0 <= p < 1.0),
         check_real("dropout_p", dropout_p, "in [0, 1]", lambda p: 0.0 <= p <= 1.0),
         check_real("drop_path_rate", drop_path_rate, "in [0, 1]", lambda p: 0.0 <= p <= 1.0))
-    tensors = [t for t, _ in params.values()]
-    training = config.attention_dropout_p > 0 or config.dropout_p > 0 or config.drop_path_rate > 0
-    if not (autocast or training) and _runs_fused(src, tensors, mask, backend):
-        # The extension's C++ op itself (its fake: extension/encoder_layer.py), also under torch.compile, where the
-        # graph then calls it with no Python in between.
-        return backends.kernel_module(_FUSED_BACKEND, OP).forward(
-            src.contiguous(), *(t.contiguous() for t in tensors), num_heads, scale, config.pre_norm_eps,
-            config.norm1_eps)
+    return {name: tensor for name, (tensor, _) in params.items()}, config
+
+
+def _unfused(src, params, config, mask, backend):
+    """The block where the fused kernel does not serve it: one autograd node on kernel backends, else op by op."""
+    tensors = list(params.values())
     if not traced((src, *tensors, mask)):
         # contiguous before the backends are selected, as the ops hand them over; src is cast per use, in run(),
         # as the ops cast it
@@ -298,10 +359,14 @@ class _BlockFunction(torch.autograd.Function):
                 grad_linear2_bias)
 
 
-def _runs_fused(src, tensors, mask, backend) -> bool:
-    """Whether the fused kernel serves this call: asked for (cpu) or allowed (auto), and able to."""
+def _runs_fused(src, params, configs, mask, backend) -> bool:
+    """Whether the fused kernel serves these blocks (params and configs one per block): asked for (cpu) or allowed
+    (auto), and able to: no mask, autocast, random draws or gradient to record."""
     if backends.requested_backend(backend) not in ("auto", _FUSED_BACKEND) or mask is not None:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (src, *tensors)):
+    if torch.is_autocast_enabled(src.device.type) or any(
+            c.attention_dropout_p > 0 or c.dropout_p > 0 or c.drop_path_rate > 0 for c in configs):
+        return False
+    if torch.is_grad_enabled() and (src.requires_grad or any(t.requires_grad for p in params for t in p.values())):
         return False
     return backends.unsupported_reason(_FUSED_BACKEND, OP, src.device, src, mask) is None

@@ -75,6 +75,11 @@ at::Tensor encoder_layer_forward_cpu(const at::Tensor& src, const at::Tensor& pr
                                      const at::Tensor& linear1_weight, const at::Tensor& linear1_bias,
                                      const at::Tensor& linear2_weight, const at::Tensor& linear2_bias,
                                      int64_t num_heads, double scale, double pre_norm_eps, double norm1_eps);
+// Blocks in sequence (csrc/cpu/encoder_layer.cpp): parameters holds each layer's 11 tensors in
+// encoder_layer_forward's order, the lists one entry per layer.
+at::Tensor encoder_layers_forward_cpu(const at::Tensor& src, at::TensorList parameters, at::IntArrayRef num_heads,
+                                      at::ArrayRef<double> scale, at::ArrayRef<double> pre_norm_eps,
+                                      at::ArrayRef<double> norm1_eps);
 
 // Whether the CPU GEMMs use torch's BLAS (sgemm_) rather than the plain-loop fallback.
 bool cpu_has_blas();

@@ -6,9 +6,18 @@
 // stochastic depth or key padding (eval mode, no mask: the op layer runs every other case op by op). The
 // intermediates of the linears and attention live in the output cache (output_cache.h); pre_norm's stays on ATen's
 // allocator.
+// encoder_layers_forward runs a stack of such blocks in one call: between two blocks' C++ calls, the Python of the
+// modules and the op's checks (~20 us) cost ~0.1 ms a block at batch 1 on the 2-core VM (NOTES.md, cpu extension,
+// eighth round).
 #include "cpu_ops.h"
 
 namespace cct {
+
+namespace {
+// pre_norm weight and bias, qkv weight, proj weight and bias, norm1 weight and bias, linear1 weight and bias,
+// linear2 weight and bias: encoder_layer_forward's tensor arguments, in its order
+constexpr size_t kLayerParameters = 11;
+}  // namespace
 
 at::Tensor encoder_layer_forward_cpu(const at::Tensor& src, const at::Tensor& pre_norm_weight,
                                      const at::Tensor& pre_norm_bias, const at::Tensor& qkv_weight,
@@ -30,6 +39,23 @@ at::Tensor encoder_layer_forward_cpu(const at::Tensor& src, const at::Tensor& pr
   const auto hidden = std::get<0>(linear_forward_cpu(stream, linear1_weight, linear1_bias, none, true, false, none));
   return std::get<0>(linear_forward_cpu(hidden, linear2_weight, linear2_bias, stream, false, false, none))
       .view({B, N, D});
+}
+
+at::Tensor encoder_layers_forward_cpu(const at::Tensor& src, at::TensorList parameters, at::IntArrayRef num_heads,
+                                      at::ArrayRef<double> scale, at::ArrayRef<double> pre_norm_eps,
+                                      at::ArrayRef<double> norm1_eps) {
+  const size_t layers = num_heads.size();
+  TORCH_CHECK(scale.size() == layers && pre_norm_eps.size() == layers && norm1_eps.size() == layers,
+              "encoder_layers: num_heads, scale, pre_norm_eps and norm1_eps must have one entry per layer");
+  TORCH_CHECK(parameters.size() == kLayerParameters * layers, "encoder_layers: expected ",
+              kLayerParameters * layers, " parameters (", kLayerParameters, " per layer), got ", parameters.size());
+  at::Tensor out = src;
+  for (size_t i = 0; i < layers; ++i) {
+    const at::Tensor* p = parameters.data() + kLayerParameters * i;
+    out = encoder_layer_forward_cpu(out, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10],
+                                    num_heads[i], scale[i], pre_norm_eps[i], norm1_eps[i]);
+  }
+  return out;
 }
 
 }  // namespace cct
