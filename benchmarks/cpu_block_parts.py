@@ -5,8 +5,9 @@
 Times (min over calls, 2 threads, float32, inference) for block 0 of the model with its own weights and a random
 input of the given batch: each kernel of the block alone, called from Python on its real inputs (LayerNorm, qkv, attention, proj +
 residual, LayerNorm, linear1 + GELU, linear2 + residual), the same calls back to back, the fused block op
-(`ops.encoder_layer`'s C++ kernel) and the module call (the fused op plus the Python around it). Also the output
-cache's statistics after the run.
+(`ops.encoder_layer`'s C++ kernel) and the module call (the fused op plus the Python around it); all the model's blocks
+as one ops.encoder_layers call, one ops.encoder_layer call per block and the block modules called one by one. Also
+the output cache's statistics after the run.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def block_parts(name: str, batch: int) -> dict:
             for f in steps.values():
                 f()
 
-        args = block._fused_block_arguments()
+        args = block.layer_arguments()
         fused = [args[k] for k in ("pre_norm_weight", "pre_norm_bias", "qkv_weight", "proj_weight", "proj_bias",
                                    "norm1_weight", "norm1_bias", "linear1_weight", "linear1_bias", "linear2_weight",
                                    "linear2_bias")]
@@ -85,8 +86,39 @@ def block_parts(name: str, batch: int) -> dict:
                                                                      args["pre_norm_eps"], args["norm1_eps"]), calls),
             "module_us": best_us(lambda: block(src), calls),
         }
+        result["all_blocks_us"] = all_blocks(model, src, calls)
     result["output_cache"] = extension.output_cache_stats()
     return result
+
+
+def all_blocks(model, src, calls: int) -> dict[str, float]:
+    """The model's blocks on src three ways, interleaved (min per way): one ops.encoder_layers call (what the
+    classifier runs), one ops.encoder_layer call per block, and each block module called."""
+    blocks = model.classifier.blocks
+    layers = [block.layer_arguments() for block in blocks]
+
+    def stacked():
+        cct_kernels.ops.encoder_layers(src, layers)
+
+    def op_per_block():
+        x = src
+        for layer in layers:
+            x = cct_kernels.ops.encoder_layer(x, **layer)
+
+    def modules():
+        x = src
+        for block in blocks:
+            x = block(x)
+
+    ways = {"stacked": stacked, "op_per_block": op_per_block, "modules": modules}
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(calls):
+        for way, fn in ways.items():
+            fn()  # settled: the timed call follows one of its own
+            t = time.perf_counter()
+            fn()
+            best[way] = min(best[way], time.perf_counter() - t)
+    return {way: t * 1e6 for way, t in best.items()}
 
 
 def main() -> None:
