@@ -244,6 +244,39 @@ def test_encoder_layers_with_gradient_dropout_or_mask_run_block_by_block(monkeyp
 
 
 @NEEDS_FUSED
+def test_encoder_layers_work_out_mask_and_backends_once(monkeypatch):
+    """In training the blocks of one encoder_layers call that share shapes and attention arguments share one backend
+    selection (5 select calls, not 5 per block; blocks that differ get their own), and the mask is checked once (a
+    host sync for a CUDA mask)."""
+    selected, paddings = [], []
+    real_padding = BLOCK_OP.key_padding
+    monkeypatch.setattr(BLOCK_OP, "key_padding", lambda *args: paddings.append(1) or real_padding(*args))
+    real_select = backends.select
+    monkeypatch.setattr(backends, "select", lambda *args, **kwargs: selected.append(args[0])
+                        or real_select(*args, **kwargs))
+    src, layers = _layers(count=4)
+    alike = [{**layer, "num_heads": 4, "norm1_eps": 1e-5, "dropout_p": 0.1} for layer in layers]
+    weight = layers[2]["qkv_weight"].requires_grad_()  # shared by alike[2]: a gradient to record
+    torch.manual_seed(4)
+    out = ops.encoder_layers(src, alike, backend="cpu")
+    assert len(selected) == 5
+    torch.manual_seed(4)
+    expected = _one_by_one(src, alike, backend="cpu")
+    assert torch.equal(out, expected)
+    assert torch.equal(*(torch.autograd.grad(y.sum(), weight)[0] for y in (out, expected)))
+    selected.clear()
+    ops.encoder_layers(src, layers, backend="cpu")  # heads 4, 2, 8, 4: three kinds of block
+    assert len(selected) == 15
+    mask = torch.arange(src.shape[1]) < torch.tensor([10, 4, 7])[:, None]  # a prefix: served as lengths
+    paddings.clear()
+    torch.manual_seed(5)
+    out = ops.encoder_layers(src, alike, mask=mask, backend="cpu")
+    assert len(paddings) == 1
+    torch.manual_seed(5)
+    assert torch.equal(out, _one_by_one(src, alike, mask=mask, backend="cpu"))
+
+
+@NEEDS_FUSED
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_encoder_layers_fake_matches(dtype):
     src, layers = _layers(count=2)
