@@ -76,14 +76,24 @@ def _op_case(op, shape, mode):
         fn = {backend: (lambda backend: lambda x, w, b: ops.linear(
             x, w, b, activation="gelu", dropout_p=0.1, backend=backend))(backend) for backend in ("eager", "cpu")}
         nbytes = (M * K + N * K + M * N) * 4
-    elif op == "encoder_layer":  # a whole block, eval mode: one C++ call on cpu when no gradient is recorded
-        B, N, D, H = shape
+    elif op in ("encoder_layer", "encoder_layers"):  # eval mode: one C++ call on cpu for a block, or for the stack
+        B, N, D, H, *layers = shape
         names = ("pre_norm_weight", "pre_norm_bias", "qkv_weight", "proj_weight", "proj_bias", "norm1_weight",
                  "norm1_bias", "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias")
         shapes = ((D,), (D,), (3 * D, D), (D, D), (D,), (D,), (D,), (2 * D, D), (2 * D,), (D, 2 * D), (D,))
-        inputs = (torch.randn(B, N, D), *(torch.randn(s) * s[-1] ** -0.5 for s in shapes))
-        fn = {backend: (lambda backend: lambda src, *p: ops.encoder_layer(
-            src, num_heads=H, backend=backend, **dict(zip(names, p))))(backend) for backend in ("eager", "cpu")}
+        count = layers[0] if layers else 1
+        inputs = (torch.randn(B, N, D), *(torch.randn(s) * s[-1] ** -0.5 for _ in range(count) for s in shapes))
+
+        def block_stack(backend):
+            def run(src, *p):
+                blocks = [{"num_heads": H, **dict(zip(names, p[i:i + len(names)]))}
+                          for i in range(0, len(p), len(names))]
+                if op == "encoder_layer":
+                    return ops.encoder_layer(src, **blocks[0], backend=backend)
+                return ops.encoder_layers(src, blocks, backend=backend)
+            return run
+
+        fn = {backend: block_stack(backend) for backend in ("eager", "cpu")}
         nbytes = sum(t.numel() for t in inputs) * 4 + B * N * D * 4
     elif op == "attention":
         B, N, H = shape
@@ -119,6 +129,7 @@ OP_CASES = [
     ("tokenize", (64,)), ("linear", (16384, 256, 512)), ("linear", (256, 256, 512)),
     ("linear_norm", (3136, 384, 384)), ("linear_dropout", (16384, 256, 512)),
     ("encoder_layer", (1, 256, 256, 4)), ("encoder_layer", (64, 256, 256, 4)),
+    ("encoder_layers", (1, 256, 256, 4, 7)),  # CCT-7/3x1's stack at batch 1
 ]
 MODEL_CASES = [
     ("cct_7_3x1_32", 1, "inference"), ("cct_7_3x1_32", 64, "inference"),
