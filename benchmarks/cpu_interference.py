@@ -9,17 +9,14 @@ our threads need (NOTES.md, cpu extension, eighth round).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
+import _cpu_script  # benchmarks/, the script's folder
 import torch
 
 import cct_kernels
 from cct_kernels import profiling
-from cct_kernels.cli_bench import device_name
 
 
 def interference(name: str, batch: int, rounds: int) -> dict:
@@ -49,21 +46,10 @@ def interference(name: str, batch: int, rounds: int) -> dict:
     return {case: {"min_ms": min(t), "median_ms": statistics.median(t)} for case, t in times.items()}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cct_14_7x2_224")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    result = {"model": args.model, "batch": args.batch, "rounds": args.rounds, "threads": torch.get_num_threads(),
-              "device": device_name(torch.device("cpu")), "torch": torch.__version__,
-              "cases": interference(args.model, args.batch, args.rounds)}
+def show(result: dict) -> None:
     for case, t in result["cases"].items():
         print(f"{case:32s} min {t['min_ms']:7.2f} ms  median {t['median_ms']:7.2f} ms")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    _cpu_script.run(__doc__, 30, lambda model, batch, rounds: {"cases": interference(model, batch, rounds)}, show)

@@ -11,17 +11,14 @@ cct_14_7x2_224), called in turn after a 96 MB buffer is written, so that every w
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
+import _cpu_script  # benchmarks/, the script's folder
 import torch
 import torch.nn.functional as F
 
 import cct_kernels
-from cct_kernels.cli_bench import device_name
 
 
 def packed_against_plain(name: str, batch: int, rounds: int) -> dict:
@@ -57,23 +54,13 @@ def packed_against_plain(name: str, batch: int, rounds: int) -> dict:
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cct_14_7x2_224")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    result = {"model": args.model, "batch": args.batch, "rounds": args.rounds, "threads": torch.get_num_threads(),
-              "device": device_name(torch.device("cpu")), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "linears": packed_against_plain(args.model, args.batch, args.rounds)}
+def show(result: dict) -> None:
     for linear, r in result["linears"].items():
         print(f"{linear:16s} {r['shape_mkn']}  mkl {r['mkl']['min_us']:7.0f} / {r['mkl']['median_us']:7.0f} µs  "
               f"oneDNN packed {r['onednn_packed']['min_us']:7.0f} / {r['onednn_packed']['median_us']:7.0f} µs  "
               f"max|diff| {r['max_abs_diff']:.1e}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    _cpu_script.run(__doc__, 40, lambda model, batch, rounds: {"linears": packed_against_plain(model, batch, rounds)},
+                    show)
