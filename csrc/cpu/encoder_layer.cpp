@@ -45,6 +45,7 @@ at::Tensor encoder_layers_forward_cpu(const at::Tensor& src, at::TensorList para
                                       at::ArrayRef<double> scale, at::ArrayRef<double> pre_norm_eps,
                                       at::ArrayRef<double> norm1_eps) {
   const size_t layers = num_heads.size();
+  TORCH_CHECK(layers > 0, "encoder_layers: at least one layer (the output must not be src itself)");
   TORCH_CHECK(scale.size() == layers && pre_norm_eps.size() == layers && norm1_eps.size() == layers,
               "encoder_layers: num_heads, scale, pre_norm_eps and norm1_eps must have one entry per layer");
   TORCH_CHECK(parameters.size() == kLayerParameters * layers, "encoder_layers: expected ",
