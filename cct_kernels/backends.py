@@ -44,6 +44,12 @@ _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("cc
 _thread_choice = threading.local()
 
 
+# torch 2.13's custom ops (torch.library.custom_op with register_autograd) have no torch.func rules: grad and jvp
+# fail in their generated autograd.Function, vmap has no batching rule. The eager reference is plain ATen.
+FUNCTORCH_REASON = ("a torch.func transform (grad, vmap, jvp, ...) is active, and the kernels' registered ops have no "
+                    "torch.func rules (the eager backend, plain ATen, has them)")
+
+
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot serve a call; the message says why."""
 
@@ -162,11 +168,14 @@ def auto_declines(backend: str, op: str, *inputs) -> str | None:
 def select(op: str, explicit: str | None, device: torch.device, *inputs, eager_only: str | None = None) -> str:
     """The concrete backend ("eager" or a kernel backend) that runs `op` for these inputs.
 
-    eager_only: why no kernel backend can serve this call whatever the inputs (auto then runs eager).
+    eager_only: why no kernel backend can serve this call whatever the inputs (auto then runs eager). Under a
+    torch.func transform that is always so (FUNCTORCH_REASON).
     """
     name = requested_backend(explicit)
     if name == "eager":
         return name
+    if eager_only is None and torch._C._are_functorch_transforms_active():
+        eager_only = FUNCTORCH_REASON
 
     def reason(backend: str) -> str | None:
         if eager_only is not None:

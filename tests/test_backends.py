@@ -191,3 +191,28 @@ def test_compiled_model_follows_use_backend_without_graph_break(monkeypatch):
     with cct_kernels.use_backend("eager"):  # and the first graph is still right for the first choice
         torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
     assert kernel_calls == [1]
+
+
+def test_torch_func_transforms_run_the_eager_reference():
+    """grad, vmap and jacrev over a model: "auto" serves them with the eager reference (the kernels' registered ops
+    have no torch.func rules), with the same values as the eager model; a named kernel backend refuses, saying why."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    model = cct_kernels.cct_2_3x2_32().eval()
+    official = cct_kernels.cct_2_3x2_32(backend="eager").eval()
+    official.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    transforms = {
+        "grad": lambda m: grad(lambda p: functional_call(m, p, (images,)).sum())(params),
+        "vmap": lambda m: {"out": vmap(lambda x: functional_call(m, params, (x[None],)))(images)},
+        "jacrev": lambda m: {"jac": jacrev(lambda x: functional_call(m, params, (x,)))(images[:1])},
+    }
+    for name, transform in transforms.items():
+        ours, expected = transform(model), transform(official)
+        for key in expected:
+            torch.testing.assert_close(ours[key], expected[key], rtol=0, atol=0, msg=f"{name} {key}")
+    for backend in KERNEL_BACKENDS_HERE:
+        cct_kernels.set_backend(model, backend)
+        with pytest.raises(backends.BackendUnavailable, match="torch.func transform .* is active"):
+            transforms["grad"](model)

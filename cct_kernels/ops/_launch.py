@@ -45,8 +45,8 @@ class KernelOp:
     """One op's forward and backward kernels, each as a plain function (run_*) and as its registered custom op,
     with one autograd formula (setup_context, formula) for both.
 
-    The registered ops are what torch.compile, TorchScript/ONNX traces, torch.func transforms and fake or subclass
-    tensors see. A plain eager call skips the dispatcher: without a gradient to record it runs the forward function
+    The registered ops are what torch.compile, TorchScript/ONNX traces and fake or subclass tensors see (under a
+    torch.func transform no kernel backend is selected: backends.FUNCTORCH_REASON). A plain eager call skips the dispatcher: without a gradient to record it runs the forward function
     directly, and with one it runs a torch.autograd.Function built from the same formula. The registered op's
     dispatch and autograd wrapper cost about 90 µs per forward and as much per backward on this project's 2-core
     CPU VM, more than a GPU kernel of a CCT training step takes (H200, 2026-11-30: the step was host-bound, 29 ms

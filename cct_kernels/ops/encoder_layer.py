@@ -35,7 +35,8 @@ The cpu forward is the extension's C++ op torch.ops.cct_kernels_C.encoder_layer_
 between (the other ops go through Python custom ops, ~20 us a call).
 Which path serves a call:
 - the fused kernel: no gradient to record, no dropout or stochastic depth, no mask, outside torch.autocast (where
-  the parameters may differ in dtype from src, as for the modules' ops), backend cpu or auto;
+  the parameters may differ in dtype from src, as for the modules' ops) and torch.func transforms, backend cpu or
+  auto;
 - _BlockFunction (with a gradient to record; the same kernels without the autograd node otherwise): a plain eager
   call (not traced by torch.compile, TorchScript or a torch.func transform) where every one of the block's five
   op calls selects a kernel backend;
@@ -381,7 +382,8 @@ class _BlockFunction(torch.autograd.Function):
 def _runs_fused(src, params, configs, mask, backend) -> bool:
     """Whether the fused kernel serves these blocks (params and configs one per block): asked for (cpu) or allowed
     (auto), and able to: no mask, autocast, random draws or gradient to record."""
-    if backends.requested_backend(backend) not in ("auto", _FUSED_BACKEND) or mask is not None:
+    if (backends.requested_backend(backend) not in ("auto", _FUSED_BACKEND) or mask is not None
+            or torch._C._are_functorch_transforms_active()):  # the ops one by one then say what serves (select)
         return False
     if torch.is_autocast_enabled(src.device.type) or any(
             c.attention_dropout_p > 0 or c.dropout_p > 0 or c.drop_path_rate > 0 for c in configs):
