@@ -43,9 +43,10 @@ inline float erf_approx(float x) {
 
 inline float gelu(float h) { return 0.5f * h * (1.f + erf_approx(h * 0.70710678118654752f)); }
 
-// d GELU(h) / dh = Phi(h) + h phi(h)
+// d GELU(h) / dh = Phi(h) + h phi(h); exp_approx, not std::exp, so that the loops over it vectorise (std::exp kept
+// the backward's GELU pass scalar: 7.2 ms at 4096 x 600 against ATen's 0.89 ms; NOTES.md, cpu extension, eighth round)
 inline float gelu_grad(float h) {
-  return 0.5f * (1.f + erf_approx(h * 0.70710678118654752f)) + h * 0.3989422804014327f * std::exp(-0.5f * h * h);
+  return 0.5f * (1.f + erf_approx(h * 0.70710678118654752f)) + h * 0.3989422804014327f * exp_approx(-0.5f * h * h);
 }
 
 // Dropout's scale of row `row` in place: kept values times 1 / (1 - p), dropped ones 0.
