@@ -160,6 +160,7 @@ void attention_backward_kernel(const T* gout, const T* qkv, const T* out, const 
         const T* o = out + (b * N + i0) * D + h * d;
         for (int64_t r = 0; r < m; ++r) {
           float s = 0.f;
+#pragma omp simd reduction(+ : s)
           for (int64_t c = 0; c < d; ++c) s += go.ptr[r * go.ld + c] * to_f(o[r * D + c]);
           Di[r] = s;
         }
