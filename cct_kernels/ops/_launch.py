@@ -46,8 +46,9 @@ class KernelOp:
     with one autograd formula (setup_context, formula) for both.
 
     The registered ops are what torch.compile, TorchScript/ONNX traces and fake or subclass tensors see (under a
-    torch.func transform no kernel backend is selected: backends.FUNCTORCH_REASON). A plain eager call skips the dispatcher: without a gradient to record it runs the forward function
-    directly, and with one it runs a torch.autograd.Function built from the same formula. The registered op's
+    torch.func transform no kernel backend is selected: backends.FUNCTORCH_REASON). A plain eager call skips the
+    dispatcher: without a gradient to record it runs the forward function directly, and with one it runs a
+    torch.autograd.Function built from the same formula. The registered op's
     dispatch and autograd wrapper cost about 90 µs per forward and as much per backward on this project's 2-core
     CPU VM, more than a GPU kernel of a CCT training step takes (H200, 2026-11-30: the step was host-bound, 29 ms
     for 10.5 ms of kernels). Same kernels and outputs either way. A backward recorded for a double backward calls
