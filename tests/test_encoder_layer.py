@@ -403,6 +403,33 @@ def test_training_block_checks_inputs_and_refuses_double_backward(backend):
         grad.sum().backward()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS_HERE)
+def test_training_stack_equals_its_blocks_one_after_another(backend):
+    """encoder_layers in training (dropout, stochastic depth, key padding) on each kernel backend: the backend
+    selection and mask check its blocks share change nothing; output and gradients equal encoder_layer's block after
+    block (on cuda the gradients within a tolerance: every block is upstream of a later one's attention backward,
+    whose float32 atomics vary in their last bits)."""
+    rates = (0.1 if backend == "cpu" else 0.0, 0.2, 0.3)  # the cuda attention has no dropout; triton's is slow here
+    dtype, dim = (torch.bfloat16, 256) if backend == "cuda" else (torch.float32, 32)
+    src = _block(dim=dim)[0].to(dtype).requires_grad_()
+    layers = [{**{k: v.to(dtype).requires_grad_() for k, v in _block(dim=dim, seed=1 + i)[1].items()},
+               "num_heads": 4, "attention_dropout_p": rates[0], "dropout_p": rates[1], "drop_path_rate": rates[2]}
+              for i in range(3)]
+    mask = torch.tensor([10, 7, 1], device=DEVICE)
+    torch.manual_seed(7)
+    out = ops.encoder_layers(src, layers, mask=mask, backend=backend)
+    torch.manual_seed(7)
+    expected = _one_by_one(src, layers, mask=mask, backend=backend)
+    assert torch.equal(out, expected)
+    inputs = [src, *(layer[name] for layer in layers for name in NAMES)]
+    for a, b in zip(torch.autograd.grad(out.float().square().sum(), inputs),
+                    torch.autograd.grad(expected.float().square().sum(), inputs)):
+        if backend == "cuda":
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+        else:
+            assert torch.equal(a, b)
+
+
 def test_training_block_routes_what_its_kernels_cannot_serve_op_by_op():
     """eager by name, and a bool mask that is not a prefix of each sequence (attention then runs eager), take the ops
     one by one; the values agree with the kernel path where both can serve."""
