@@ -356,8 +356,9 @@ def time_interleaved(
 
     settle (default: on CPU): each timed call follows an untimed call of the same step, so that it runs as in a
     loop of its own, whatever ran before it. Without it a step inherits the previous one's leftovers: ONNX Runtime's
-    thread pool spins on both cores after a run, and our backends' first call after it took 69.5 ms against 47.3
-    after an idle gap (cct_14_7x2_224, batch 1, the 2-core VM; NOTES.md, cpu extension, eighth round).
+    thread pool spins on both cores after a run, and our backends' first call after it took 67.7 ms against 46.9
+    after an idle gap (cct_14_7x2_224, batch 1, the 2-core VM; benchmarks/cpu_interference.py, NOTES.md, cpu
+    extension, eighth round).
     """
     if settle is None:
         settle = device.type == "cpu"

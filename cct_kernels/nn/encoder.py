@@ -65,11 +65,11 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, src, mask=None):
-        block = self.layer_arguments()
+        if self._runs_official():
+            return self._official_forward(src, mask)
+        block = self._block_arguments()
         if block is not None:
             return ops.encoder_layer(src, **block, mask=mask, backend=self.backend)
-        if not self._fusable_children() or self._official_draw_order():
-            return self._official_forward(src, mask)
         # Op by op, for what ops.encoder_layer does not take (a qkv bias, a LayerNorm without a weight or over more
         # dims, dropouts at different rates, a TorchScript/ONNX trace): the norms in qkv's prologue and proj's
         # epilogue unless they must run as modules (a trace records them as LayerNorm nodes, as the official model
@@ -94,9 +94,13 @@ class TransformerEncoderLayer(UsesBackend, nn.Module):
         this call, else None (a submodule replaced or hooked, the eager backend's official draw order, what the op
         does not take: see _block_arguments). The classifier runs its blocks as one ops.encoder_layers call with
         them."""
-        if not self._fusable_children() or self._official_draw_order():  # the first ensures nn.Dropout rates
-            return None
-        return self._block_arguments()
+        return None if self._runs_official() else self._block_arguments()
+
+    def _runs_official(self) -> bool:
+        """Whether this call takes the official module-by-module forward: a submodule replaced or hooked, or the
+        eager backend's official draw order (checked second: it reads the dropouts' rates, which the first ensures
+        are nn.Dropout's)."""
+        return not self._fusable_children() or self._official_draw_order()
 
     def _official_forward(self, src, mask):
         """The official forward, every submodule called as a module: for replaced or hooked submodules (see
