@@ -11,10 +11,13 @@ from cct_kernels.backends import BACKENDS, BackendUnavailable, use_backend
 from cct_kernels.models import *  # noqa: F401,F403  (the classes, factories and helpers)
 from cct_kernels.models import __all__ as _model_names
 from cct_kernels.models.checkpoint import CheckpointError
-from cct_kernels.nn import set_backend
+from cct_kernels.nn import freeze, set_backend, unfreeze
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnavailable", "CheckpointError", "ops", "set_backend", "use_backend", *_model_names]
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "CheckpointError", "freeze", "ops", "set_backend", "unfreeze", "use_backend",
+    *_model_names,
+]
 
 from cct_kernels._compile_cache import tag_compile_caches as _tag_compile_caches  # noqa: E402
 from cct_kernels.backends import load_kernel_backends as _load_kernel_backends  # noqa: E402

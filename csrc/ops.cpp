@@ -9,6 +9,7 @@
 
 #include "cpu/common.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/frozen_weights.h"
 #include "cpu/output_cache.h"
 
 #ifdef CCT_WITH_CUDA
@@ -38,7 +39,8 @@ bool built_with_cuda() {
 // A one-line description of the build, for `cct_kernels.extension.info()`.
 std::string build_info() {
   std::string s = std::string("cpu: -march=") + CCT_CPU_ARCH + ", OpenMP threads " +
-                  std::to_string(at::get_num_threads()) + ", gemm " + (have_blas() ? "BLAS sgemm_" : "plain loops");
+                  std::to_string(at::get_num_threads()) + ", gemm " + (have_blas() ? "BLAS sgemm_" : "plain loops") +
+                  (cpu_has_packed_gemm() ? " (packed weights: sgemm_pack_)" : "");
 #ifdef CCT_WITH_CUDA
   s += std::string("; cuda: TORCH_CUDA_ARCH_LIST=") + CCT_CUDA_ARCHS;
 #else
@@ -235,6 +237,10 @@ TORCH_LIBRARY(cct_kernels_C, m) {
   m.def("build_info() -> str", &cct::build_info);
   m.def("output_cache_stats() -> int[]", &cct::output_cache_stats);
   m.def("output_cache_release() -> ()", &cct::output_cache_release);
+  m.def("cpu_has_packed_gemm() -> bool", &cct::cpu_has_packed_gemm);
+  m.def("freeze_weight(Tensor weight) -> bool", &cct::freeze_weight);
+  m.def("unfreeze_weight(Tensor weight) -> ()", &cct::unfreeze_weight);
+  m.def("frozen_weight_stats() -> int[]", &cct::frozen_weight_stats);
   // lengths: key padding of text models, (B,) int64 real-token counts (a prefix of each sequence), or None.
   m.def("seqpool_forward(Tensor x, Tensor weight, Tensor bias, Tensor? lengths=None) -> (Tensor, Tensor)");
   m.def("seqpool_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor out, Tensor lse,"

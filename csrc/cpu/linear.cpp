@@ -11,12 +11,15 @@
 // cct_kernels.reference.linear_dropout_mask): no mask is stored, the backward's pass redraws it.
 #include "common.h"
 #include "cpu_ops.h"
+#include "frozen_weights.h"
 #include "output_cache.h"
 
 #include <vector>
 
 namespace cct {
 namespace {
+
+constexpr int64_t kPackedMaxRows = 4096;
 
 // erf(x) as a rational function on [-4, 4] (an odd degree-13 numerator over an even degree-8 denominator: the
 // float32 minimax fit Eigen and XLA use; |erf(x)| rounds to 1 beyond 4). Absolute error 3.3e-7 over [-8, 8] in
@@ -148,9 +151,11 @@ void epilogue_row(float* a, T* out, T* pre, const T* residual, const T* bias, co
   if (norm.weight) norm.apply(o, row, M, N);
 }
 
+// packed: W frozen (frozen_weights.h), or undefined.
 template <typename T>
-void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, const T* row_scale, T* out, T* pre,
-                   int64_t M, int64_t N, int64_t K, bool gelu_on, const Dropout& dropout, const RowNorm<T>& norm) {
+void linear_kernel(const T* x, const T* w, const at::Tensor& packed, const T* bias, const T* residual,
+                   const T* row_scale, T* out, T* pre, int64_t M, int64_t N, int64_t K, bool gelu_on,
+                   const Dropout& dropout, const RowNorm<T>& norm) {
   constexpr bool f32 = std::is_same_v<T, float>;
   std::vector<float> x32, w32, tile;  // 16-bit operands widened once, the product kept in float32
   const float *xf = nullptr, *wf = nullptr;
@@ -171,7 +176,10 @@ void linear_kernel(const T* x, const T* w, const T* bias, const T* residual, con
     wf = w32.data();
     acc = tile.data();
   }
-  gemm_rm(false, true, (int)M, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
+  if (f32 && packed.defined())
+    packed_gemm(packed, xf, acc, (int)M, (int)N, (int)K);
+  else
+    gemm_rm(false, true, (int)M, (int)N, (int)K, 1.f, xf, (int)K, wf, (int)K, 0.f, acc, (int)N);
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       epilogue_row(acc + r * N, out, pre, residual, bias, row_scale, r, M, N, gelu_on, dropout, norm);
@@ -265,6 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cpu(
   auto saved = keep ? cached_empty({M, N}, x.options()) : at::empty({0}, x.options());
   auto stats = norm ? at::empty({2, M}, x.options().dtype(at::kFloat)) : at::empty({0}, x.options().dtype(at::kFloat));
   if (M == 0) return {out, saved, stats};
+  // A frozen weight's packed copy pays where packing W is a large part of the GEMM: few rows (NOTES.md, cpu
+  // extension, ninth round).
+  const at::Tensor packed = M <= kPackedMaxRows ? frozen_packed_gemm_weight(weight, M) : at::Tensor();
   CCT_DISPATCH(x.scalar_type(), "linear_forward_cpu", [&] {
     RowNorm<scalar_t> row_norm;
     if (norm) {
@@ -274,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cpu(
       row_norm.stats = stats.data_ptr<float>();
       row_norm.sum = keep ? saved.data_ptr<scalar_t>() : nullptr;
     }
-    linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+    linear_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), packed,
                             bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                             residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
                             row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),

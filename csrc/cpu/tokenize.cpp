@@ -11,6 +11,7 @@
 // (vectorised over C). Dtypes: float32, float16, bfloat16 (computed in float; the epilogue itself does not round).
 #include "common.h"
 #include "cpu_ops.h"
+#include "frozen_weights.h"
 #include "../tokenize_common.h"
 
 namespace cct {
@@ -383,7 +384,8 @@ std::tuple<at::Tensor, at::Tensor> tokenize_forward_cpu(const at::Tensor& x, con
                                    to_tokens);
   const bool cl = conv_channels_last(x, weight);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  auto y = at::convolution(x.contiguous(fmt), weight.contiguous(fmt), bias, {stride, stride}, {padding, padding},
+  const at::Tensor frozen = cl ? frozen_channels_last_weight(weight) : at::Tensor();  // else a copy per call
+  auto y = at::convolution(x.contiguous(fmt), frozen.defined() ? frozen : weight.contiguous(fmt), bias, {stride, stride}, {padding, padding},
                            {1, 1}, false, {0, 0}, 1)
                .contiguous(fmt);
   if (pool_kernel == 0) return conv_epilogue_no_pool(y, relu, to_tokens, true);
