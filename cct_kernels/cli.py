@@ -29,10 +29,11 @@ from cct_kernels.models import MODELS, TEXT_MODELS, list_models
 from cct_kernels.train import TrainConfig, train
 
 DEFAULT_OUT = "cct_bench_results"
-SPEED_BACKENDS = ("eager", profiling.COMPILE, profiling.COMPILE_GRAPHS, *backends.KERNEL_BACKENDS, "auto",
-                  profiling.ONNXRUNTIME,
+SPEED_BACKENDS = ("eager", profiling.COMPILE, profiling.COMPILE_GRAPHS, profiling.COMPILE_FROZEN,
+                  *backends.KERNEL_BACKENDS, "auto", profiling.ONNXRUNTIME,
                   *(prefix + b
-                    for prefix in (profiling.COMPILE_OURS, profiling.COMPILE_GRAPHS_OURS, profiling.GRAPHS)
+                    for prefix in (profiling.COMPILE_OURS, profiling.COMPILE_GRAPHS_OURS, profiling.GRAPHS,
+                                   profiling.FROZEN)
                     for b in (*backends.KERNEL_BACKENDS, "auto")))
 
 
@@ -274,10 +275,12 @@ def _common_arguments(parser: argparse.ArgumentParser, default_mode: str | None)
                              "eager; compile-graphs: the same with mode='reduce-overhead' (CUDA graphs); compile:B: "
                              "torch.compile over our ops with backend B; compile-graphs:B: the same with "
                              "mode='reduce-overhead'; graphs:B: inference or the whole training step replayed from a "
-                             "CUDA graph; onnxruntime: the eager model exported to ONNX Runtime "
-                             "(CPU, where installed); default: eager, compile, on CUDA compile-graphs, each kernel "
-                             "backend that can run on the device, auto, compile:auto, on CUDA graphs:auto, on CPU "
-                             "onnxruntime where installed)")
+                             "CUDA graph; frozen:B: inference after cct_kernels.freeze (weights packed once); "
+                             "compile-frozen: inference of torch.compile with inductor's freezing; onnxruntime: the "
+                             "eager model exported to ONNX Runtime (CPU, where installed); default: eager, compile, "
+                             "on CUDA compile-graphs, each kernel backend that can run on the device, auto, "
+                             "compile:auto, on CUDA graphs:auto, on CPU frozen:auto, compile-frozen and onnxruntime "
+                             "where installed)")
     parser.add_argument("--dropout", type=float_in(0, 1), metavar="P",
                         help="the model's dropout rate (its factory's `dropout`: the encoder blocks' proj_drop, "
                              "dropout1 and dropout2; default the factory's, 0 for the CCT family); training steps "

@@ -32,6 +32,7 @@ from torch import nn
 
 from cct_kernels import backends, ops
 from cct_kernels.models import create_model
+from cct_kernels.nn import freeze
 
 DEFAULT_MODEL = "cct_7_3x1_32"
 COMPILE = "compile"
@@ -43,16 +44,18 @@ COMPILE_OURS = "compile:"  # prefix: "compile:auto" is torch.compile over the mo
 COMPILE_GRAPHS_OURS = COMPILE_GRAPHS + ":"
 GRAPHS = "graphs:"  # prefix: "graphs:auto" replays the model's inference forward or training step from a CUDA graph
 ONNXRUNTIME = "onnxruntime"
+FROZEN = "frozen:"  # prefix: "frozen:cpu" is the model with backend "cpu" after cct_kernels.freeze (inference only)
+COMPILE_FROZEN = "compile-frozen"  # torch.compile(options={"freezing": True}) of the eager model (inference only)
 
 
 def compiles(name: str) -> bool:
     """Whether speed backend `name` is a torch.compile one (compile, compile-graphs, compile:B, compile-graphs:B)."""
-    return name in (COMPILE, COMPILE_GRAPHS) or name.startswith((COMPILE_OURS, COMPILE_GRAPHS_OURS))
+    return name in (COMPILE, COMPILE_GRAPHS, COMPILE_FROZEN) or name.startswith((COMPILE_OURS, COMPILE_GRAPHS_OURS))
 
 
 def runs_mode(name: str, mode: str) -> bool:
-    """Whether speed backend `name` has a `mode` step (the ONNX Runtime row is inference only)."""
-    return mode != "train" or name != ONNXRUNTIME
+    """Whether speed backend `name` has a `mode` step (the ONNX Runtime and frozen rows are inference only)."""
+    return mode != "train" or not (name in (ONNXRUNTIME, COMPILE_FROZEN) or name.startswith(FROZEN))
 MODES = ("inference", "train")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -98,7 +101,7 @@ def backend_reason(name: str, device: torch.device) -> str | None:
     """
     if name in ("eager", "auto"):
         return None
-    if name == COMPILE:
+    if name in (COMPILE, COMPILE_FROZEN):
         return compile_reason(device)
     if name == COMPILE_GRAPHS:
         return "CUDA graphs need a CUDA device" if device.type != "cuda" else compile_reason(device)
@@ -115,6 +118,11 @@ def backend_reason(name: str, device: torch.device) -> str | None:
             return "the onnxruntime row runs ONNX Runtime's CPU provider"
         missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
         return f"{' and '.join(missing)} not installed" if missing else None
+    if name.startswith(FROZEN):
+        inner = name[len(FROZEN):]
+        if inner not in backends.BACKENDS or inner == "eager":
+            return f"unknown backend {name!r}: frozen: takes {', '.join(b for b in backends.BACKENDS if b != 'eager')}"
+        return backend_reason(inner, device)
     if name.startswith(GRAPHS):
         inner = name[len(GRAPHS):]
         if inner not in backends.BACKENDS:
@@ -132,9 +140,11 @@ def backend_reason(name: str, device: torch.device) -> str | None:
 
 def speed_backends(device: torch.device) -> list[str]:
     """eager, compile, on CUDA compile-graphs, each kernel backend that can run on `device`, auto, compile:auto, on
-    CUDA graphs:auto, and on CPU onnxruntime where it is installed (the default comparison)."""
+    CUDA graphs:auto, and on CPU frozen:auto, compile-frozen and onnxruntime where it is installed (the default
+    comparison; freezing changes nothing on CUDA)."""
+    cpu_only = [FROZEN + "auto", COMPILE_FROZEN] if device.type == "cpu" else []
     names = (["eager", COMPILE, COMPILE_GRAPHS] + list(backends.KERNEL_BACKENDS)
-             + ["auto", COMPILE_OURS + "auto", GRAPHS + "auto", ONNXRUNTIME])
+             + ["auto", COMPILE_OURS + "auto", GRAPHS + "auto", *cpu_only, ONNXRUNTIME])
     return [n for n in names if backend_reason(n, device) is None]
 
 
@@ -149,9 +159,12 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
     dynamo instead would throw away the code of the compiled models built before, which then recompile while timed.)
     """
     torch.manual_seed(seed)
-    ops_backend = ("eager" if backend in (COMPILE, COMPILE_GRAPHS, ONNXRUNTIME)
-                   else backend.removeprefix(COMPILE_OURS).removeprefix(COMPILE_GRAPHS_OURS).removeprefix(GRAPHS))
+    ops_backend = ("eager" if backend in (COMPILE, COMPILE_GRAPHS, COMPILE_FROZEN, ONNXRUNTIME)
+                   else backend.removeprefix(COMPILE_OURS).removeprefix(COMPILE_GRAPHS_OURS).removeprefix(GRAPHS)
+                   .removeprefix(FROZEN))
     model = create_model(name, backend=ops_backend, **model_kwargs).to(device=device, dtype=dtype)
+    if backend.startswith(FROZEN):
+        return freeze(model)
     if backend.startswith(GRAPHS):
         return GraphedInference(model)
     if backend == ONNXRUNTIME:
@@ -161,7 +174,8 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
         config.recompile_limit = max(config.recompile_limit, 64)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
         graphs = backend == COMPILE_GRAPHS or backend.startswith(COMPILE_GRAPHS_OURS)
-        model = torch.compile(model, mode="reduce-overhead" if graphs else None)
+        options = {"freezing": True} if backend == COMPILE_FROZEN else None
+        model = torch.compile(model, mode="reduce-overhead" if graphs else None, options=options)
     return model
 
 

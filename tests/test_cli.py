@@ -55,6 +55,8 @@ def test_default_backends_never_time_the_triton_interpreter(monkeypatch):
     cpu = torch.device("cpu")
     names = profiling.speed_backends(cpu)
     assert names[:2] == ["eager", "compile"] and names[names.index("auto") + 1] == "compile:auto"
+    assert {"frozen:auto", "compile-frozen"} <= set(names)
+    assert not {"frozen:auto", "compile-frozen"} & set(profiling.speed_backends(torch.device("cuda")))
     assert ("onnxruntime" in names) == (profiling.backend_reason("onnxruntime", cpu) is None)
     assert "triton" not in names
     assert "interpreter" in profiling.backend_reason("compile:triton", cpu)
@@ -77,6 +79,27 @@ def test_bench_onnxruntime_row_runs_the_exported_eager_model(tmp_path, capsys):
     rows = {(r["backend"], r["mode"]): r for r in json.loads(next(tmp_path.glob("*.json")).read_text())["results"]}
     assert ("onnxruntime", "train") not in rows
     assert rows["onnxruntime", "inference"]["error"] is None and rows["onnxruntime", "inference"]["max_abs_diff"] < 1e-4
+
+
+def test_bench_frozen_rows_run_inference_only(tmp_path):
+    """frozen:cpu (cct_kernels.freeze) and compile-frozen (inductor's freezing): inference rows with eager's logits,
+    no training row; the frozen row's model has its weights frozen."""
+    from cct_kernels.extension import frozen
+
+    before = frozen.stats()["weights"]
+    model = profiling.build_model("cct_2_3x2_32", "frozen:cpu", torch.device("cpu"), torch.float32)
+    assert frozen.stats()["weights"] > before
+    del model
+    argv = ["bench", *TINY, "--mode", "both", "--backends", "eager,frozen:cpu,compile-frozen", "--rounds", "2",
+            "--warmup", "1", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = {(r["backend"], r["mode"]): r for r in json.loads(next(tmp_path.glob("*.json")).read_text())["results"]}
+    assert set(rows) == {("eager", "inference"), ("eager", "train"), ("frozen:cpu", "inference"),
+                         ("compile-frozen", "inference")}
+    for name in ("frozen:cpu", "compile-frozen"):
+        assert rows[name, "inference"]["error"] is None and rows[name, "inference"]["max_abs_diff"] < 1e-4
+    assert profiling.compiles("compile-frozen") and not profiling.compiles("frozen:auto")
+    assert "unknown backend" in profiling.backend_reason("frozen:eager", torch.device("cpu"))
 
 
 def test_bench_writes_json_and_png_and_fails_when_a_row_failed(tmp_path, capsys):
