@@ -1,13 +1,13 @@
 """Where a CCT encoder block's time goes on the cpu backend at batch 1 (issue 15, NOTES.md "Fifth round").
 
-    python benchmarks/cpu_block_parts.py [--model cct_7_3x1_32] [--batch 1] [--out result.json]
+    python benchmarks/cpu_block_parts.py [--model cct_7_3x1_32] [--batch 1] [--freeze] [--out result.json]
 
 Times (min over calls, 2 threads, float32, inference) for block 0 of the model with its own weights and a random
 input of the given batch: each kernel of the block alone, called from Python on its real inputs (LayerNorm, qkv, attention, proj +
 residual, LayerNorm, linear1 + GELU, linear2 + residual), the same calls back to back, the fused block op
 (`ops.encoder_layer`'s C++ kernel) and the module call (the fused op plus the Python around it); all the model's blocks
 as one ops.encoder_layers call, one ops.encoder_layer call per block and the block modules called one by one. Also
-the output cache's statistics after the run.
+the output cache's statistics after the run. --freeze: the model's weights frozen first (cct_kernels.freeze).
 """
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ def best_us(fn, calls: int) -> float:
     return best * 1e6
 
 
-def block_parts(name: str, batch: int) -> dict:
+def block_parts(name: str, batch: int, freeze: bool) -> dict:
     model = cct_kernels.create_model(name, backend="cpu").eval()
+    if freeze:
+        cct_kernels.freeze(model)
     block = model.classifier.blocks[0]
     attn = block.self_attn
     ops = extension.ops()
@@ -80,7 +82,7 @@ def block_parts(name: str, batch: int) -> dict:
                                    "linear2_bias")]
         src = x.view(batch, tokens, dim)
         result = {
-            "model": name, "batch": batch, "tokens": tokens, "dim": dim, "alone_us": alone, "sum_alone_us": sum(alone.values()),
+            "model": name, "batch": batch, "frozen": freeze, "tokens": tokens, "dim": dim, "alone_us": alone, "sum_alone_us": sum(alone.values()),
             "in_sequence_us": best_us(in_sequence, calls),
             "fused_op_us": best_us(lambda: ops.encoder_layer_forward(src, *fused, attn.num_heads, attn.scale,
                                                                      args["pre_norm_eps"], args["norm1_eps"]), calls),
@@ -125,11 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cct_7_3x1_32")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--freeze", action="store_true", help="freeze the model's weights first (cct_kernels.freeze)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     result = {"device": device_name(torch.device("cpu")), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), **block_parts(args.model, args.batch)}
+              "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), **block_parts(args.model, args.batch, args.freeze)}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
