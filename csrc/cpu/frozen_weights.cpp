@@ -48,11 +48,15 @@ bool is_linear_weight(const at::Tensor& w) {
   return w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous();
 }
 
-// weight (N, K) packed as sgemm_compute_'s A operand (transposed) for products of `rows` rows.
-at::Tensor pack(const at::Tensor& weight, int64_t rows) {
+// weight (N, K) packed as sgemm_compute_'s A operand (transposed) for products of `rows` rows, into `reuse` when it
+// is large enough and used nowhere else (an evicted copy: no fresh pages to fault in), else into new memory.
+at::Tensor pack(const at::Tensor& weight, int64_t rows, at::Tensor reuse) {
   const int N = (int)weight.size(0), K = (int)weight.size(1), M = (int)rows;
   const float one = 1.f;
-  auto packed = at::empty({(int64_t)sgemm_pack_get_size_("A", &N, &M, &K)}, weight.options().dtype(at::kByte));
+  const auto bytes = (int64_t)sgemm_pack_get_size_("A", &N, &M, &K);
+  at::Tensor packed = reuse.defined() && reuse.use_count() == 1 && reuse.numel() >= bytes
+                          ? std::move(reuse)
+                          : at::empty({bytes}, weight.options().dtype(at::kByte));
   sgemm_pack_("A", "T", &N, &M, &K, &one, weight.data_ptr<float>(), &K,
               reinterpret_cast<float*>(packed.data_ptr<uint8_t>()));
   return packed;
@@ -129,8 +133,12 @@ at::Tensor frozen_packed_gemm_weight(const at::Tensor& weight, int64_t rows) {
   auto& packed = entry->packed;
   auto it = std::find_if(packed.begin(), packed.end(), [&](const auto& p) { return p.first == rows; });
   if (it == packed.end()) {
-    if (packed.size() == kMaxRowCounts) packed.pop_back();
-    packed.insert(packed.begin(), {rows, pack(weight, rows)});
+    at::Tensor evicted;
+    if (packed.size() == kMaxRowCounts) {
+      evicted = std::move(packed.back().second);
+      packed.pop_back();
+    }
+    packed.insert(packed.begin(), {rows, pack(weight, rows, std::move(evicted))});
   } else {
     std::rotate(packed.begin(), it, it + 1);  // latest first
   }

@@ -385,8 +385,8 @@ std::tuple<at::Tensor, at::Tensor> tokenize_forward_cpu(const at::Tensor& x, con
   const bool cl = conv_channels_last(x, weight);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor frozen = cl ? frozen_channels_last_weight(weight) : at::Tensor();  // else a copy per call
-  auto y = at::convolution(x.contiguous(fmt), frozen.defined() ? frozen : weight.contiguous(fmt), bias, {stride, stride}, {padding, padding},
-                           {1, 1}, false, {0, 0}, 1)
+  auto y = at::convolution(x.contiguous(fmt), frozen.defined() ? frozen : weight.contiguous(fmt), bias,
+                           {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
                .contiguous(fmt);
   if (pool_kernel == 0) return conv_epilogue_no_pool(y, relu, to_tokens, true);
   // The channels-last epilogue (vectorised over C) even after an NCHW conv: one ATen transpose copy of y plus it
