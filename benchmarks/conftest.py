@@ -20,10 +20,10 @@ Quick mode (CCT_BENCH_QUICK=1, the default without a GPU; see peaks.quick_mode):
 as many rounds as fit in about QUICK_SECONDS (at least one) instead of pytest-benchmark's calibration, which
 would run a multi-second step at least 5 times.
 
-Ordering: torch.compile rows (backend "compile", "compile-graphs", "compile:*" or "compile-graphs:*") carry the
-marker `compile_row` and run after every other row, so a run cut short by a time limit keeps the kernel rows;
-`-m "not compile_row"` / `-m compile_row` split them (benchmarks/gpu_report.py runs them as separate stages with
-their own budgets).
+Ordering: torch.compile rows (backend "compile", "compile-graphs", "compile-frozen", "compile:*" or "compile-graphs:*")
+carry the marker `compile_row` and run after every other row, so a run cut short by a time limit keeps the kernel
+rows; `-m "not compile_row"` / `-m compile_row` split them (benchmarks/gpu_report.py runs them as separate stages
+with their own budgets).
 
 With CCT_BENCH_JSONL=<path>, each finished benchmark is appended to that file as one JSON line, so a run cut
 short by a time limit (benchmarks/gpu_report.py) keeps what it measured.

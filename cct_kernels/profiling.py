@@ -84,11 +84,7 @@ def compile_reason(device: torch.device) -> str | None:
             return "inductor needs a C++ compiler (g++ or clang++) for CPU code"
         return None
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "inductor needs triton for CUDA code"
-        return None
+        return "inductor needs triton for CUDA code" if importlib.util.find_spec("triton") is None else None
     return f"inductor does not generate {device.type} code"
 
 

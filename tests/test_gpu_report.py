@@ -202,7 +202,8 @@ def test_compile_row_marker_selects_the_compile_rows():
     assert result.returncode == 0, result.stdout + result.stderr
     ids = [line for line in result.stdout.splitlines() if "::" in line]
     assert {Path(i.split("::")[0]).name for i in ids} == {Path(f).name for f in files}
-    assert all(re.search(r"[\[-]compile(:\w+)?\]", i) for i in ids), ids  # compile, and compile over our ops
+    # compile, compile-frozen (CPU) and compile over our ops
+    assert all(re.search(r"[\[-]compile(-frozen)?(:\w+)?\]", i) for i in ids), ids
 
 
 class _HostEvent:

@@ -3,7 +3,8 @@
 "cpu" (csrc/cpu/linear.cpp): one MKL sgemm over all rows, then a single parallel pass for the whole epilogue (bias,
     exact GELU, dropout, stochastic depth's row scale, residual, the cast, the LayerNorm) where ATen would run addmm
     (a bias copy and the GEMM) and a pass per elementwise op. float32/float16/bfloat16 (16-bit operands widened to
-    float32), any M >= 0. Dropout's mask is hashed in the pass (reference.linear_dropout_mask), never stored.
+    float32), any M >= 0. Dropout's mask is hashed in the pass (reference.linear_dropout_mask), never stored. A frozen
+    float32 weight (cct_kernels.freeze) is read from its copy packed for M rows when M <= 4096 (extension/frozen.py).
 "cuda": cuBLAS (F.linear) with the epilogue as ATen passes (aten_forward, aten_grad_pre_activation): cuBLASLt's
     fused GELU epilogue is the tanh approximation, not the exact GELU of the official model. Dropout's mask is
     reference.linear_dropout_mask, drawn in each pass that needs it. The fused GPU kernel is the triton backend's.

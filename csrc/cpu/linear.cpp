@@ -1,6 +1,7 @@
 // Linear with its epilogue on CPU: out = dropout(act(x W^T + b)) * row_scale + residual, x (M, K), W (N, K),
 // float32, float16 or bfloat16 (computed in float32), then a LayerNorm of each output row when asked. One GEMM over
-// all rows on torch's BLAS (MKL sgemm on x86-64, all threads: MKL packs W once), then one parallel pass applies the
+// all rows on torch's BLAS (MKL sgemm on x86-64, all threads: MKL packs W once per call; a frozen weight's copy packed
+// once for M rows, frozen_weights.h, up to kPackedMaxRows), then one parallel pass applies the
 // whole epilogue (bias, exact GELU, dropout, row scale, residual, the cast, the LayerNorm) row by row, each row in
 // L1: where ATen runs addmm (a bias copy, then the GEMM) and a pass per elementwise op, this is the GEMM and a single
 // pass. Per-block GEMMs with the epilogue on L2-resident tiles were measured
