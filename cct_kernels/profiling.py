@@ -33,6 +33,7 @@ from torch import nn
 from cct_kernels import backends, ops
 from cct_kernels.models import create_model
 from cct_kernels.nn import freeze
+from cct_kernels.train import adamw
 
 DEFAULT_MODEL = "cct_7_3x1_32"
 COMPILE = "compile"
@@ -279,8 +280,8 @@ def make_inputs(model: nn.Module, batch: int, device: torch.device, dtype: torch
 
 
 def make_step(model: nn.Module, mode: str, inputs: tuple, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One inference forward (returns logits) or one training step (forward, loss, backward, AdamW update) on
-    model(*inputs) (make_inputs)."""
+    """One inference forward (returns logits) or one training step (forward, loss, backward, AdamW update: fused
+    where torch has it, train.adamw) on model(*inputs) (make_inputs)."""
     if mode == "inference":
         model.eval()
 
@@ -294,7 +295,7 @@ def make_step(model: nn.Module, mode: str, inputs: tuple, labels: torch.Tensor) 
     if isinstance(model, GraphedInference):
         return _graphed_train_step(model.model, inputs, labels)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model.parameters(), lr=1e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ import torch
 import torch._inductor.config
 
 import cct_kernels
-from cct_kernels.train import FASHION_MNIST_DIR, TrainConfig, augment, load_dataset, train
+from cct_kernels.train import FASHION_MNIST_DIR, TrainConfig, adamw, augment, load_dataset, train
 from tests.cases import KERNEL_BACKENDS_HERE, backends_serving_model
 
 DATASET = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists() else "digits"
@@ -84,3 +84,20 @@ def test_compiled_training_follows_the_uncompiled_loss_curve(tmp_path, capsys):
     assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert compiled["test_accuracy"] == pytest.approx(plain["test_accuracy"], abs=0.011)
     assert "torch.compile mode default" in capsys.readouterr().out
+
+
+def test_adamw_is_fused_where_torch_has_it_and_updates_as_the_default_one():
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)]
+    twins = [w.detach().clone().requires_grad_() for w in weights]
+    fused, default = adamw(weights, lr=1e-2, weight_decay=0.05), torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.05)
+    assert fused.defaults["fused"] and not default.defaults["fused"]
+    for step in range(5):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, optimizer in ((weights, fused), (twins, default)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for w, t in zip(weights, twins):
+        torch.testing.assert_close(w, t, rtol=1e-5, atol=1e-6)
+    assert not adamw([torch.randn(4, dtype=torch.float64, requires_grad=True)]).defaults["fused"]
