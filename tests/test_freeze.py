@@ -162,3 +162,35 @@ def test_weights_freeze_can_not_use_are_not_kept():
     before = frozen.stats()
     assert frozen.freeze([torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4).t()]) == 0
     assert frozen.stats() == before
+
+
+def test_threads_share_a_frozen_model():
+    """Two threads running one frozen model at different batch sizes (each making and reading its packed copies
+    under the registry's lock) get what the unfrozen model computes."""
+    import threading
+
+    torch.manual_seed(0)
+    model = FAMILIES["cct_2_3x2_32"]().eval()
+    inputs = [_inputs("cct_2_3x2_32", batch)[0] for batch in (1, 2, 3, 5)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    cct_kernels.freeze(model)
+    results, errors = {}, []
+
+    def run(worker):
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    for i, x in enumerate(inputs[worker::2]):
+                        results[worker, i] = model(x)
+        except Exception as e:  # reported by the main thread's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (worker, i), out in results.items():
+        torch.testing.assert_close(out, expected[worker + 2 * i], rtol=1e-5, atol=1e-5)

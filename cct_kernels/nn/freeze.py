@@ -31,9 +31,10 @@ def freeze(model: nn.Module) -> nn.Module:
     Memory: about one more copy of the linear weights per batch shape (the latest four shapes are kept) and one of
     the convolution weights. Updates through the weights' version counter (optimizer steps, load_state_dict,
     in-place ops) are seen and the copies remade at the next call; writes through `.data` are not: call freeze again
-    after them, or unfreeze. Moving the model (.to(), .half()) gives it new weights, which are not frozen. GPU
-    weights, other backends and torch builds without MKL's packed GEMM ignore freezing. Raises ValueError for
-    weights made under torch.inference_mode (build the model outside it) and ImportError when the C++ extension is
+    after them, or unfreeze. Moving or copying the model (.to(), .half(), copy.deepcopy) gives it new weights, which
+    are not frozen. GPU weights, other backends and torch builds without MKL's packed GEMM ignore freezing. Safe to
+    call from several threads. Raises ValueError for weights made under torch.inference_mode (build the model
+    outside it) and ImportError when the C++ extension is
     not built.
     """
     from cct_kernels.extension import frozen
