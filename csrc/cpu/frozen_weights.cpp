@@ -26,6 +26,8 @@ using Key = std::pair<const c10::StorageImpl*, int64_t>;  // the weight's storag
 // up to 1.5x slower than sgemm itself (NOTES.md, cpu extension, ninth round). So a linear weight keeps one packed
 // copy per row count, the latest kMaxRowCounts (inference runs a few batch sizes, each one row count).
 constexpr size_t kMaxRowCounts = 4;
+// Entries of freed weights are dropped at freeze_weight, frozen_weight_stats and every kLookupsPerSweep lookups.
+constexpr uint32_t kLookupsPerSweep = 256;
 
 struct Entry {
   // Keeps the StorageImpl object (not its memory) allocated, so that no later storage gets its address while the
@@ -71,6 +73,8 @@ void drop_dead_entries() {
 Entry* find_entry(const at::Tensor& weight, int64_t dim) {
   if (!weight.defined() || weight.dim() != dim || !weight.has_storage() || weight.is_inference() || registry.empty())
     return nullptr;
+  static uint32_t lookups = 0;
+  if (++lookups % kLookupsPerSweep == 0) drop_dead_entries();  // a freed model's copies go soon, not at the next freeze
   const auto it = registry.find(key_of(weight));
   // The key's StorageImpl is weight's, alive: the entry is this weight's unless it was frozen with other sizes
   // (another view of the same storage) or its layout changed.
