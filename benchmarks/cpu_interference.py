@@ -16,14 +16,14 @@ import _cpu_script  # benchmarks/, the script's folder
 import torch
 
 import cct_kernels
-from cct_kernels import profiling
+from cct_kernels import profiling, speed_models
 
 
 def interference(name: str, batch: int, rounds: int) -> dict:
     ours = cct_kernels.create_model(name, backend="cpu").eval()
     official = cct_kernels.create_model(name, backend="eager").eval()
     official.load_state_dict(ours.state_dict())
-    onnx = profiling.OnnxRuntimeInference(official).eval()
+    onnx = speed_models.OnnxRuntimeInference(official).eval()
     inputs, _ = profiling.make_inputs(ours, batch, torch.device("cpu"), torch.float32)
     steps = {"cpu": lambda: ours(*inputs), "onnxruntime": lambda: onnx(*inputs)}
     times = {f"{step} after {before}": [] for step in steps for before in ("the other", "an idle gap", "itself")}

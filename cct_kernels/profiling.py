@@ -5,7 +5,10 @@ model, the bar a kernel library has to beat), each kernel backend ("triton", "cu
 "compile:<backend>" (torch.compile over a model that runs our ops with that backend, e.g. "compile:auto"), and on
 CUDA "graphs:<backend>" (the inference forward, or the whole training step with a capturable AdamW, captured once in
 a CUDA graph and replayed: no host work per kernel at all), and on CPU
-"onnxruntime" (the eager model exported to ONNX and run by ONNX Runtime, where onnxruntime is installed).
+"onnxruntime" (the eager model exported to ONNX and run by ONNX Runtime, where onnxruntime is installed); inference
+only, "frozen:<backend>" (the model after cct_kernels.freeze) and "compile-frozen" (torch.compile of the eager model
+with inductor's freezing, what a user tuning CPU inference with torch.compile sets). The wrappers behind the
+graphs, ONNX Runtime and compile-frozen rows are in cct_kernels/speed_models.py.
 Every model is built from the same seed, so all backends run the same weights on the same images.
 
     step = make_step(build_model("cct_7_3x1_32", "auto", device, dtype), "train", *make_inputs(...))
@@ -20,7 +23,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -33,6 +35,7 @@ from torch import nn
 from cct_kernels import backends, ops
 from cct_kernels.models import create_model
 from cct_kernels.nn import freeze
+from cct_kernels.speed_models import FreezingCompiled, GraphedInference, OnnxRuntimeInference, graphed_train_step
 from cct_kernels.train import adamw
 
 DEFAULT_MODEL = "cct_7_3x1_32"
@@ -46,7 +49,7 @@ COMPILE_GRAPHS_OURS = COMPILE_GRAPHS + ":"
 GRAPHS = "graphs:"  # prefix: "graphs:auto" replays the model's inference forward or training step from a CUDA graph
 ONNXRUNTIME = "onnxruntime"
 FROZEN = "frozen:"  # prefix: "frozen:cpu" is the model with backend "cpu" after cct_kernels.freeze (inference only)
-COMPILE_FROZEN = "compile-frozen"  # torch.compile(options={"freezing": True}) of the eager model (inference only)
+COMPILE_FROZEN = "compile-frozen"  # torch.compile of the eager model with inductor's freezing (inference only)
 
 
 def compiles(name: str) -> bool:
@@ -177,86 +180,6 @@ def build_model(name: str, backend: str, device: torch.device, dtype: torch.dtyp
     return model
 
 
-class FreezingCompiled(nn.Module):
-    """torch.compile of `model` with inductor's freezing on (weights folded into the graph as constants, for
-    inference). The config is patched around each call, so around the compilation at the first:
-    torch.compile(options={"freezing": True}) does not turn it on in torch 2.13 (measured: cct_14_7x2_224 batch 1
-    ran as without it, 55 against 42 ms). What is compiled is this wrapper's own method, not model's forward: dynamo
-    keeps compiled code per code object and, inlining nn modules, would otherwise serve a plain "compile" row's code
-    to this one (or this one's to it)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self._compiled = torch.compile(self._run)
-
-    def _run(self, *inputs):
-        return self.model(*inputs)
-
-    def forward(self, *inputs):
-        import torch._inductor.config as inductor_config
-
-        with inductor_config.patch(freezing=True):
-            return self._compiled(*inputs)
-
-
-class GraphedInference(nn.Module):
-    """`model`'s inference forward captured in a CUDA graph at the first call and replayed after: each call copies its
-    inputs into the captured buffers and replays (same shapes and dtypes every call). Eval mode only: training
-    raises ValueError (make_step captures a graphs:* model's whole training step instead). Returns the captured
-    output buffer (overwritten by the next call)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self._graph = self._inputs = self._output = None
-
-    def forward(self, *inputs):
-        if self.training:
-            raise ValueError("a GraphedInference model runs inference only (make_step captures its training step)")
-        if self._graph is None:
-            self._inputs = [x.clone() for x in inputs]
-
-            def forward():
-                with torch.inference_mode():
-                    return self.model(*self._inputs)
-
-            self._graph, self._output = _captured(forward, warmups=2)
-        for buffer, x in zip(self._inputs, inputs):
-            buffer.copy_(x)
-        self._graph.replay()
-        return self._output
-
-
-class OnnxRuntimeInference(nn.Module):
-    """`model` (eager backend) exported to ONNX at the first call (TorchScript exporter, opset 17, batch dimension
-    dynamic) and run by ONNX Runtime's CPU provider on torch's thread count: what a CPU user deploys instead.
-    Inference only (training raises ValueError)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self._session = None
-
-    def forward(self, *inputs):
-        import onnxruntime
-
-        if self.training:
-            raise ValueError("onnxruntime runs inference only")
-        names = [f"input{i}" for i in range(len(inputs))]
-        if self._session is None:
-            with tempfile.TemporaryDirectory() as folder:
-                path = os.path.join(folder, "model.onnx")
-                torch.onnx.export(self.model.eval(), inputs, path, dynamo=False, opset_version=17,
-                                  input_names=names, output_names=["logits"],
-                                  dynamic_axes={name: {0: "batch"} for name in [*names, "logits"]})
-                options = onnxruntime.SessionOptions()
-                options.intra_op_num_threads = torch.get_num_threads()
-                self._session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feeds = {name: x.detach().cpu().numpy() for name, x in zip(names, inputs)}
-        return torch.from_numpy(self._session.run(None, feeds)[0])
-
-
 def make_inputs(model: nn.Module, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 1):
     """(inputs, labels) for `model`: its forward's arguments and random class labels.
 
@@ -293,7 +216,7 @@ def make_step(model: nn.Module, mode: str, inputs: tuple, labels: torch.Tensor) 
     if mode != "train":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(model, GraphedInference):
-        return _graphed_train_step(model.model, inputs, labels)
+        return graphed_train_step(model.model, inputs, labels)
     model.train()
     optimizer = adamw(model.parameters(), lr=1e-4)
 
@@ -305,47 +228,6 @@ def make_step(model: nn.Module, mode: str, inputs: tuple, labels: torch.Tensor) 
         return loss
 
     return step
-
-
-def _graphed_train_step(model: nn.Module, inputs: tuple, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """make_step's training step (forward, loss, backward, AdamW) captured in one CUDA graph and replayed: PyTorch's
-    whole-network capture. Three warm-up steps on a side stream first (Triton compiles, cuBLAS handles, the
-    allocator's pools), then the capture, whose backward makes the gradients in the graph's pool (zero_grad with
-    set_to_none before it, so each replay writes rather than accumulates them). AdamW with capturable=True keeps its
-    step count on the GPU. Dropout and stochastic depth draw from torch's CUDA generator, which advances on every
-    replay. Every replay runs on the same inputs and returns the same loss tensor, overwritten."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
-
-    def body():
-        optimizer.zero_grad(set_to_none=True)  # no kernel: the capture's backward then makes the gradients itself
-        loss = F.cross_entropy(model(*inputs).float(), labels)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    graph, loss = _captured(body, warmups=3)
-
-    def step():
-        graph.replay()
-        return loss
-
-    return step
-
-
-def _captured(run: Callable, warmups: int):
-    """(graph, run()'s output from the capture): `run` called `warmups` times on a side stream (kernel compiles,
-    library handles, the allocator's pools stay out of the capture), then captured in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmups):
-            run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = run()
-    return graph, output
 
 
 def synchronize(device: torch.device):

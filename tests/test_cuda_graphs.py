@@ -1,5 +1,5 @@
 """CUDA-graph friendliness (issue 15): every model family in eval mode, on every backend that serves it on the GPU,
-can be captured in a CUDA graph (profiling.GraphedInference, the `graphs:*` rows of `cct-kernels bench`) and its
+can be captured in a CUDA graph (speed_models.GraphedInference, the `graphs:*` rows of `cct-kernels bench`) and its
 replays give the model's own outputs for new inputs; the whole training step (profiling.make_step of a graphs:*
 model: forward, loss, backward, capturable AdamW) replays the plain step's losses. No host sync may happen inside
 the forward or backward (the ops' checks use asynchronous asserts while a capture is under way). CUDA only: a
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cct_kernels
-from cct_kernels import profiling
+from cct_kernels import profiling, speed_models
 from tests.cases import backends_serving_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -30,7 +30,7 @@ def _cases():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eval_model_replays_from_a_cuda_graph(family, backend, dtype):
     model = getattr(cct_kernels, family)(backend=backend).cuda().to(dtype).eval()
-    graphed = profiling.GraphedInference(model).eval()
+    graphed = speed_models.GraphedInference(model).eval()
     for seed in (1, 2):  # the first call captures, the second replays with new inputs
         inputs, _ = profiling.make_inputs(model, 4, torch.device("cuda"), dtype, seed=seed)
         with torch.inference_mode():
@@ -60,7 +60,7 @@ def test_training_step_replays_from_a_cuda_graph(family, backend):
         return getattr(cct_kernels, family)(backend=backend, dropout=0.0, attention_dropout=0.0,
                                             stochastic_depth=0.0).to(device)
 
-    plain, graphed = build(), profiling.GraphedInference(build())
+    plain, graphed = build(), speed_models.GraphedInference(build())
     inputs, labels = profiling.make_inputs(plain, 4, device, torch.float32)
     plain_step = profiling.make_step(plain, "train", inputs, labels)
     graphed_step = profiling.make_step(graphed, "train", inputs, labels)
