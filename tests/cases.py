@@ -2,6 +2,7 @@
 model, the tolerance rule, the channels-last checks of the tokenizer backends that write it, and the environment of
 a pytest run in a subprocess."""
 import os
+import threading
 from unittest import mock
 
 import torch
@@ -136,3 +137,12 @@ def subprocess_env(**extra: str) -> dict:
     `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     return {**env, **extra}
+
+
+def run_in_threads(target, count: int) -> None:
+    """Runs target(0), ..., target(count - 1), each in its own thread, all at once; returns when every one is done."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

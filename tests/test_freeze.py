@@ -11,6 +11,7 @@ import cct_kernels
 from cct_kernels import extension, ops
 from cct_kernels.extension import frozen
 from cct_kernels.nn.freeze import freezable_weights
+from tests.cases import run_in_threads
 
 pytestmark = pytest.mark.skipif(extension.load_error() is not None, reason="the C++ extension is not built")
 
@@ -167,8 +168,6 @@ def test_weights_freeze_can_not_use_are_not_kept():
 def test_threads_share_a_frozen_model():
     """Two threads running one frozen model at different batch sizes (each making and reading its packed copies
     under the registry's lock) get what the unfrozen model computes."""
-    import threading
-
     torch.manual_seed(0)
     model = FAMILIES["cct_2_3x2_32"]().eval()
     inputs = [_inputs("cct_2_3x2_32", batch)[0] for batch in (1, 2, 3, 5)]
@@ -186,11 +185,7 @@ def test_threads_share_a_frozen_model():
         except Exception as e:  # reported by the main thread's assertion
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(run, 2)
     assert not errors
     for (worker, i), out in results.items():
         torch.testing.assert_close(out, expected[worker + 2 * i], rtol=1e-5, atol=1e-5)

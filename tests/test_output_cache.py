@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cct_kernels import extension, ops, reference
-from cct_kernels.ops.attention import new_seed
+from tests.cases import run_in_threads
 
 pytestmark = pytest.mark.skipif(extension.load_error() is not None, reason="the C++ extension is not built")
 
@@ -126,8 +126,6 @@ def test_cache_can_be_turned_off_and_bad_values_are_refused():
 
 def test_threads_share_the_cache_safely():
     """Four threads allocate and free cached outputs at once (the free list is shared): every result stays right."""
-    import threading
-
     torch.manual_seed(0)
     inputs = [(torch.randn(1024 + 64 * i, 256), torch.randn(512, 256) / 16) for i in range(4)]
     expected = [x @ w.t() for x, w in inputs]
@@ -140,11 +138,7 @@ def test_threads_share_the_cache_safely():
             if not torch.allclose(out, expected[i], rtol=1e-4, atol=1e-4):
                 errors.append(i)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, 4)
     assert not errors
     stats = extension.output_cache_stats()
     assert stats["live_bytes"] >= 0 and stats["free_bytes"] >= 0
