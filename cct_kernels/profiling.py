@@ -53,7 +53,8 @@ COMPILE_FROZEN = "compile-frozen"  # torch.compile of the eager model with induc
 
 
 def compiles(name: str) -> bool:
-    """Whether speed backend `name` is a torch.compile one (compile, compile-graphs, compile:B, compile-graphs:B)."""
+    """Whether speed backend `name` is a torch.compile one (compile, compile-graphs, compile-frozen, compile:B,
+    compile-graphs:B)."""
     return name in (COMPILE, COMPILE_GRAPHS, COMPILE_FROZEN) or name.startswith((COMPILE_OURS, COMPILE_GRAPHS_OURS))
 
 
@@ -109,20 +110,15 @@ def backend_reason(name: str, device: torch.device) -> str | None:
         inner = COMPILE_OURS + name[len(COMPILE_GRAPHS_OURS):]
         return "CUDA graphs need a CUDA device" if device.type != "cuda" else backend_reason(inner, device)
     if name.startswith(COMPILE_OURS):
-        inner = name[len(COMPILE_OURS):]
-        if inner not in backends.BACKENDS or inner == "eager":
-            return f"unknown backend {name!r}: compile: takes {', '.join(b for b in backends.BACKENDS if b != 'eager')}"
-        return compile_reason(device) or backend_reason(inner, device)
+        return _ours_reason(name, COMPILE_OURS) or compile_reason(device) or backend_reason(
+            name[len(COMPILE_OURS):], device)
     if name == ONNXRUNTIME:
         if device.type != "cpu":
             return "the onnxruntime row runs ONNX Runtime's CPU provider"
         missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
         return f"{' and '.join(missing)} not installed" if missing else None
     if name.startswith(FROZEN):
-        inner = name[len(FROZEN):]
-        if inner not in backends.BACKENDS or inner == "eager":
-            return f"unknown backend {name!r}: frozen: takes {', '.join(b for b in backends.BACKENDS if b != 'eager')}"
-        return backend_reason(inner, device)
+        return _ours_reason(name, FROZEN) or backend_reason(name[len(FROZEN):], device)
     if name.startswith(GRAPHS):
         inner = name[len(GRAPHS):]
         if inner not in backends.BACKENDS:
@@ -136,6 +132,13 @@ def backend_reason(name: str, device: torch.device) -> str | None:
     if reason is None and name == "triton" and device.type != "cuda":
         return "Triton on CPU runs only in its interpreter, a test aid rather than a speed path"
     return reason
+
+
+def _ours_reason(name: str, prefix: str) -> str | None:
+    """For a `prefix` + backend name over our ops (compile:B, frozen:B): why B is not one, or None."""
+    ours = [b for b in backends.BACKENDS if b != "eager"]
+    inner = name[len(prefix):]
+    return None if inner in ours else f"unknown backend {name!r}: {prefix} takes {', '.join(ours)}"
 
 
 def speed_backends(device: torch.device) -> list[str]:

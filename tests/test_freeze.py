@@ -28,7 +28,8 @@ def _inputs(name, batch):
     torch.manual_seed(1)
     if name.startswith("text"):
         return (torch.randint(0, 50, (batch, 64)),)
-    return (torch.randn(batch, 3, 64 if name == "cct_7x2" else 32, 32 if name != "cct_7x2" else 64),)
+    size = 64 if name == "cct_7x2" else 32
+    return (torch.randn(batch, 3, size, size),)
 
 
 def _linear_weights(model):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from cct_kernels.extension import frozen
 from cct_kernels.nn.attention import Attention
 from cct_kernels.nn.encoder import TransformerEncoderLayer
 from cct_kernels.nn.tokenizer import ConvStage
@@ -36,15 +37,11 @@ def freeze(model: nn.Module) -> nn.Module:
     without MKL's packed GEMM ignore freezing. Raises ValueError for weights made under torch.inference_mode (build
     the model outside it) and ImportError when the C++ extension is not built.
     """
-    from cct_kernels.extension import frozen
-
     frozen.freeze(w for w in freezable_weights(model) if w.device.type == "cpu")
     return model
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
     """Drops the frozen copies of `model`'s weights (freeze); they also go when the weights are freed."""
-    from cct_kernels.extension import frozen
-
     frozen.unfreeze(freezable_weights(model))
     return model
